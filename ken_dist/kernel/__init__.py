@@ -1,0 +1,107 @@
+"""The pure selection kernel: rows in, keep masks out. No file I/O, no Ray.
+
+`ken_select` is KEN itself (shared/spec/ken-selection.md); `select` puts KEN and the
+baselines behind one call shape through the strategy registry.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ken_dist.errors import KenError
+from ken_dist.kernel import ken
+from ken_dist.kernel.rows import as_float32_rows, check_finite, resolve_k
+from ken_dist.kernel.strategies import STRATEGIES, get_strategy, register
+
+COMPAT_MODES = ("index", "reference")
+
+
+def _check_compat(compat: str) -> bool:
+    if compat not in COMPAT_MODES:
+        raise KenError(f"compat must be 'index' (exactly k per row) or 'reference' (the published "
+                       f"code's value-based mask), got {compat!r}")
+    return compat == "reference"
+
+
+def _path_for(rows, device) -> str:
+    """'cpu' (numba) or 'torch': an explicit non-CPU device, or rows living on one, mean torch."""
+    if device is None:
+        if isinstance(rows, torch.Tensor) and rows.device.type != "cpu":
+            return "torch"
+        return "cpu"
+    if isinstance(device, str) and device == "torch":  # torch path on the CPU (tests, debugging)
+        return "torch"
+    dev = torch.device(device)
+    return "cpu" if dev.type == "cpu" else "torch"
+
+
+def ken_select(rows, k=None, *, keep=None, compat: str = "index", device=None) -> torch.Tensor:
+    """KEN keep mask of a [r, n] block (or one [n] row) of fine-tuned values, same shape.
+
+    Exactly one of k (entries per row) or keep (fraction, k = max(1, round(keep*n))).
+    compat="index" keeps exactly min(k, n) entries per row; compat="reference" returns the
+    published code's value-based mask. device: None or "cpu" for the compiled CPU path, a torch
+    device such as "cuda" for the torch path ("torch" runs the torch path on the CPU).
+    """
+    reference = _check_compat(compat)
+    values = as_float32_rows(rows)
+    n = values.shape[-1]
+    k = resolve_k(n, k, keep)
+    path = _path_for(rows, device)
+    one_row = values.ndim == 1
+    if one_row:
+        values = values[None, :]
+    if path == "cpu":
+        arr = values.cpu().numpy() if isinstance(values, torch.Tensor) else values
+        check_finite(arr)
+        mask = torch.from_numpy(ken.ken_masks(np.ascontiguousarray(arr), k, reference))
+    else:
+        from ken_dist.kernel import ken_torch
+
+        dev = torch.device("cpu") if device == "torch" else (torch.device(device) if device is not None else values.device)
+        t = torch.as_tensor(values).to(dev)
+        check_finite(t)
+        mask = ken_torch.ken_masks(t, k, reference)
+    return mask[0] if one_row else mask
+
+
+def select(strategy: str, rows, base_rows=None, *, k=None, keep=None, seed: int = 0,
+           row_offset: int = 0, compat: str = "index", device=None) -> torch.Tensor:
+    """Keep mask from any registered strategy ('ken', 'magnitude', 'random', ...), same shape as rows.
+
+    base_rows is required by strategies that compare against the pre-trained values.
+    row_offset is the index of rows[0] in its tensor, so that seeded strategies give the same
+    mask whatever the block split.
+    """
+    if strategy == "ken":
+        return ken_select(rows, k, keep=keep, compat=compat, device=device)
+    strat = get_strategy(strategy)
+    _check_compat(compat)
+    values = as_float32_rows(rows)
+    one_row = values.ndim == 1
+    arr = values.cpu().numpy() if isinstance(values, torch.Tensor) else values
+    if one_row:
+        arr = arr[None, :]
+    base = None
+    if strat.needs_base:
+        if base_rows is None:
+            raise KenError(f"strategy {strategy!r} needs base_rows (the pre-trained values of the same rows)")
+        base = as_float32_rows(base_rows, "base_rows")
+        base = base.cpu().numpy() if isinstance(base, torch.Tensor) else base
+        base = base.reshape(arr.shape) if base.size == arr.size else base
+        if base.shape != arr.shape:
+            raise KenError(f"base_rows shape {tuple(base.shape)} does not match rows shape {tuple(arr.shape)}")
+    check_finite(arr)
+    k = resolve_k(arr.shape[1], k, keep)
+    mask = torch.from_numpy(strat.fn(np.ascontiguousarray(arr), base, k, seed=seed,
+                                     row_offset=row_offset, compat=compat, device=device))
+    return mask[0] if one_row else mask
+
+
+__all__ = ["ken_select", "select", "register", "STRATEGIES", "resolve_k", "COMPAT_MODES"]
+
+
+@register("ken")
+def _ken_strategy(rows, base, k, *, seed, row_offset, compat, device):
+    """KEN: k fine-tuned values per row picked by the Gaussian KDE rule (the paper)."""
+    return ken_select(rows, k, compat=compat, device=device).cpu().numpy()
