@@ -49,7 +49,7 @@ def ken_masks(rows: np.ndarray, k: int, reference: bool) -> np.ndarray:
     r, n = rows.shape
     h = bandwidths(rows)
     # s = 0 (all values equal) has no density: the spec keeps indices 0..k-1 there.
-    degenerate = ~((h > 0) & (2 * h * h > 0) & np.isfinite(1 / h))
+    degenerate = ~((h > 0) & (2 * h * h > 0))  # 2h^2 > 0 also keeps 1/h finite
     mask = np.zeros((r, n), dtype=bool)
     if k >= n:
         mask[:] = True

@@ -1,0 +1,197 @@
+"""The CPU selection path against the golden rows, the literal oracle, and the spec's properties."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import oracle
+from ken_dist import KenError, ken_select, select
+from ken_dist.errors import NonFiniteRowError
+from ken_dist.kernel import ken, ken_cpu
+
+
+def test_golden_index_sets_and_reference_masks(golden):
+    for case in golden:
+        v, k = case["values"], case["k"]
+        mask = ken_select(v[None, :], k=k).numpy()[0]
+        assert mask.sum() == min(k, v.size), case["i"]
+        if case["greedy"].size:
+            assert np.array_equal(np.flatnonzero(mask), np.sort(case["greedy"])), case["i"]
+        ref = ken_select(v[None, :], k=k, compat="reference").numpy()[0]
+        assert np.array_equal(ref, case["mask"]), case["i"]
+
+
+def test_golden_pick_order(golden):
+    """The greedy visits grid points in the same order as the published code (debug aid)."""
+    for case in golden:
+        v, k, expected = case["values"], case["k"], case["greedy"]
+        if not expected.size or k >= v.size:
+            continue
+        rows = v[None, :]
+        h = ken.bandwidths(rows)[0]
+        g = ken.grids(rows, k)[0]
+        order = ken.sort_order(rows)[0]
+        dens = ken_cpu._rounded_density(v, v[order].astype(np.float64), g, h)
+        picked = ken_cpu.greedy_match(v[order], order, g, ken_cpu._visit_order(dens))
+        assert np.array_equal(picked, expected), case["i"]
+
+
+def test_oracle_reproduces_small_golden_rows(golden):
+    """The oracle itself is checked against the published code where it is fast enough."""
+    for case in golden:
+        v, k = case["values"], case["k"]
+        if v.size * k > 40_000:
+            continue
+        if case["greedy"].size and k < v.size:
+            assert oracle.greedy_indices(v, k) == list(case["greedy"])
+        assert np.array_equal(oracle.reference_mask(v, k), case["mask"])
+
+
+def _row(draw_kind, n, rng):
+    if draw_kind == "gauss":
+        return rng.standard_normal(n) * 0.02
+    if draw_kind == "student":
+        return rng.standard_t(2, n) * 0.01
+    if draw_kind == "outliers":
+        v = rng.standard_normal(n) * 0.01
+        v[rng.integers(0, n, max(1, n // 50))] *= 300
+        return v
+    if draw_kind == "bf16":
+        return torch.from_numpy(rng.standard_normal(n) * 0.05).to(torch.bfloat16).float().numpy()
+    if draw_kind == "zeros":
+        v = rng.standard_normal(n)
+        v[rng.random(n) < 0.2] = 0.0
+        return v
+    if draw_kind == "bimodal":
+        return np.where(rng.random(n) < 0.5, -1, 1) * 0.05 + rng.standard_normal(n) * 0.005
+    if draw_kind == "few_levels":
+        return rng.integers(-3, 4, n) * 0.25
+    return rng.uniform(-1, 1, n)
+
+
+KINDS = ["gauss", "student", "outliers", "bf16", "zeros", "bimodal", "few_levels", "uniform"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=st.sampled_from(KINDS), n=st.integers(2, 300), kfrac=st.floats(0.0, 1.0), seed=st.integers(0, 2**31))
+def test_fast_path_equals_oracle(kind, n, kfrac, seed):
+    rng = np.random.default_rng(seed)
+    v = _row(kind, n, rng).astype(np.float32)
+    k = max(1, round(kfrac * n))
+    mask = ken_select(v, k=k).numpy()
+    assert np.array_equal(mask, oracle.index_mask(v, k))
+    ref = ken_select(v, k=k, compat="reference").numpy()
+    assert np.array_equal(ref, oracle.reference_mask(v, k))
+
+
+@settings(max_examples=8, deadline=None)
+@given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**31), k=st.sampled_from([64, 300, 700]))
+def test_fast_density_equals_brute_force_on_long_rows(kind, seed, k):
+    """Rows long enough for the Hermite expansion: its rounded densities equal the literal sum's."""
+    rng = np.random.default_rng(seed)
+    v = _row(kind, 1500, rng).astype(np.float32)[None, :]
+    h = ken.bandwidths(v)[0]
+    g = ken.grids(v, k)[0]
+    order = ken.sort_order(v)[0]
+    fast = ken_cpu._rounded_density(v[0], v[0][order].astype(np.float64), g, h)
+    brute = np.array([np.rint(ken_cpu.exact_density(v[0], np.float64(x), h)) for x in g])
+    assert np.array_equal(fast, brute)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_equals_its_float32_widening(dtype):
+    rng = np.random.default_rng(3)
+    t = torch.from_numpy(rng.standard_normal((6, 700)).astype(np.float32) * 0.05).to(dtype)
+    for k in (1, 50, 350, 699):
+        assert torch.equal(ken_select(t, k=k), ken_select(t.float(), k=k))
+        assert torch.equal(ken_select(t, k=k, compat="reference"), ken_select(t.float(), k=k, compat="reference"))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), r=st.integers(1, 12), n=st.integers(2, 400),
+       kfrac=st.floats(0.0, 1.0), cuts=st.lists(st.integers(0, 12), max_size=4))
+def test_block_split_invariance_and_exact_k(seed, r, n, kfrac, cuts):
+    rng = np.random.default_rng(seed)
+    rows = (rng.standard_normal((r, n)) * 0.02).astype(np.float32)
+    k = max(1, round(kfrac * n))
+    whole = ken_select(rows, k=k)
+    assert (whole.sum(dim=1) == min(k, n)).all()
+    bounds = sorted({0, r, *[c for c in cuts if c <= r]})
+    parts = [ken_select(rows[a:b], k=k) for a, b in zip(bounds, bounds[1:]) if b > a]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def test_k_at_least_n_keeps_whole_row():
+    rows = np.random.default_rng(0).standard_normal((3, 10)).astype(np.float32)
+    assert ken_select(rows, k=10).all()
+    assert ken_select(rows, k=1000).all()
+    assert ken_select(rows, keep=1.0).all()
+
+
+def test_all_equal_row_keeps_first_k():
+    rows = np.full((2, 9), 0.5, dtype=np.float32)
+    mask = ken_select(rows, k=4).numpy()
+    assert mask[:, :4].all() and not mask[:, 4:].any()
+
+
+def test_keep_fraction_resolves_k():
+    rows = np.random.default_rng(0).standard_normal((2, 10)).astype(np.float32)
+    assert ken_select(rows, keep=0.25).sum(dim=1).tolist() == [2, 2]  # round(2.5) = 2
+    assert ken_select(rows, keep=0.01).sum(dim=1).tolist() == [1, 1]  # at least one
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"k": 0}, "k must be >= 1"),
+    ({"k": -3}, "k must be >= 1"),
+    ({"k": 2.5}, "k must be an integer"),
+    ({"k": True}, "k must be an integer"),
+    ({"keep": 0.0}, r"keep must be a fraction in \(0, 1\]"),
+    ({"keep": 1.5}, r"keep must be a fraction in \(0, 1\]"),
+    ({}, "exactly one of k"),
+    ({"k": 2, "keep": 0.5}, "exactly one of k"),
+    ({"k": 2, "compat": "nope"}, "compat must be"),
+])
+def test_bad_arguments_raise_ken_error(kwargs, pattern):
+    rows = np.ones((2, 8), dtype=np.float32)
+    with pytest.raises(KenError, match=pattern):
+        ken_select(rows, **kwargs)
+
+
+def test_non_finite_row_named():
+    rows = np.zeros((4, 8), dtype=np.float32)
+    rows[2, 5] = np.nan
+    with pytest.raises(NonFiniteRowError, match="row 2 holds NaN or infinity") as info:
+        ken_select(rows, k=2)
+    assert info.value.row == 2
+    rows[2, 5] = np.inf
+    with pytest.raises(KenError, match="row 2"):
+        ken_select(rows, k=2)
+
+
+def test_integer_rows_refused():
+    with pytest.raises(KenError, match="not a float type"):
+        ken_select(np.ones((2, 4), dtype=np.int64), k=1)
+
+
+def test_baseline_strategies():
+    rng = np.random.default_rng(0)
+    ft = rng.standard_normal((5, 40)).astype(np.float32)
+    base = ft + rng.standard_normal((5, 40)).astype(np.float32) * 0.1
+    mag = select("magnitude", ft, base, k=7)
+    delta = np.abs(ft - base)
+    assert (mag.sum(dim=1) == 7).all()
+    for i in range(5):
+        kept = delta[i][mag[i].numpy()]
+        dropped = delta[i][~mag[i].numpy()]
+        assert kept.min() >= dropped.max()
+    r1 = select("random", ft, k=9, seed=4)
+    assert (r1.sum(dim=1) == 9).all()
+    assert torch.equal(r1, select("random", ft, k=9, seed=4))
+    assert not torch.equal(r1, select("random", ft, k=9, seed=5))
+    # seeded per row: a block starting at row 2 reproduces rows 2.. of the whole
+    assert torch.equal(select("random", ft[2:], k=9, seed=4, row_offset=2), r1[2:])
+    assert torch.equal(select("ken", ft, k=7), ken_select(ft, k=7))
+    with pytest.raises(KenError, match="needs base_rows"):
+        select("magnitude", ft, k=3)
+    with pytest.raises(KenError, match="unknown strategy 'nope'"):
+        select("nope", ft, k=3)
