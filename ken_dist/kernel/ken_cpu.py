@@ -122,8 +122,13 @@ def _rounded_density(values, sorted_values, grid, h):
         for p in range(P_TERMS):
             a = moments[b, p]
             row = table[p]
-            for j in range(jlo, jhi + 1):
-                acc[j] += a * row[j * mt - centre + half]
+            if mt == 1:  # contiguous: lets LLVM vectorize
+                off = half - centre
+                for j in range(jlo, jhi + 1):
+                    acc[j] += a * row[j + off]
+            else:
+                for j in range(jlo, jhi + 1):
+                    acc[j] += a * row[j * mt - centre + half]
 
     # Rigorous bound on |estimate - f(grid[j])|, then decide each rounding or recompute.
     fact = 1.0
@@ -227,8 +232,28 @@ def greedy_match(sorted_values, order, grid, visit):
 
 @numba.njit(cache=True, nogil=True)
 def _visit_order(density):
-    """Grid indices by rounded density, highest first; ties keep ascending index."""
-    return np.argsort(-density, kind="mergesort")
+    """Grid indices by rounded density, highest first; ties keep ascending index.
+
+    Rounded densities are small non-negative integers, so a counting sort (stable by
+    construction) replaces the comparison sort when their range is small."""
+    k = density.size
+    top = 0.0
+    for j in range(k):
+        top = max(top, density[j])
+    if top > 4 * k + 1024:
+        return np.argsort(-density, kind="mergesort")
+    levels = int(top) + 1
+    count = np.zeros(levels + 1, dtype=np.int64)
+    for j in range(k):
+        count[levels - int(density[j])] += 1  # slot 1 = highest density
+    for v in range(1, levels + 1):
+        count[v] += count[v - 1]
+    order = np.empty(k, dtype=np.int64)
+    for j in range(k):
+        slot = levels - int(density[j]) - 1
+        order[count[slot]] = j
+        count[slot] += 1
+    return order
 
 
 @numba.njit(cache=True, nogil=True)

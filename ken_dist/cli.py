@@ -1,0 +1,232 @@
+"""The `ken-dist` command: one function per verb that parses, validates and calls the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+
+from ken_dist.errors import KenError
+
+EPILOG = """examples:
+  ken-dist demo
+  ken-dist prune ./llama-base ./llama-sft --store ./subnets --keep 0.25
+  ken-dist prune meta-llama/Llama-3.1-8B ./sft-a ./sft-b --name a --name b --store s3dir --k 1024
+  ken-dist prune --job jobs/example_job.yaml
+  ken-dist inspect ./subnets
+  ken-dist materialize ./subnets --finetune llama-sft --out ./llama-sft-pruned
+
+Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 to keep a private local Ray on 127.0.0.1."""
+
+
+def parse_bytes(text: str) -> int:
+    """'67108864', '64MiB', '1.5GB' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (try 67108864 or 64MiB)")
+    number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    scale = {"": 1, "K": 1, "M": 2, "G": 3, "T": 4}[unit]
+    value = int(number * (1024 if binary or not unit else 1000) ** scale) if unit else int(number)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"byte size must be positive: {text!r}")
+    return value
+
+
+def parse_prefix(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--map-prefix takes FINETUNE_PREFIX=BASE_PREFIX, got {text!r} "
+                                         "(e.g. 'bert.=' strips 'bert.' from fine-tune names)")
+    ft, base = text.split("=", 1)
+    return ft, base
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _job_from_args(args):
+    from ken_dist.jobspec import FineTuneEntry, JobSpec, default_name, load_job_file
+    from ken_dist.plan import PruneParams
+
+    if args.job:
+        if args.base or args.finetunes:
+            raise KenError("give either --job FILE or BASE FINETUNE..., not both")
+        return load_job_file(args.job)
+    if not args.base or not args.finetunes:
+        raise KenError("prune needs BASE and at least one FINETUNE (or --job FILE); see ken-dist prune --help")
+    if not args.store:
+        raise KenError("prune needs --store DIR: where the subnetwork dataset is written")
+    if args.k is None and args.keep is None:
+        raise KenError("give --k N (entries kept per row) or --keep F (fraction kept per row, e.g. 0.25)")
+    names = args.name or []
+    if names and len(names) != len(args.finetunes):
+        raise KenError(f"--name given {len(names)} time(s) for {len(args.finetunes)} fine-tune(s): "
+                       "give one --name per FINETUNE, in the same order, or none")
+    params = PruneParams(strategy=args.strategy, k=args.k, keep=args.keep, compat=args.compat, seed=args.seed)
+    entries = tuple(FineTuneEntry(names[i] if names else default_name(src), src, None, params)
+                    for i, src in enumerate(args.finetunes))
+    return JobSpec(base=args.base, finetunes=entries, store=args.store, base_revision=args.revision,
+                   include=tuple(args.include) if args.include else None,
+                   exclude=tuple(args.exclude) if args.exclude else None, preset=args.preset,
+                   prefix_map=dict(args.map_prefix) if args.map_prefix else None,
+                   block_bytes=args.block_bytes, address=args.address, workers=args.workers)
+
+
+def print_summary(store_path: str, names: list[str], seconds: float, stream=sys.stdout) -> None:
+    from ken_dist.loader import inspect_store
+
+    report = inspect_store(store_path)
+    for name in names:
+        ft = report["finetunes"][name]
+        print(f"fine-tune {name!r}: {ft['tensors_pruned']} tensors pruned, {ft['tensors_whole']} stored whole; "
+              f"kept {ft['kept_params']:,} of {ft['pruned_params']:,} pruned weights "
+              f"({100 * ft['kept_params'] / max(1, ft['pruned_params']):.1f}%)", file=stream)
+        print(f"  stored {_human(ft['stored_bytes'])} = {ft['stored_bytes'] / max(1, ft['dense_bytes']):.3f} x the dense "
+              f"fine-tune ({_human(ft['dense_bytes'])}); pruned part {ft['bound_ratio']:.3f} x the information bound",
+              file=stream)
+    print(f"store: {store_path}   time: {seconds:.1f} s", file=stream)
+
+
+def cmd_prune(args) -> int:
+    from ken_dist.runtime import run_job
+
+    job = _job_from_args(args)
+    t0 = time.time()
+    run_job(job, address=args.address or job.address, workers=args.workers or job.workers,
+            overwrite=args.overwrite, quiet=args.quiet)
+    print_summary(job.store, [ft.name for ft in job.finetunes], time.time() - t0)
+    return 0
+
+
+def cmd_materialize(args) -> int:
+    from ken_dist.loader import materialize
+
+    t0 = time.time()
+    info = materialize(args.store, args.finetune, args.out, base=args.base, overwrite=args.overwrite,
+                       max_shard_bytes=args.shard_bytes)
+    files = info.get("files", []) if isinstance(info, dict) else []
+    print(f"wrote {args.out}: {len(files)} safetensors file(s) in {time.time() - t0:.1f} s; "
+          f"load it with transformers' from_pretrained({args.out!r})")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from ken_dist.loader import inspect_store
+
+    report = inspect_store(args.store)
+    if args.finetune:
+        if args.finetune not in report["finetunes"]:
+            raise KenError(f"store {args.store} has no fine-tune {args.finetune!r}; it has: "
+                           f"{', '.join(report['finetunes']) or 'none'}")
+        report["finetunes"] = {args.finetune: report["finetunes"][args.finetune]}
+    if args.tensor:
+        pattern = re.compile(args.tensor)
+        for ft in report["finetunes"].values():
+            ft["tensors"] = {k: v for k, v in ft["tensors"].items() if pattern.search(k)}
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"store {args.store} (format version {report.get('format_version')})")
+    for name, ft in report["finetunes"].items():
+        state = "complete" if ft.get("complete") else "INCOMPLETE"
+        print(f"\nfine-tune {name!r} [{state}]  params {ft.get('params')}")
+        print(f"  kept {ft['kept_params']:,} / {ft['pruned_params']:,} pruned weights; stored {_human(ft['stored_bytes'])}"
+              f" = {ft['stored_bytes'] / max(1, ft['dense_bytes']):.3f} x dense fine-tune ({_human(ft['dense_bytes'])});"
+              f" {ft['bound_ratio']:.3f} x information bound")
+        if args.tensor or args.finetune:
+            print(f"  {'tensor':<48} {'action':>6} {'kept/row min/mean/max':>24} {'bytes':>10} {'x bound':>8}")
+            for tname, t in ft["tensors"].items():
+                per_row = (f"{t['kept_per_row_min']}/{t['kept_per_row_mean']:.1f}/{t['kept_per_row_max']}"
+                           if t.get("action") == "prune" else "-")
+                ratio = f"{t['bound_ratio']:.3f}" if t.get("bound_ratio") else "-"
+                print(f"  {tname:<48} {t['action']:>6} {per_row:>24} {_human(t['stored_bytes']):>10} {ratio:>8}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ken_dist.demo import run_demo
+
+    return run_demo(args.workdir, keep=args.keep, workers=args.workers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ken-dist", description="KEN pruning of fine-tuned checkpoints on Ray.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("prune", help="prune fine-tune(s) against a base into a subnetwork store",
+                       description="Prune one or more fine-tuned checkpoints against their base with KEN (or a "
+                       "baseline) on Ray, writing the kept entries to a Parquet store. Re-running the same "
+                       "command resumes an interrupted job.", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", nargs="?", help="pre-trained checkpoint: a directory, a .safetensors file or an HF repo id (local cache)")
+    p.add_argument("finetunes", nargs="*", metavar="FINETUNE", help="fine-tuned checkpoint(s) of that base")
+    p.add_argument("--job", help="YAML job file instead of BASE FINETUNE... (see jobs/example_job.yaml)")
+    p.add_argument("--store", help="subnetwork store directory (created if missing)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--k", type=int, help="entries kept per row")
+    group.add_argument("--keep", type=float, help="fraction kept per row, in (0, 1]; k = max(1, round(keep*n))")
+    p.add_argument("--name", action="append", help="store name of each fine-tune (default: its directory name)")
+    p.add_argument("--strategy", default="ken", help="ken (default), magnitude, random, ...")
+    p.add_argument("--compat", default="index", choices=["index", "reference"],
+                   help="index: exactly k per row (default); reference: the published code's value-based mask")
+    p.add_argument("--seed", type=int, default=0, help="seed of seeded strategies (random)")
+    p.add_argument("--include", action="append", metavar="RE", help="prune only tensors whose name matches (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="RE", help="never prune tensors whose name matches (repeatable)")
+    p.add_argument("--preset", choices=["attention-only"], help="a tensor selection preset")
+    p.add_argument("--map-prefix", action="append", type=parse_prefix, metavar="FT=BASE",
+                   help="rename fine-tune name prefix FT to BASE when matching tensors (e.g. 'bert.=')")
+    p.add_argument("--revision", help="base revision when BASE is an HF repo id")
+    from ken_dist.plan import DEFAULT_BLOCK_BYTES
+    p.add_argument("--block-bytes", type=parse_bytes, default=DEFAULT_BLOCK_BYTES,
+                   help="rows per work unit, in bytes of fine-tuned data (default 64MiB)")
+    p.add_argument("--address", help="join this Ray cluster (default: a private local Ray)")
+    p.add_argument("--workers", type=int, help="actors (default: one per CPU, or one per GPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace a fine-tune stored with other parameters")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("materialize", help="write a dense, loadable checkpoint from the store")
+    p.add_argument("store")
+    p.add_argument("--finetune", required=True, help="name of the fine-tune in the store")
+    p.add_argument("--out", required=True, help="output directory (a Hugging Face model directory)")
+    p.add_argument("--base", help="where the base checkpoint is now, if it moved since pruning")
+    p.add_argument("--shard-bytes", type=parse_bytes, default=5 * 10**9, help="max safetensors shard size (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    p.set_defaults(func=cmd_materialize)
+
+    p = sub.add_parser("inspect", help="fine-tunes, tensors, kept weights, bytes and ratios of a store")
+    p.add_argument("store")
+    p.add_argument("--finetune", help="only this fine-tune, with per-tensor detail")
+    p.add_argument("--tensor", metavar="RE", help="only tensors matching RE, with per-tensor detail")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="generate a small checkpoint pair, prune it on a local Ray, print the summary")
+    p.add_argument("--workdir", default=None, help="where to write the pair and the store (default: a temp dir)")
+    p.add_argument("--keep", type=float, default=0.25)
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KenError as exc:
+        print(f"ken-dist: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ken-dist: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

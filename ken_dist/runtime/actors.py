@@ -1,0 +1,37 @@
+"""Selection actors: each opens the files itself and handles whole work units, so tensor bytes
+never pass through the driver or the object store. Ray restarts an actor whose process dies and
+retries its task; a unit's write is atomic and idempotent, so a retry cannot corrupt the store."""
+from __future__ import annotations
+
+import os
+
+import ray
+
+from ken_dist.execute import process_unit
+from ken_dist.store import Store
+
+
+class SelectionActor:
+    def __init__(self, store_path: str, want_gpu: bool):
+        import torch
+
+        self.store = Store(store_path)
+        self.device = "cuda" if want_gpu and torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(1)  # one actor per CPU: no oversubscription
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "device": self.device, "node": ray.get_runtime_context().get_node_id()}
+
+    def run(self, unit) -> dict:
+        record = process_unit(unit, self.store, device=self.device)
+        record["pid"] = os.getpid()
+        record["device"] = self.device
+        return record
+
+
+def make_actor(store_path: str, *, gpu: bool, retries: int = 3):
+    cls = ray.remote(SelectionActor)
+    return cls.options(
+        num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=-1, max_task_retries=retries,
+    ).remote(store_path, gpu)
