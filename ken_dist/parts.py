@@ -1,0 +1,215 @@
+"""Encode and decode the Parquet part files of a subnetwork store (format version 1).
+
+Kept apart from `store.py` (layout, journal, manifest, lock) so that the loader and the
+writer share one definition of the bytes on disk. Everything here is pure: tables and
+tensors in, tensors and tables out, plus the information bound used to judge the size.
+
+A pruned block holds one Parquet row per tensor row:
+    row    int32   absolute row index in the tensor
+    mask   binary  the row's keep bitmask, ceil(n/8) bytes, little bit order
+                   (bit j of byte b is entry 8*b + j), padding bits zero
+    values binary  raw bytes of the kept values in the source dtype, in index order
+A whole tensor holds its raw bytes in chunks:
+    offset int64   byte offset of the chunk in the tensor's raw bytes
+    data   binary  the chunk (at most WHOLE_CHUNK_BYTES)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ken_dist.errors import KenError
+
+# safetensors dtype string -> torch dtype. The store keeps the checkpoint's own spelling.
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+    "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F32": torch.float32, "F64": torch.float64,
+}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        TORCH_DTYPES[_name] = getattr(torch, _attr)
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+WHOLE_CHUNK_BYTES = 16 * 2**20
+_WHOLE_CHUNKS_PER_GROUP = 4
+
+# Measured on bf16 [4096, 4096] blocks with random masks (docs/FORMAT.md, benchmarks/store_ratio.py):
+# zstd level 1 squeezes the sparse bitmask at low keep and costs ~nothing at keep 0.5;
+# dictionaries and statistics only add bytes to random binary data.
+PARQUET_OPTIONS = dict(
+    compression="zstd", compression_level=1, use_dictionary=False, write_statistics=False,
+    column_encoding={"row": "DELTA_BINARY_PACKED"}, store_schema=False,
+    data_page_size=1 << 20, write_page_index=False,
+)
+BLOCK_COLUMNS = ("row", "mask", "values")
+WHOLE_COLUMNS = ("offset", "data")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise KenError(f"unsupported dtype {name!r}; known: {', '.join(sorted(TORCH_DTYPES))}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise KenError(f"unsupported torch dtype {dtype}; known: {', '.join(map(str, DTYPE_NAMES))}") from None
+
+
+def raw_bytes(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a flat uint8 numpy view (no copy when already contiguous)."""
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy()
+
+
+def _binary(offsets: np.ndarray, data: np.ndarray) -> pa.Array:
+    """A pyarrow binary array over existing buffers, zero copy; large_binary past 2 GiB."""
+    big = offsets[-1] > np.iinfo(np.int32).max
+    offsets = offsets.astype(np.int64 if big else np.int32, copy=False)
+    typ = pa.large_binary() if big else pa.binary()
+    return pa.Array.from_buffers(typ, len(offsets) - 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def info_bound_bytes(kept_per_row: np.ndarray, n: int, itemsize: int) -> float:
+    """sum over rows of kept*itemsize + log2 C(n, kept)/8: what any encoding must spend."""
+    k = torch.as_tensor(np.asarray(kept_per_row), dtype=torch.float64)
+    lg = torch.lgamma
+    log2c = (lg(torch.tensor(n + 1.0, dtype=torch.float64)) - lg(k + 1) - lg(n - k + 1)) / math.log(2)
+    return float((k * itemsize + log2c.clamp_min(0) / 8).sum())
+
+
+def encode_block(row_start: int, mask: torch.Tensor, values: torch.Tensor) -> tuple[pa.Table, dict]:
+    """(table, stats) for rows [row_start, row_start + r) given [r, n] mask and values."""
+    m = mask.detach().cpu().numpy().astype(bool, copy=False)
+    r, n = m.shape
+    itemsize = values.element_size()
+    packed = np.packbits(m, axis=1, bitorder="little").reshape(-1)
+    nbytes_row = (n + 7) // 8
+    kept = m.sum(axis=1, dtype=np.int64)
+    vals = raw_bytes(values).reshape(r, n, itemsize)[m].reshape(-1)
+    voffs = np.zeros(r + 1, np.int64)
+    np.cumsum(kept * itemsize, out=voffs[1:])
+    table = pa.table({
+        "row": pa.array(np.arange(row_start, row_start + r, dtype=np.int32)),
+        "mask": _binary(np.arange(r + 1, dtype=np.int64) * nbytes_row, packed),
+        "values": _binary(voffs, np.ascontiguousarray(vals)),
+    })
+    stats = {
+        "kept": int(kept.sum()),
+        "kept_row_min": int(kept.min()) if r else 0,
+        "kept_row_max": int(kept.max()) if r else 0,
+        "bound_bytes": info_bound_bytes(kept, n, itemsize),
+    }
+    return table, stats
+
+
+def _column_chunks(table: pa.Table, name: str):
+    return table.column(name).chunks
+
+
+def _binary_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets relative to the first value, data) of a binary array chunk, zero copy."""
+    if arr.null_count:
+        raise ValueError("null values")
+    odt = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+    offsets = np.frombuffer(arr.buffers()[1], dtype=odt)[arr.offset: arr.offset + len(arr) + 1]
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None \
+        else np.zeros(0, np.uint8)
+    return offsets - offsets[0], data[offsets[0]: offsets[-1]]
+
+
+def apply_block(table: pa.Table, target: torch.Tensor, row_start: int, row_end: int,
+                target_row0: int = 0) -> int:
+    """Overwrite kept entries of `target` in place; target row i is tensor row target_row0 + i.
+
+    Rows of the block outside the target are skipped, so a reader may rebuild any row range.
+    Raises ValueError (the caller names file and tensor) when the part disagrees with itself
+    or with the block it claims to hold. Returns the number of entries written."""
+    if tuple(table.column_names) != BLOCK_COLUMNS:
+        raise ValueError(f"columns {table.column_names}, expected {list(BLOCK_COLUMNS)}")
+    n = target.shape[1]
+    nbytes_row = (n + 7) // 8
+    itemsize = target.element_size()
+    t_lo, t_hi = target_row0, target_row0 + target.shape[0]
+    pos, written = row_start, 0
+    for rows_arr, mask_arr, vals_arr in zip(*(table.column(c).chunks for c in BLOCK_COLUMNS)):
+        m = len(rows_arr)
+        if m == 0:
+            continue
+        rows = rows_arr.to_numpy(zero_copy_only=False)
+        if pos + m > row_end or not np.array_equal(rows, np.arange(pos, pos + m)):
+            raise ValueError(f"rows are not {pos}..{min(pos + m, row_end) - 1} in order "
+                             f"(block [{row_start}, {row_end}))")
+        lo, hi = max(pos, t_lo), min(pos + m, t_hi)
+        moffs, mdata = _binary_parts(mask_arr)
+        if not np.array_equal(np.diff(moffs), np.full(m, nbytes_row)):
+            raise ValueError(f"mask length differs from ceil({n}/8) bytes")
+        keep = np.unpackbits(mdata.reshape(m, nbytes_row), axis=1, count=n, bitorder="little").view(bool)
+        voffs, vdata = _binary_parts(vals_arr)
+        if not np.array_equal(np.diff(voffs), keep.sum(axis=1) * itemsize):
+            raise ValueError("values length differs from the mask's kept count")
+        if lo < hi:
+            i0, i1 = lo - pos, hi - pos
+            chunk = vdata[voffs[i0]: voffs[i1]]
+            if chunk.size:
+                vals = torch.frombuffer(bytearray(chunk), dtype=target.dtype)
+                target[lo - t_lo: hi - t_lo][torch.from_numpy(np.ascontiguousarray(keep[i0:i1]))] = vals
+                written += vals.numel()
+        pos += m
+    if pos != row_end:
+        raise ValueError(f"holds rows {row_start}..{pos - 1}, expected {row_start}..{row_end - 1}")
+    return written
+
+
+def write_whole_parquet(path: str, values: torch.Tensor) -> None:
+    """Write a tensor's raw bytes to `path` in WHOLE_CHUNK_BYTES rows, one row group at a time."""
+    data = raw_bytes(values)
+    total = data.size
+    starts = list(range(0, total, WHOLE_CHUNK_BYTES)) or [0]
+    schema = pa.schema([("offset", pa.int64()), ("data", pa.binary())])
+    with pq.ParquetWriter(path, schema, **{k: v for k, v in PARQUET_OPTIONS.items()
+                                            if k != "column_encoding"}) as writer:
+        if total == 0:
+            writer.write_table(pa.table({"offset": pa.array([], pa.int64()),
+                                         "data": pa.array([], pa.binary())}))
+        for g in range(0, len(starts), _WHOLE_CHUNKS_PER_GROUP):
+            group = starts[g: g + _WHOLE_CHUNKS_PER_GROUP]
+            lo, hi = group[0], min(total, group[-1] + WHOLE_CHUNK_BYTES)
+            if hi <= lo:
+                continue
+            offs = np.array([s - lo for s in group] + [hi - lo], dtype=np.int64)
+            writer.write_table(pa.table({"offset": pa.array(np.array(group, np.int64)),
+                                         "data": _binary(offs, data[lo:hi])}))
+
+
+def decode_whole(table: pa.Table, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """The tensor stored by write_whole_parquet, exact dtype and shape (ValueError if inconsistent)."""
+    if tuple(table.column_names) != WHOLE_COLUMNS:
+        raise ValueError(f"columns {table.column_names}, expected {list(WHOLE_COLUMNS)}")
+    numel = math.prod(shape)
+    expected = numel * torch.empty(0, dtype=dtype).element_size()
+    out = bytearray(expected)
+    filled = 0
+    for off_arr, data_arr in zip(table.column("offset").chunks, table.column("data").chunks):
+        offsets = off_arr.to_numpy(zero_copy_only=False)
+        doffs, data = _binary_parts(data_arr)
+        for i, off in enumerate(offsets):
+            chunk = data[doffs[i]: doffs[i + 1]]
+            if off < 0 or off + chunk.size > expected:
+                raise ValueError(f"chunk at byte {off} overruns the tensor's {expected} bytes")
+            out[off: off + chunk.size] = chunk.tobytes()
+            filled += chunk.size
+    if filled != expected:
+        raise ValueError(f"{filled} bytes stored, expected {expected} for shape {shape}")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(out, dtype=dtype).reshape(shape)

@@ -1,0 +1,472 @@
+"""The subnetwork store: a partitioned Parquet dataset plus a manifest per fine-tune.
+
+Why it is shaped this way (docs/FORMAT.md is the normative description):
+- Workers write part files directly (tmp file + fsync + rename), so a block is either absent
+  or complete on disk, and no tensor bytes travel through the driver.
+- Only the driver commits: it appends the workers' block records to an fsync'ed JSONL journal.
+  A driver killed with SIGKILL loses nothing it committed; `completed_blocks` is the resume set.
+- `finalize` folds the journal into the manifest and sets `complete` only when every planned
+  block is there, so a reader never mistakes a half-written fine-tune for a finished one.
+- Every fine-tune and tensor name is escaped before it becomes a path, and the resolved path is
+  checked to lie inside the store: a hostile name cannot write anywhere else.
+- An exclusive flock per fine-tune keeps two prune runs from interleaving their journals.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ken_dist.errors import KenError
+from ken_dist.parts import PARQUET_OPTIONS, dtype_name, encode_block, torch_dtype, write_whole_parquet
+from ken_dist.store_io import (atomic_json, atomic_write, escape_name, fsync_dir, last_byte, now, publish,
+                               sha256_file, tmp_path, unescape_name)
+
+FORMAT = "ken-subnetwork"
+FORMAT_VERSION = 1
+MARKER = "ken_store.json"
+_RECORD_KEYS = ("tensor", "row_start", "row_end", "file", "kept", "bytes", "sha256")
+_PLAN_KEYS = ("shape", "dtype", "action", "rows", "row_len", "base_name")
+
+
+def check_format(obj: dict, where: str) -> None:
+    """Refuse stores and manifests that this ken_dist cannot read."""
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise KenError(f"{where} is not a ken_dist subnetwork store file (format {obj.get('format')!r}, "
+                       f"expected {FORMAT!r}); point to the store directory written by `ken-dist prune`")
+    v = obj.get("format_version")
+    if not isinstance(v, int) or v < 1:
+        raise KenError(f"{where} has an invalid format_version {v!r}; the file is damaged")
+    if v > FORMAT_VERSION:
+        from ken_dist import __version__
+        raise KenError(f"{where} has format_version {v}, newer than this ken_dist {__version__} reads "
+                       f"(up to {FORMAT_VERSION}); upgrade ken_dist (pip install -U ken-dist)")
+
+
+def row_geometry(shape) -> tuple[int, int]:
+    """(rows, row_len) as in the selection spec: 0-D -> (1, 1), 1-D -> (1, n), else (s0, rest)."""
+    shape = list(shape)
+    if not shape:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, shape[0]
+    rest = 1
+    for s in shape[1:]:
+        rest *= s
+    return shape[0], rest
+
+
+def _fingerprint(identity: dict) -> dict:
+    """What must not change between runs: file names (not where they live), sizes, header hashes."""
+    fp = {k: v for k, v in (identity or {}).items() if k not in ("source", "root")}
+    files = fp.get("files")
+    if isinstance(files, list):
+        fp["files"] = [dict(f, name=os.path.basename(str(f.get("name", "")))) if isinstance(f, dict)
+                       else os.path.basename(str(f)) for f in files]
+    return fp
+
+
+def _diff(label: str, old, new, out: list[str]) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            _diff(f"{label}.{k}", old.get(k, "<absent>"), new.get(k, "<absent>"), out)
+    elif old != new:
+        out.append(f"{label}: stored {json.dumps(old)[:120]}, given {json.dumps(new)[:120]}")
+
+
+def _normalize_plan(tensors: dict) -> dict:
+    plan = {}
+    for name, t in tensors.items():
+        missing = [k for k in _PLAN_KEYS if k not in t]
+        if missing:
+            raise KenError(f"plan for tensor {name!r} lacks {missing}; each entry needs {list(_PLAN_KEYS)}")
+        torch_dtype(t["dtype"])
+        if t["action"] not in ("prune", "whole"):
+            raise KenError(f"tensor {name!r}: action must be 'prune' or 'whole', got {t['action']!r}")
+        rows, row_len = int(t["rows"]), int(t["row_len"])
+        numel = 1
+        for s in t["shape"]:
+            numel *= int(s)
+        if rows * row_len != numel:
+            raise KenError(f"tensor {name!r}: rows {rows} x row_len {row_len} != numel of shape {t['shape']}")
+        blocks = [[0, rows]] if t["action"] == "whole" else [[int(a), int(b)] for a, b in t.get("blocks", [])]
+        edge = 0
+        for a, b in (sorted(blocks) if t["action"] == "prune" else []):
+            if a != edge or b <= a:
+                raise KenError(f"tensor {name!r}: planned blocks {blocks} must tile rows [0, {rows}) "
+                               f"without gaps or overlaps")
+            edge = b
+        if t["action"] == "prune" and edge != rows:
+            raise KenError(f"tensor {name!r}: planned blocks end at row {edge}, tensor has {rows} rows")
+        entry = {k: v for k, v in t.items() if k != "blocks"}
+        entry.update(shape=[int(s) for s in t["shape"]], rows=rows, row_len=row_len, kept=None, bytes=None,
+                     blocks=[{"row_start": a, "row_end": b} for a, b in sorted(blocks)])
+        plan[name] = entry
+    return plan
+
+
+class Store:
+    """A directory holding subnetworks; see the module docstring and docs/FORMAT.md."""
+
+    def __init__(self, path, *, create: bool = False):
+        self.root = os.path.realpath(os.fspath(path))
+        self.path = self.root
+        self._locks: dict[str, int] = {}
+        self._scoped: set[str] = set()  # held by `locked`: finalize leaves them to its exit
+        marker = os.path.join(self.root, MARKER)
+        if not os.path.exists(marker):
+            if not create:
+                raise KenError(f"{self.root} is not a ken_dist store (no {MARKER}); check the path, "
+                               f"or create one with `ken-dist prune --store {path}`")
+            if os.path.isdir(self.root) and os.listdir(self.root):
+                raise KenError(f"refusing to create a store in {self.root}: the directory is not empty "
+                               f"and has no {MARKER}; choose an empty or new directory")
+            os.makedirs(os.path.join(self.root, "finetunes"), exist_ok=True)
+            atomic_json(marker, {"format": FORMAT, "format_version": FORMAT_VERSION})
+        with open(marker) as f:
+            check_format(json.load(f), marker)
+
+    # ---- paths -------------------------------------------------------------------------------
+    def resolve(self, rel: str) -> str:
+        """Absolute path of a store-relative file, refused if it resolves outside the store."""
+        path = os.path.realpath(os.path.join(self.root, *str(rel).split("/")))
+        if not path.startswith(self.root + os.sep):
+            raise KenError(f"path {rel!r} resolves outside the store {self.root}; the manifest or "
+                           f"journal is damaged or hostile")
+        return path
+
+    def _ft_rel(self, finetune: str) -> str:
+        return f"finetunes/{escape_name(finetune)}"
+
+    def _ft_dir(self, finetune: str) -> str:
+        return self.resolve(self._ft_rel(finetune))
+
+    def _part_rel(self, finetune: str, tensor: str, leaf: str) -> str:
+        return f"{self._ft_rel(finetune)}/tensors/{escape_name(tensor)}/{leaf}"
+
+    # ---- lock --------------------------------------------------------------------------------
+    def acquire(self, finetune: str) -> None:
+        """Take the fine-tune's exclusive lock (no-op if this Store already holds it)."""
+        if finetune in self._locks:
+            return
+        ftdir = self._ft_dir(finetune)
+        os.makedirs(ftdir, exist_ok=True)
+        fd = os.open(os.path.join(ftdir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "{}"
+            os.close(fd)
+            try:
+                h = json.loads(holder)
+            except ValueError:
+                h = {}
+            raise KenError(f"store {self.root} fine-tune {finetune!r} is being written by another run "
+                           f"(pid {h.get('pid', '?')} on {h.get('host', '?')} since {h.get('since', '?')}); "
+                           f"wait for it to finish or stop it, then rerun (it resumes)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": now()}).encode(), 0)
+        self._locks[finetune] = fd
+
+    @contextlib.contextmanager
+    def locked(self, finetunes):
+        """Hold the locks of several fine-tunes for a whole job (the driver's way)."""
+        names = [finetunes] if isinstance(finetunes, str) else list(finetunes)
+        taken = []
+        try:
+            for ft in names:
+                if ft not in self._locks:
+                    self.acquire(ft)
+                    taken.append(ft)
+                    self._scoped.add(ft)
+            yield self
+        finally:
+            for ft in taken:
+                self._scoped.discard(ft)
+                self.release(ft)
+
+    def release(self, finetune: str) -> None:
+        fd = self._locks.pop(finetune, None)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def close(self) -> None:
+        for ft in list(self._locks):
+            self.release(ft)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- manifest ----------------------------------------------------------------------------
+    def _manifest_path(self, finetune: str) -> str:
+        return os.path.join(self._ft_dir(finetune), "manifest.json")
+
+    def manifest(self, finetune: str) -> dict:
+        path = self._manifest_path(finetune)
+        if not os.path.exists(path):
+            raise KenError(f"store {self.root} has no fine-tune {finetune!r}; it holds: "
+                           f"{', '.join(map(repr, self.finetunes())) or 'nothing yet'}")
+        with open(path) as f:
+            m = json.load(f)
+        check_format(m, path)
+        return m
+
+    def finetunes(self) -> list[str]:
+        base = os.path.join(self.root, "finetunes")
+        names = []
+        for d in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+            path = os.path.join(base, d, "manifest.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    names.append(json.load(f).get("finetune", d))
+        return sorted(names)
+
+    def begin(self, finetune: str, *, params: dict, base_identity: dict, finetune_identity: dict,
+              tensors: dict[str, dict], overwrite: bool = False) -> None:
+        """Record the job's parameters and block plan; take the fine-tune's lock.
+
+        Same params, identities and tensors as a stored run: resume (the block plan may change;
+        committed blocks of the old plan are then recomputed). Anything else differs: KenError
+        naming it, unless overwrite=True, which deletes this fine-tune's data first."""
+        self.acquire(finetune)
+        plan = _normalize_plan(tensors)
+        old = self.manifest(finetune) if os.path.exists(self._manifest_path(finetune)) else None
+        if old is not None and overwrite:
+            self._clear(finetune)
+            old = None
+        stamp = now()
+        if old is not None:
+            diffs: list[str] = []
+            _diff("params", old["params"], params, diffs)
+            _diff("base", _fingerprint(old["base_identity"]), _fingerprint(base_identity), diffs)
+            _diff("finetune", _fingerprint(old["finetune_identity"]), _fingerprint(finetune_identity), diffs)
+            _diff("tensors", {n: {k: t.get(k) for k in _PLAN_KEYS} for n, t in old["tensors"].items()},
+                  {n: {k: t.get(k) for k in _PLAN_KEYS} for n, t in plan.items()}, diffs)
+            if diffs:
+                shown = "\n  - ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else "")
+                raise KenError(f"store {self.root} already holds fine-tune {finetune!r} written with different "
+                               f"settings:\n  - {shown}\nrerun with --overwrite (overwrite=True) to discard it, "
+                               f"or use another store or fine-tune name")
+            same_plan = all([(b["row_start"], b["row_end"]) for b in old["tensors"][n]["blocks"]] ==
+                            [(b["row_start"], b["row_end"]) for b in plan[n]["blocks"]] for n in plan)
+            manifest = dict(old, base_identity=base_identity, finetune_identity=finetune_identity, updated=stamp)
+            if not same_plan:
+                manifest.update(tensors=plan, complete=False)
+        else:
+            from ken_dist import __version__
+            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "finetune": finetune,
+                        "created": stamp, "updated": stamp, "ken_dist_version": __version__,
+                        "params": params, "base_identity": base_identity,
+                        "finetune_identity": finetune_identity, "tensors": plan,
+                        "complete": False, "summary": None, "totals": None}
+        atomic_json(self._manifest_path(finetune), manifest)
+
+    def _clear(self, finetune: str) -> None:
+        ftdir = self._ft_dir(finetune)
+        for entry in os.listdir(ftdir):
+            if entry == ".lock":
+                continue
+            path = os.path.join(ftdir, entry)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+        fsync_dir(ftdir)
+
+    # ---- worker side -------------------------------------------------------------------------
+    def _begun(self, finetune: str) -> None:
+        if not os.path.exists(self._manifest_path(finetune)):
+            raise KenError(f"store {self.root}: fine-tune {finetune!r} was not begun; call Store.begin first")
+
+    def write_block(self, finetune: str, tensor: str, row_start: int, row_end: int,
+                    mask: torch.Tensor, values: torch.Tensor) -> dict:
+        """Write rows [row_start, row_end) of a pruned tensor as one part; returns its record.
+
+        Safe in worker processes: touches only its own part file. Deterministic: the same block
+        written twice gives the same bytes (and sha256)."""
+        self._begun(finetune)
+        r = int(row_end) - int(row_start)
+        if r <= 0 or row_start < 0:
+            raise KenError(f"tensor {tensor!r}: bad row range [{row_start}, {row_end})")
+        dtype = dtype_name(values.dtype)
+        if values.numel() % r:
+            raise KenError(f"tensor {tensor!r} rows [{row_start}, {row_end}): {values.numel()} values "
+                           f"do not split into {r} rows")
+        values = values.reshape(r, -1)
+        if mask.dtype != torch.bool or mask.numel() != values.numel():
+            raise KenError(f"tensor {tensor!r} rows [{row_start}, {row_end}): mask must be a bool tensor "
+                           f"shaped like values {list(values.shape)}, got {mask.dtype} {list(mask.shape)}")
+        table, stats = encode_block(int(row_start), mask.reshape(values.shape), values)
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, **PARQUET_OPTIONS)
+        data = memoryview(buf.getvalue())
+        rel = self._part_rel(finetune, tensor, f"part-{int(row_start):010d}-{int(row_end):010d}.parquet")
+        path = self.resolve(rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, data)
+        return {"tensor": tensor, "row_start": int(row_start), "row_end": int(row_end), "file": rel,
+                "kept": stats["kept"], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "dtype": dtype, "row_len": int(values.shape[1]), "kept_row_min": stats["kept_row_min"],
+                "kept_row_max": stats["kept_row_max"], "bound_bytes": stats["bound_bytes"]}
+
+    def write_whole(self, finetune: str, tensor: str, values: torch.Tensor) -> dict:
+        """Store a tensor as it is (raw bytes, chunked); returns its record, block [0, rows)."""
+        self._begun(finetune)
+        dtype = dtype_name(values.dtype)
+        rows, _ = row_geometry(values.shape)
+        rel = self._part_rel(finetune, tensor, "whole.parquet")
+        path = self.resolve(rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = tmp_path(path)
+        try:
+            write_whole_parquet(tmp, values)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            digest, size = sha256_file(tmp), os.path.getsize(tmp)
+            publish(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        nbytes = values.numel() * values.element_size()
+        return {"tensor": tensor, "row_start": 0, "row_end": rows, "file": rel, "kept": values.numel(),
+                "bytes": size, "sha256": digest, "dtype": dtype, "shape": list(values.shape),
+                "bound_bytes": float(nbytes)}
+
+    # ---- driver side -------------------------------------------------------------------------
+    def _journal(self, finetune: str) -> str:
+        return os.path.join(self._ft_dir(finetune), "journal.jsonl")
+
+    def commit(self, finetune: str, records: list[dict]) -> None:
+        """Append block records to the journal and fsync: after this returns they survive kill -9."""
+        self.acquire(finetune)
+        lines = []
+        for rec in records:
+            missing = [k for k in _RECORD_KEYS if k not in rec]
+            if missing:
+                raise KenError(f"block record for {rec.get('tensor')!r} lacks {missing}; pass the dict "
+                               f"returned by Store.write_block / write_whole")
+            self.resolve(rec["file"])
+            lines.append(json.dumps(rec, sort_keys=True))
+        path = self._journal(finetune)
+        with open(path, "ab") as f:
+            if f.tell() and last_byte(path) != b"\n":  # a torn line from a killed run
+                f.write(b"\n")
+            f.write(("\n".join(lines) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def journal(self, finetune: str) -> list[dict]:
+        """Committed records in commit order; a torn or garbled line is not a commit and is skipped."""
+        path = self._journal(finetune)
+        out = []
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(rec, dict) and all(k in rec for k in _RECORD_KEYS):
+                        out.append(rec)
+        return out
+
+    def completed_blocks(self, finetune: str, *, verify: bool = False) -> dict:
+        """{(tensor, row_start, row_end): record} for committed blocks whose part file exists with
+        the recorded size (and sha256 when verify=True). The latest record of a block wins."""
+        done = {}
+        for rec in self.journal(finetune):
+            key = (rec["tensor"], rec["row_start"], rec["row_end"])
+            try:
+                path = self.resolve(rec["file"])
+            except KenError:
+                continue
+            ok = os.path.isfile(path) and os.path.getsize(path) == rec["bytes"]
+            if ok and verify:
+                ok = sha256_file(path) == rec["sha256"]
+            if ok:
+                done[key] = rec
+            else:
+                done.pop(key, None)
+        return done
+
+    def finalize(self, finetune: str, *, summary: dict, verify: bool = False) -> dict:
+        """Mark the fine-tune complete if every planned block is committed; release the lock."""
+        self.acquire(finetune)
+        manifest = self.manifest(finetune)
+        done = self.completed_blocks(finetune, verify=verify)
+        missing = [f"{name} rows [{b['row_start']}, {b['row_end']})"
+                   for name, t in manifest["tensors"].items() for b in t["blocks"]
+                   if (name, b["row_start"], b["row_end"]) not in done]
+        if missing:
+            shown = "\n  - ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")
+            raise KenError(f"store {self.root} fine-tune {finetune!r} is not complete; {len(missing)} "
+                           f"block(s) missing:\n  - {shown}\nrerun the same command to resume")
+        totals = {"kept": 0, "bytes": 0, "bound_bytes": 0.0, "dense_bytes": 0}
+        keep_files = set()
+        for name, t in manifest["tensors"].items():
+            blocks = []
+            for b in t["blocks"]:
+                rec = done[(name, b["row_start"], b["row_end"])]
+                blocks.append({k: rec[k] for k in ("row_start", "row_end", "file", "kept", "bytes", "sha256",
+                                                   "kept_row_min", "kept_row_max", "bound_bytes") if k in rec})
+                keep_files.add(self.resolve(rec["file"]))
+            t["blocks"] = blocks
+            t["kept"] = sum(b["kept"] for b in blocks)
+            t["bytes"] = sum(b["bytes"] for b in blocks)
+            t["bound_bytes"] = sum(b.get("bound_bytes", 0.0) for b in blocks)
+            dense = t["rows"] * t["row_len"] * torch.empty(0, dtype=torch_dtype(t["dtype"])).element_size()
+            for k, v in (("kept", t["kept"]), ("bytes", t["bytes"]), ("bound_bytes", t["bound_bytes"]),
+                         ("dense_bytes", dense)):
+                totals[k] += v
+        manifest.update(complete=True, summary=summary, totals=totals, updated=now())
+        atomic_json(self._manifest_path(finetune), manifest)
+        self._collect_garbage(finetune, keep_files)
+        if finetune not in self._scoped:
+            self.release(finetune)
+        return manifest
+
+    def _collect_garbage(self, finetune: str, keep: set[str]) -> None:
+        """Remove parts of an earlier block plan and tmp files left by killed workers."""
+        tdir = os.path.join(self._ft_dir(finetune), "tensors")
+        for dirpath, dirnames, filenames in os.walk(tdir, topdown=False):
+            for fn in filenames:
+                path = os.path.join(dirpath, fn)
+                if path not in keep and (fn.endswith(".tmp") or fn.endswith(".parquet")):
+                    os.unlink(path)
+            if dirpath != tdir and not os.listdir(dirpath):
+                os.rmdir(dirpath)
+
+    # ---- reading -----------------------------------------------------------------------------
+    def read_part(self, block: dict, tensor: str, *, verify: bool = True) -> pa.Table:
+        """The Parquet table of a committed block, after checking size and sha256."""
+        rel = block["file"]
+        path = self.resolve(rel)
+        fix = "rerun the same `ken-dist prune` command (it rewrites missing blocks) or prune with --overwrite"
+        if not os.path.isfile(path):
+            raise KenError(f"part file {path} of tensor {tensor!r} is missing; {fix}")
+        with open(path, "rb") as f:
+            data = f.read()
+        if verify and (len(data) != block["bytes"] or hashlib.sha256(data).hexdigest() != block["sha256"]):
+            raise KenError(f"part file {path} of tensor {tensor!r} is corrupt (size or sha256 differs from "
+                           f"the manifest); delete it and {fix}")
+        try:
+            return pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowException, OSError) as e:
+            raise KenError(f"part file {path} of tensor {tensor!r} is not readable Parquet ({e}); "
+                           f"delete it and {fix}") from None

@@ -1,0 +1,106 @@
+"""Filesystem primitives of the store: safe path components and crash-safe writes.
+
+Why here and not in store.py: they are the two guarantees everything else leans on, and they
+are easier to audit alone. A name becomes a path component only through `escape_name`, so no
+fine-tune or tensor name can climb out of the store; a file is published only through
+`atomic_write`/`publish` (tmp in the same directory, fsync, rename, fsync of the directory),
+so a reader sees the old file or the whole new one, even across a power cut.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from datetime import datetime, timezone
+
+from ken_dist.errors import KenError
+
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+MAX_ESCAPED = 200  # bytes; leaves room under NAME_MAX (255) for tmp-file decorations
+
+
+def escape_name(name: str) -> str:
+    """A path component for `name`: %XX (UTF-8, upper-case hex) for every char outside
+    [A-Za-z0-9._-], a leading '.' written %2E, and names escaping past MAX_ESCAPED bytes cut
+    and suffixed with '~' + 32 hex of sha256(name) ('~' never appears otherwise)."""
+    if not isinstance(name, str) or not name:
+        raise KenError(f"names in a store must be non-empty strings, got {name!r}")
+    out = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+                  for c in name)
+    if out.startswith("."):
+        out = "%2E" + out[1:]
+    if len(out) > MAX_ESCAPED:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        out = out[: MAX_ESCAPED - 33] + "~" + digest
+    return out
+
+
+def unescape_name(escaped: str) -> str:
+    """Inverse of escape_name for names that were not shortened (no '~')."""
+    if "~" in escaped:
+        raise KenError(f"{escaped!r} is a shortened name; read the full name from the manifest")
+    raw, i = bytearray(), 0
+    while i < len(escaped):
+        if escaped[i] == "%":
+            raw.append(int(escaped[i + 1: i + 3], 16))
+            i += 3
+        else:
+            raw += escaped[i].encode()
+            i += 1
+    return raw.decode("utf-8", "surrogatepass")
+
+
+def last_byte(path: str) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_path(path: str) -> str:
+    d, b = os.path.split(path)
+    return os.path.join(d, f".{b[:120]}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def publish(tmp: str, path: str) -> None:
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def atomic_write(path: str, data) -> None:
+    """Write bytes so that `path` holds either its old content or all of `data`."""
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_json(path: str, obj) -> None:
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
