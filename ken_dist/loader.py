@@ -229,7 +229,9 @@ def inspect_store(store) -> dict:
     """Per fine-tune and tensor: kept params, stored bytes, information bound and ratios.
 
     Read from the manifests only (no part is opened). bound_bytes is sum over rows of
-    kept*itemsize + log2 C(n, kept)/8; ratio = stored / bound; vs_dense = stored / dense."""
+    kept*itemsize + log2 C(n, kept)/8; ratio = stored / bound; vs_dense = stored / dense.
+    Per fine-tune also flat fields: tensors_pruned, tensors_whole, kept_params, pruned_params,
+    stored_bytes, dense_bytes, bound_ratio (pruned tensors' stored / bound; None if none)."""
     store = store if isinstance(store, Store) else Store(store)
     out = {"store": store.root, "finetunes": {}}
     for ft in store.finetunes():
@@ -259,10 +261,18 @@ def inspect_store(store) -> dict:
             for k, v in (("kept", kept), ("params", numel), ("bytes", nbytes), ("bound_bytes", bound),
                          ("dense_bytes", numel * itemsize)):
                 tot[k] += v
+        pruned = [t for t in tensors.values() if t["action"] == "prune"]
+        p_bytes, p_bound = sum(t["bytes"] for t in pruned), sum(t["bound_bytes"] for t in pruned)
         tot["ratio"] = tot["bytes"] / tot["bound_bytes"] if tot["bound_bytes"] else None
         tot["vs_dense"] = tot["bytes"] / tot["dense_bytes"] if tot["dense_bytes"] else None
         tot["bound_bytes"] = round(tot["bound_bytes"], 1)
         out["finetunes"][ft] = {"complete": bool(m.get("complete")), "params": m["params"],
                                 "created": m.get("created"), "updated": m.get("updated"),
-                                "totals": tot, "tensors": tensors}
+                                "totals": tot, "tensors": tensors,
+                                # flat summary fields (the CLI prints these)
+                                "tensors_pruned": len(pruned), "tensors_whole": len(tensors) - len(pruned),
+                                "kept_params": sum(t["kept"] for t in pruned),
+                                "pruned_params": sum(t["params"] for t in pruned),
+                                "stored_bytes": tot["bytes"], "dense_bytes": tot["dense_bytes"],
+                                "bound_ratio": p_bytes / p_bound if p_bound else None}
     return out

@@ -204,8 +204,9 @@ def decode_whole(table: pa.Table, dtype: torch.dtype, shape: list[int]) -> torch
         doffs, data = _binary_parts(data_arr)
         for i, off in enumerate(offsets):
             chunk = data[doffs[i]: doffs[i + 1]]
-            if off < 0 or off + chunk.size > expected:
-                raise ValueError(f"chunk at byte {off} overruns the tensor's {expected} bytes")
+            if off != filled or off + chunk.size > expected:
+                raise ValueError(f"chunk at byte {off} (expected {filled}) leaves a gap, overlaps or "
+                                 f"overruns the tensor's {expected} bytes")
             out[off: off + chunk.size] = chunk.tobytes()
             filled += chunk.size
     if filled != expected:

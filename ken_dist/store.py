@@ -65,13 +65,14 @@ def row_geometry(shape) -> tuple[int, int]:
 
 
 def _fingerprint(identity: dict) -> dict:
-    """What must not change between runs: file names (not where they live), sizes, header hashes."""
-    fp = {k: v for k, v in (identity or {}).items() if k not in ("source", "root")}
-    files = fp.get("files")
-    if isinstance(files, list):
-        fp["files"] = [dict(f, name=os.path.basename(str(f.get("name", "")))) if isinstance(f, dict)
-                       else os.path.basename(str(f)) for f in files]
-    return fp
+    """What must not change between runs: the files (base names, sizes, header hashes). Where
+    they live (root, source) and how they were reached (revision) may change."""
+    identity = identity or {}
+    files = identity.get("files")
+    if not isinstance(files, list):
+        return {k: v for k, v in identity.items() if k not in ("source", "root", "revision")}
+    return {"files": sorted((dict(f, name=os.path.basename(str(f.get("name", "")))) if isinstance(f, dict)
+                             else os.path.basename(str(f)) for f in files), key=json.dumps)}
 
 
 def _diff(label: str, old, new, out: list[str]) -> None:

@@ -143,6 +143,9 @@ def test_inspect_store_reports_sizes(pruned):
     assert q["kept_per_row"]["min"] == int(mask.sum(1).min()) and q["kept_per_row"]["max"] == int(mask.sum(1).max())
     assert q["ratio"] == pytest.approx(q["bytes"] / q["bound_bytes"], rel=1e-2)  # bound is rounded to 0.1 byte
     assert ft["totals"]["kept"] == sum(t["kept"] for t in ft["tensors"].values())
+    assert ft["tensors_pruned"] == 4 and ft["tensors_whole"] == 2
+    assert ft["kept_params"] == sum(int(m.sum()) for m in pruned["masks"].values())
+    assert ft["stored_bytes"] == ft["totals"]["bytes"] and ft["bound_ratio"] > 1
 
 
 def test_materialized_model_loads_with_from_pretrained(tmp_path):

@@ -1,0 +1,65 @@
+"""Stored bytes of one pruned block vs the information bound, and write/read speed.
+
+    python benchmarks/store_ratio.py                       # bf16 [4096, 4096], keep 0.01..0.5
+    python benchmarks/store_ratio.py --rows 512 --keep 0.25 0.5 --dtype F16
+
+The bound of a row is kept*itemsize + log2 C(n, kept)/8 bytes: the values themselves plus the
+least any encoding of *which* entries were kept can spend. Stored bytes are the whole part
+file (Parquet footer included). "random bits" values are incompressible (the honest case for
+the bound); "normal" values are bf16-rounded N(0, 1), whose exponent bytes zstd can squeeze,
+so their ratio may drop below 1. Masks are uniform random with the given keep fraction.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ken_dist.loader import Subnetwork  # noqa: E402,F401  (import cost paid before timing)
+from ken_dist.parts import TORCH_DTYPES, apply_block, info_bound_bytes  # noqa: E402
+from ken_dist.store import Store  # noqa: E402
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--cols", type=int, default=4096)
+    ap.add_argument("--dtype", default="BF16", choices=sorted(TORCH_DTYPES))
+    ap.add_argument("--keep", type=float, nargs="+", default=[0.01, 0.1, 0.25, 0.5])
+    args = ap.parse_args(argv)
+    dtype = TORCH_DTYPES[args.dtype]
+    gen = torch.Generator().manual_seed(0)
+    shape = (args.rows, args.cols)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    kinds = {
+        "random bits": torch.randint(0, 256, (*shape, itemsize), dtype=torch.uint8, generator=gen)
+        .view(dtype).reshape(shape),
+        "normal": torch.randn(shape, generator=gen).to(dtype),
+    }
+    print(f"{args.dtype} {list(shape)}; ratio = part file bytes / information bound")
+    print(f"{'keep':>6} {'values':>12} {'stored':>12} {'bound':>12} {'ratio':>7} {'write s':>8} {'read s':>7}")
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(os.path.join(tmp, "store"), create=True)
+        store.begin("bench", params={}, base_identity={}, finetune_identity={}, tensors={})
+        for keep in args.keep:
+            mask = torch.rand(shape, generator=gen) < keep
+            bound = info_bound_bytes(mask.sum(1).numpy(), args.cols, itemsize)
+            for kind, values in kinds.items():
+                t0 = time.perf_counter()
+                rec = store.write_block("bench", "w", 0, args.rows, mask, values)
+                t1 = time.perf_counter()
+                target = torch.zeros(shape, dtype=dtype)
+                apply_block(store.read_part(rec, "w"), target, 0, args.rows)
+                t2 = time.perf_counter()
+                assert torch.equal(target[mask].view(torch.uint8), values[mask].view(torch.uint8)), "not bit-exact"
+                print(f"{keep:>6} {kind:>12} {rec['bytes']:>12,} {bound:>12,.0f} {rec['bytes'] / bound:>7.4f} "
+                      f"{t1 - t0:>8.3f} {t2 - t1:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()
