@@ -74,7 +74,12 @@ def _job_from_args(args):
                    include=tuple(args.include) if args.include else None,
                    exclude=tuple(args.exclude) if args.exclude else None, preset=args.preset,
                    prefix_map=dict(args.map_prefix) if args.map_prefix else None,
+                   ignore_missing=tuple(args.ignore_missing) if args.ignore_missing else None,
                    block_bytes=args.block_bytes, address=args.address, workers=args.workers)
+
+
+def _ratio(value) -> str:
+    return f"{value:.3f}" if value is not None else "n/a"
 
 
 def print_summary(store_path: str, names: list[str], seconds: float, stream=sys.stdout) -> None:
@@ -87,7 +92,7 @@ def print_summary(store_path: str, names: list[str], seconds: float, stream=sys.
               f"kept {ft['kept_params']:,} of {ft['pruned_params']:,} pruned weights "
               f"({100 * ft['kept_params'] / max(1, ft['pruned_params']):.1f}%)", file=stream)
         print(f"  stored {_human(ft['stored_bytes'])} = {ft['stored_bytes'] / max(1, ft['dense_bytes']):.3f} x the dense "
-              f"fine-tune ({_human(ft['dense_bytes'])}); pruned part {ft['bound_ratio']:.3f} x the information bound",
+              f"fine-tune ({_human(ft['dense_bytes'])}); pruned part {_ratio(ft['bound_ratio'])} x the information bound",
               file=stream)
     print(f"store: {store_path}   time: {seconds:.1f} s", file=stream)
 
@@ -138,7 +143,7 @@ def cmd_inspect(args) -> int:
         print(f"\nfine-tune {name!r} [{state}]  params {ft.get('params')}")
         print(f"  kept {ft['kept_params']:,} / {ft['pruned_params']:,} pruned weights; stored {_human(ft['stored_bytes'])}"
               f" = {ft['stored_bytes'] / max(1, ft['dense_bytes']):.3f} x dense fine-tune ({_human(ft['dense_bytes'])});"
-              f" {ft['bound_ratio']:.3f} x information bound")
+              f" {_ratio(ft['bound_ratio'])} x information bound")
         if args.tensor or args.finetune:
             print(f"  {'tensor':<48} {'action':>6} {'kept/row min/mean/max':>24} {'bytes':>10} {'x bound':>8}")
             for tname, t in ft["tensors"].items():
@@ -179,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of seeded strategies (random)")
     p.add_argument("--include", action="append", metavar="RE", help="prune only tensors whose name matches (repeatable)")
     p.add_argument("--exclude", action="append", metavar="RE", help="never prune tensors whose name matches (repeatable)")
-    p.add_argument("--preset", choices=["attention-only"], help="a tensor selection preset")
+    p.add_argument("--preset", choices=["all", "attention-only"],
+                   help="tensors to prune: all float tensors (default) or attention projections only (as in the KEN paper)")
+    p.add_argument("--ignore-missing", action="append", metavar="RE",
+                   help="base tensors the fine-tune may lack (e.g. '^lm_head\\.' when a classifier replaced the LM head)")
     p.add_argument("--map-prefix", action="append", type=parse_prefix, metavar="FT=BASE",
                    help="rename fine-tune name prefix FT to BASE when matching tensors (e.g. 'bert.=')")
     p.add_argument("--revision", help="base revision when BASE is an HF repo id")

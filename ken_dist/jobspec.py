@@ -31,6 +31,7 @@ class JobSpec:
     exclude: tuple[str, ...] | None = None
     preset: str | None = None
     prefix_map: dict | None = None
+    ignore_missing: tuple[str, ...] | None = None
     block_bytes: int = DEFAULT_BLOCK_BYTES
     address: str | None = None
     workers: int | None = None
@@ -142,7 +143,7 @@ def load_job_file(path: str | Path) -> JobSpec:
     return JobSpec(
         base=str(data["base"]), finetunes=tuple(entries), store=str(data["store"]),
         base_revision=data.get("base_revision"), include=_list("include"), exclude=_list("exclude"),
-        preset=data.get("preset"), prefix_map=data.get("prefix_map"),
+        preset=data.get("preset"), prefix_map=data.get("prefix_map"), ignore_missing=_list("ignore_missing"),
         block_bytes=data.get("block_bytes", DEFAULT_BLOCK_BYTES),
         address=cluster.get("address", data.get("address")), workers=cluster.get("workers", data.get("workers")),
     )

@@ -15,8 +15,6 @@ from ken_dist.kernel import COMPAT_MODES, STRATEGIES
 from ken_dist.kernel.rows import resolve_k
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclass(frozen=True)
@@ -88,7 +86,7 @@ class FineTunePlan:
 def row_blocks(info: TensorInfo, block_bytes: int) -> list[tuple[int, int]]:
     """Row ranges of about block_bytes each (at least one row per block)."""
     rows, row_len = info.row_geometry
-    row_bytes = max(1, row_len * _DTYPE_BYTES.get(info.dtype, 4))
+    row_bytes = max(1, row_len * max(1, info.itemsize))
     per_block = max(1, block_bytes // row_bytes)
     return [(a, min(rows, a + per_block)) for a in range(0, rows, per_block)]
 
@@ -99,13 +97,14 @@ def tensor_seed(seed: int, tensor: str) -> int:
 
 
 def plan_finetune(base: Checkpoint, spec: FineTuneSpec, *, block_bytes: int = DEFAULT_BLOCK_BYTES,
-                  include=None, exclude=None, preset=None, prefix_map=None) -> FineTunePlan:
+                  include=None, exclude=None, preset=None, prefix_map=None,
+                  ignore_missing=None) -> FineTunePlan:
     """Validate one fine-tune against the base and cut it into work units."""
     if block_bytes <= 0:
         raise KenError(f"--block-bytes must be positive, got {block_bytes}")
     spec.params.validate(f"fine-tune {spec.name!r}")
     matches = match_checkpoints(base, spec.checkpoint, include=include, exclude=exclude,
-                                preset=preset, prefix_map=prefix_map)
+                                preset=preset, prefix_map=prefix_map, ignore_missing=ignore_missing)
     plan = FineTunePlan(spec)
     for m in matches:
         info = spec.checkpoint.tensors[m.name]

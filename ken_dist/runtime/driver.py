@@ -28,7 +28,8 @@ def plan_job(job: JobSpec) -> tuple[object, list[FineTunePlan]]:
     """Open and validate every checkpoint and cut the work, before anything is written."""
     base = job.open_base()
     plans = [plan_finetune(base, spec, block_bytes=job.block_bytes, include=job.include,
-                           exclude=job.exclude, preset=job.preset, prefix_map=job.prefix_map)
+                           exclude=job.exclude, preset=job.preset, prefix_map=job.prefix_map,
+                           ignore_missing=job.ignore_missing)
              for spec in job.open_finetunes()]
     return base, plans
 
@@ -38,6 +39,7 @@ def _connect(address: str | None, workers: int | None) -> bool:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray Job
     if address:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         return False
