@@ -82,9 +82,10 @@ def _ratio(value) -> str:
     return f"{value:.3f}" if value is not None else "n/a"
 
 
-def print_summary(store_path: str, names: list[str], seconds: float, stream=sys.stdout) -> None:
+def print_summary(store_path: str, names: list[str], seconds: float, stream=None) -> None:
     from ken_dist.loader import inspect_store
 
+    stream = stream or sys.stdout
     report = inspect_store(store_path)
     for name in names:
         ft = report["finetunes"][name]
