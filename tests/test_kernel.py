@@ -72,16 +72,20 @@ def _row(draw_kind, n, rng):
 KINDS = ["gauss", "student", "outliers", "bf16", "zeros", "bimodal", "few_levels", "uniform"]
 
 
-@settings(max_examples=60, deadline=None)
-@given(kind=st.sampled_from(KINDS), n=st.integers(2, 300), kfrac=st.floats(0.0, 1.0), seed=st.integers(0, 2**31))
-def test_fast_path_equals_oracle(kind, n, kfrac, seed):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@settings(max_examples=80, deadline=None)
+@given(kind=st.sampled_from(KINDS), n=st.integers(2, 300), kfrac=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**31), dtype=st.sampled_from(sorted(DTYPES)))
+def test_fast_path_equals_oracle(kind, n, kfrac, seed, dtype):
+    """Any float dtype in; the oracle sees the exact float32 widening of the same values."""
     rng = np.random.default_rng(seed)
-    v = _row(kind, n, rng).astype(np.float32)
+    row = torch.from_numpy(_row(kind, n, rng).astype(np.float32)).to(DTYPES[dtype])
+    v = row.float().numpy()
     k = max(1, round(kfrac * n))
-    mask = ken_select(v, k=k).numpy()
-    assert np.array_equal(mask, oracle.index_mask(v, k))
-    ref = ken_select(v, k=k, compat="reference").numpy()
-    assert np.array_equal(ref, oracle.reference_mask(v, k))
+    assert np.array_equal(ken_select(row, k=k).numpy(), oracle.index_mask(v, k))
+    assert np.array_equal(ken_select(row, k=k, compat="reference").numpy(), oracle.reference_mask(v, k))
 
 
 @settings(max_examples=8, deadline=None)
