@@ -74,8 +74,12 @@ def _table_cpu(p_terms: int, q_terms: int, u_near: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
+def _table_on(device: torch.device, p_terms: int, q_terms: int, u_near: int) -> torch.Tensor:
+    return _table_cpu(p_terms, q_terms, u_near).to(device)
+
+
 def _table(device: torch.device) -> torch.Tensor:
-    return _table_cpu(P_TERMS, Q_TERMS, U_NEAR).to(device)
+    return _table_on(device, P_TERMS, Q_TERMS, U_NEAR)
 
 
 def _series_bounds(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:

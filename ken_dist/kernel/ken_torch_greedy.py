@@ -3,22 +3,28 @@
 The rule: grid points in visit order each take, among the entries not yet taken, the one
 nearest in float32 distance |v - g|, the smallest original index among equal distances.
 
-The loop runs over the k visits; each step is a fixed sequence of about twenty torch ops on
-[rows, ~2S] tensors, with no host synchronisation, so a GPU runs a whole block of rows per
-kernel launch. The state per row is a *compacted* array of the row's distinct values (blocks of
-equal values, ascending), each with a pointer to its next untaken entry:
+Design (for a GPU: big blocks of rows, no host synchronisation inside the loop). The loop runs
+over the k visits; each step is a fixed sequence of about 45 small torch ops on [2r, ~3 sqrt(n)]
+tensors, so the cost of a step hardly depends on the number of rows r: a block of 100k rows
+costs about what one row costs in kernel launches. Per row, two copies of the row are kept:
 
-- Entries of equal value are at equal distance from every grid point, so a block is always
-  entered at its smallest untaken original index: a block is a queue (its entries sorted by
-  index) and the greedy picks blocks. A block dies when its queue is empty.
-- Every S steps the live blocks are compacted (dead ones dropped). Between compactions at most S
-  blocks die, so the nearest live block on each side of a grid point lies within S + 1 slots of
-  the point's insertion position: a window of 2S + 2 slots around it holds the answer.
-- float32 distances are monotone in the value on each side of g, so equal-distance ties form a
-  contiguous run of blocks. The window resolves every tie inside it by smallest index. A tie
-  that could reach past the window (the slot just outside has the minimal distance too: only
-  when float32 rounding merges the distances of many distinct values) flags the row, and
-  flagged rows are redone by `greedy_full_scan`, the rule applied literally (O(n) per step).
+- F: entries sorted by (value ascending, index ascending). The nearest untaken entry at or
+  above g is the first alive entry at or after g's insertion position; among equal values it
+  is the smallest index.
+- B: entries sorted by (value descending, index ascending). The nearest untaken entry below g
+  is the first alive entry at or after position n - (insertion position); among equal values
+  it is again the smallest index.
+
+Both searches are one "first alive at or after q" query, answered in O(sqrt n) without loops:
+alive flags in chunks of C slots plus a live count per chunk; scan q's own chunk, and the first
+chunk after it that has a live slot (a sentinel at the end of each copy is always alive). The
+two copies are stacked as 2r rows and queried together.
+
+float32 distances are monotone in the value on each side of g, so entries at equal distance
+form a run. Equal values are handled exactly by the sort orders above. Distinct values at equal
+float32 distance (float32 rounding merged them; rare) are detected by comparing with the next
+distinct value on each side; a row where such a tie reaches the minimal distance is redone by
+`greedy_full_scan`, the rule applied literally (O(n) per step), after the loop.
 """
 from __future__ import annotations
 
@@ -26,98 +32,126 @@ import math
 
 import torch
 
-BIG = torch.iinfo(torch.int64).max  # key of a non-candidate slot
-NO_ENTRY = BIG // 2  # "index" of an exhausted block's next entry: larger than any real index
+NO_ENTRY = torch.iinfo(torch.int32).max  # the "index" of the sentinels: larger than any real one
 
 
-def window_half_width(n: int) -> int:
-    """S: compaction costs O(n) every S steps, a step costs O(S); sqrt(n)/2 balances them."""
-    return int(min(64, max(8, round(math.sqrt(n) / 2))))
+def chunk_size(n: int) -> int:
+    """C, a power of two near sqrt(n): a query scans 2C slots and n/C chunk counts."""
+    return 1 << max(3, math.ceil(math.log2(math.sqrt(n + 2))))
 
 
-def greedy_match(x: torch.Tensor, g: torch.Tensor, visit: torch.Tensor, s_half: int | None = None) -> torch.Tensor:
-    """Picked original indices [r, k] in pick order. x: float32 [r, n]; g: float32 grids [r, k]
-    (ascending); visit: grid indices [r, k] in visit order; k < n."""
+def _sorted_copy(x: torch.Tensor, descending: bool, width: int, fill: float):
+    """One sorted copy, padded to `width` slots: slot n is an always-alive sentinel (value
+    `fill`), the slots after it are dead padding. Returns (values, next distinct values,
+    original indices (int32), sort order)."""
+    r, n = x.shape
+    dev = x.device
+    sv, order = torch.sort(x, dim=1, descending=descending, stable=True)
+    val = torch.full((r, width + 1), fill, dtype=torch.float32, device=dev)
+    val[:, :n] = sv
+    # the value of the next run of a different value (the sentinel's after the last run)
+    pos = torch.arange(n + 1, dtype=torch.int64, device=dev).expand(r, n + 1)
+    start = torch.ones((r, n + 1), dtype=torch.bool, device=dev)
+    start[:, 1:n] = sv[:, 1:] != sv[:, :-1]
+    first = torch.where(start, pos, n)
+    suffix = torch.flip(torch.cummin(torch.flip(first, [1]), dim=1).values, [1])
+    following = torch.cat([suffix[:, 1:], torch.full((r, 1), n, dtype=torch.int64, device=dev)], dim=1)
+    nextval = torch.full((r, width), fill, dtype=torch.float32, device=dev)
+    nextval[:, :n + 1] = val.gather(1, following)
+    idx = torch.full((r, width), NO_ENTRY, dtype=torch.int32, device=dev)
+    idx[:, :n] = order
+    return val[:, :width], nextval, idx, order
+
+
+def greedy_match(x: torch.Tensor, g: torch.Tensor, visit: torch.Tensor) -> torch.Tensor:
+    """Picked original indices [r, k] (int64) in pick order. x: float32 [r, n]; g: float32 grids
+    [r, k] (ascending); visit: grid indices [r, k] in visit order; k < n."""
     r, n = x.shape
     k = visit.shape[1]
     dev = x.device
-    S = window_half_width(n) if s_half is None else s_half
-    pad = S + 2
-    width = pad + n + pad  # slots; one more column (index `width`) is a scatter dump
+    C = chunk_size(n)
+    log_c = C.bit_length() - 1
+    width = (n + 2 + C - 1) // C * C  # n entries, the sentinel, padding
+    n_chunks = width // C
+    R = 2 * r  # lane 2i: row i's F copy (entries >= g); lane 2i + 1: its B copy (entries < g)
 
-    sv, order = torch.sort(x, dim=1, stable=True)
-    start = torch.ones((r, n), dtype=torch.bool, device=dev)
-    start[:, 1:] = sv[:, 1:] != sv[:, :-1]
-    block = torch.cumsum(start, dim=1) - 1
-    end = torch.ones((r, n), dtype=torch.bool, device=dev)
-    end[:, :-1] = start[:, 1:]
-    pos = torch.arange(n, dtype=torch.int64, device=dev).expand(r, n)
+    val_f, next_f, idx_f, order_f = _sorted_copy(x, False, width, math.inf)
+    val_b, next_b, idx_b, order_b = _sorted_copy(x, True, width, -math.inf)
+    # [2, R * width]: per slot its value and the next distinct value / its index and the offset
+    # from its slot to the same entry's slot in the other copy of the row
+    valnext = torch.stack([torch.stack([val_f, val_b], 1), torch.stack([next_f, next_b], 1)]).view(2, -1)
+    rows = torch.arange(r, device=dev)[:, None]
+    ramp = torch.arange(n, dtype=torch.int32, device=dev).expand(r, n)
+    inv_f = torch.empty((r, n), dtype=torch.int32, device=dev)
+    inv_b = torch.empty((r, n), dtype=torch.int32, device=dev)
+    inv_f[rows, order_f] = ramp
+    inv_b[rows, order_b] = ramp
+    delta = torch.zeros((r, 2, width), dtype=torch.int32, device=dev)
+    delta[:, 0, :n] = width + inv_b.gather(1, order_f) - ramp
+    delta[:, 1, :n] = inv_f.gather(1, order_b) - width - ramp
+    entdelta = torch.stack([torch.stack([idx_f, idx_b], 1), delta]).view(2, -1)
+    del val_f, val_b, next_f, next_b, idx_f, idx_b, inv_f, inv_b, delta
 
-    val = torch.full((r, width + 1), math.inf, dtype=torch.float32, device=dev)
-    val[:, :pad] = -math.inf
-    nxt = torch.zeros((r, width + 1), dtype=torch.int64, device=dev)  # next untaken sorted position
-    stop = torch.zeros((r, width + 1), dtype=torch.int64, device=dev)  # end of the block's run
-    dump = torch.full_like(block, width)
-    val.scatter_(1, torch.where(start, block + pad, dump), sv)
-    nxt.scatter_(1, torch.where(start, block + pad, dump), pos)
-    stop.scatter_(1, torch.where(end, block + pad, dump), pos + 1)
-    nxt[:, width] = 0
-    stop[:, width] = 0
-    index_of = torch.cat([order, torch.full((r, 1), NO_ENTRY, dtype=torch.int64, device=dev)], dim=1)
+    alive = torch.zeros((R, width), dtype=torch.bool, device=dev)
+    alive[:, :n + 1] = True
+    count = alive.view(R, n_chunks, C).sum(dim=2, dtype=torch.int32)
+    alive = alive.view(R * n_chunks, C)
 
-    # insertion slot of every grid point (first block >= g), in visit order
-    slot = pad + torch.searchsorted(val[:, pad:pad + n].contiguous(), g.contiguous())
-    slot = slot.gather(1, visit)
-    gv = g.gather(1, visit)
+    # per visit step (rows contiguous in t): the query slot of every lane, [own chunk, (filled in
+    # per step) first live chunk after it], and the grid value
+    ins = torch.searchsorted(valnext[0].view(r, 2, width)[:, 0, :n].contiguous(), g.contiguous())
+    ins = ins.gather(1, visit).to(torch.int32)
+    query = torch.stack([ins, n - ins], dim=2).permute(1, 0, 2).reshape(k, R, 1).contiguous()
+    chunks = torch.zeros((k, R, 2), dtype=torch.int32, device=dev)
+    chunks[:, :, 0] = query[:, :, 0] >> log_c
+    gq = g.gather(1, visit).t().contiguous()[:, None, :, None]
 
-    offs = torch.arange(-(S + 2), S + 2, dtype=torch.int64, device=dev)[None, :]
-    # The two outermost window slots are never picked: they stand for everything beyond the
-    # window. They count as candidates with a negative key, so that a distance tie with them
-    # (a tie run that may continue outside) yields a negative pick, which flags the row.
-    outer = torch.zeros((1, 2 * S + 4), dtype=torch.bool, device=dev)
-    outer[:, [0, -1]] = True
-    outer_key = outer.long() * (NO_ENTRY + 1)  # index - outer_key < 0 on outer slots
-    inf = torch.tensor(math.inf, dtype=torch.float32, device=dev)
-    big = torch.tensor(BIG, dtype=torch.int64, device=dev)
-    picked = torch.empty((r, k), dtype=torch.int64, device=dev)
+    base_slot = torch.arange(R, dtype=torch.int64, device=dev) * width
+    base_chunk = (torch.arange(R, dtype=torch.int64, device=dev) * n_chunks)[:, None]
+    lane_up = torch.arange(r, dtype=torch.int64, device=dev) * 2
+    lane_down = lane_up + 1
+    chunk_ids = torch.arange(n_chunks, dtype=torch.int32, device=dev)[None, :]
+    in_chunk = torch.arange(C, dtype=torch.int32, device=dev)[None, None, :]
+    minus_one = torch.full((2 * r,), -1, dtype=torch.int32, device=dev)
+    big = torch.tensor(NO_ENTRY, dtype=torch.int32, device=dev)
+    last_chunk = torch.tensor(n_chunks - 1, dtype=torch.int32, device=dev)
+    picked = torch.empty((k, r), dtype=torch.int32, device=dev)
+    dist = torch.empty((k, 2, r, 2), dtype=torch.float32, device=dev)  # |value - g|, |next - g|
+    d_min = torch.empty((k, r), dtype=torch.float32, device=dev)
+    taken = torch.empty((2, r), dtype=torch.int64, device=dev)
+    alive_flat = alive.view(-1)
+    count_flat = count.view(-1)
     for t in range(k):
-        if t and t % S == 0:
-            val, nxt, stop, slot = _compact(val, nxt, stop, slot, pad, width)
-        wpos = slot[:, t:t + 1] + offs
-        wnxt = nxt.gather(1, wpos)
-        alive = (wnxt < stop.gather(1, wpos)) | outer
-        dm = torch.where(alive, (val.gather(1, wpos) - gv[:, t:t + 1]).abs(), inf)
-        dmin = dm.amin(dim=1, keepdim=True)
-        # A dead slot is a candidate only if dmin is infinite (float32 overflow), and then the
-        # outer slots are too: the row is flagged.
-        key = torch.where(dm == dmin, index_of.gather(1, wnxt) - outer_key, big)
-        pk = key.amin(dim=1, keepdim=True)
-        picked[:, t:t + 1] = pk
-        # advance the picked block's queue: the window is written back whole (no argmin: on the
-        # CPU, torch's min/argmin over a dim opens a parallel region per call)
-        nxt.scatter_(1, wpos, wnxt + (key == pk))
-    bad = (picked < 0).any(dim=1).nonzero(as_tuple=True)[0]
+        q = query[t]
+        cc = chunks[t]
+        # first alive slot at or after q, in every lane: q's own chunk, else the first live one after
+        later = (count > 0) & (chunk_ids > cc[:, :1])
+        torch.amin(torch.where(later, chunk_ids, last_chunk), dim=1, out=cc[:, 1])
+        live = alive.index_select(0, (base_chunk + cc).view(-1)).view(R, 2 * C)
+        slot = ((cc << log_c)[:, :, None] + in_chunk).view(R, 2 * C)
+        found = torch.where(live & (slot >= q), slot, big).amin(dim=1)
+        flat = base_slot + found
+        dt = dist[t]
+        torch.abs(valnext.index_select(1, flat).view(2, r, 2) - gq[t], out=dt)
+        ent, off = entdelta.index_select(1, flat)
+        e_up, e_down = ent.view(r, 2).unbind(1)
+        d_up, d_down = dt[0].unbind(1)
+        down = (d_down < d_up) | ((d_down == d_up) & (e_down < e_up))
+        torch.minimum(d_up, d_down, out=d_min[t])
+        lane = torch.where(down, lane_down, lane_up)
+        torch.index_select(ent, 0, lane, out=picked[t])
+        torch.index_select(flat, 0, lane, out=taken[0])
+        torch.add(taken[0], off.index_select(0, lane), out=taken[1])
+        alive_flat.index_fill_(0, taken.view(-1), False)
+        count_flat.index_add_(0, taken.view(-1) >> log_c, minus_one)
+    # a different value at the minimal distance right after a candidate: the tie may reach
+    # entries the queries did not look at; such rows are redone by the literal scan
+    flag = (dist[:, 1] == d_min[:, :, None]).any(dim=2).any(dim=0)
+    picked = picked.t().long()
+    bad = flag.nonzero(as_tuple=True)[0]
     if bad.numel():
         picked[bad] = greedy_full_scan(x[bad], g[bad], visit[bad])
     return picked
-
-
-def _compact(val, nxt, stop, slot, pad, width):
-    """Drop dead blocks (keeping order) and move every grid point's insertion slot with them."""
-    live = nxt[:, :width] < stop[:, :width]
-    count = torch.cumsum(live, dim=1)
-    dest = torch.where(live, pad - 1 + count, width)
-    before = count - live.long()  # live blocks strictly before each slot
-    val2 = torch.full_like(val, math.inf)
-    val2[:, :pad] = -math.inf
-    nxt2 = torch.zeros_like(nxt)
-    stop2 = torch.zeros_like(stop)
-    val2.scatter_(1, dest, val[:, :width])
-    nxt2.scatter_(1, dest, nxt[:, :width])
-    stop2.scatter_(1, dest, stop[:, :width])
-    nxt2[:, width] = 0
-    stop2[:, width] = 0
-    return val2, nxt2, stop2, pad + before.gather(1, slot)
 
 
 def greedy_full_scan(x: torch.Tensor, g: torch.Tensor, visit: torch.Tensor) -> torch.Tensor:
