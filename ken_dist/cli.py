@@ -103,8 +103,14 @@ def cmd_prune(args) -> int:
 
     job = _job_from_args(args)
     t0 = time.time()
-    run_job(job, address=args.address or job.address, workers=args.workers or job.workers,
-            overwrite=args.overwrite, quiet=args.quiet)
+    result = run_job(job, address=args.address or job.address, workers=args.workers or job.workers,
+                     overwrite=args.overwrite, quiet=args.quiet, placement=args.placement)
+    for name in result:
+        if name in result.already_complete:
+            print(f"fine-tune {name!r}: already complete in the store, nothing to do")
+        else:
+            print(f"fine-tune {name!r}: ran {result.blocks_run[name]} block(s), "
+                  f"reused {result.blocks_reused[name]} block(s) from an earlier run")
     print_summary(job.store, [ft.name for ft in job.finetunes], time.time() - t0)
     return 0
 
@@ -196,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-bytes", type=parse_bytes, default=DEFAULT_BLOCK_BYTES,
                    help="rows per work unit, in bytes of fine-tuned data (default 64MiB)")
     p.add_argument("--address", help="join this Ray cluster (default: a private local Ray)")
-    p.add_argument("--workers", type=int, help="actors (default: one per CPU, or one per GPU)")
+    p.add_argument("--workers", type=int, help="actors (default: one per GPU plus one per CPU left)")
+    p.add_argument("--placement", choices=["mixed", "gpu", "cpu"],
+                   help="mixed (default): GPU actors on GPUs plus CPU actors on the other CPUs; "
+                   "gpu: GPU actors only; cpu: CPU actors only")
     p.add_argument("--overwrite", action="store_true", help="replace a fine-tune stored with other parameters")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_prune)

@@ -5,12 +5,16 @@ the offending field, so a typo fails before a cluster is touched.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ken_dist.checkpoint import Checkpoint, open_checkpoint
 from ken_dist.errors import KenError
+from ken_dist.match import PRESETS
 from ken_dist.plan import DEFAULT_BLOCK_BYTES, FineTuneSpec, PruneParams
+
+PLACEMENTS = ("mixed", "gpu", "cpu")  # actor placement policies, see ken_dist.runtime.pool
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class JobSpec:
     block_bytes: int = DEFAULT_BLOCK_BYTES
     address: str | None = None
     workers: int | None = None
+    placement: str = "mixed"  # see ken_dist.runtime.pool: mixed, gpu or cpu
 
     def __post_init__(self):
         if not self.finetunes:
@@ -52,6 +57,8 @@ class JobSpec:
             raise KenError(f"block_bytes must be a positive integer, got {self.block_bytes!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
             raise KenError(f"workers must be a positive integer, got {self.workers!r}")
+        if self.placement not in PLACEMENTS:
+            raise KenError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
 
     def open_base(self) -> Checkpoint:
         return open_checkpoint(self.base, self.base_revision)
@@ -70,80 +77,165 @@ def default_name(source: str) -> str:
 
 _JOB_FIELDS = {f.name for f in fields(JobSpec)} | {"cluster", "k", "keep", "strategy", "compat", "seed"}
 _FT_FIELDS = {"name", "source", "path", "revision", "k", "keep", "strategy", "compat", "seed"}
+_CLUSTER_FIELDS = {"address", "workers", "placement"}
 _PARAM_FIELDS = ("strategy", "k", "keep", "compat", "seed")
+_PARAM_TYPES = {"strategy": (str,), "compat": (str,), "seed": (int,), "k": (int,), "keep": (int, float)}
+
+
+def _check_type(where: str, key: str, value, types: tuple, what: str) -> None:
+    """KenError naming the field unless value is one of types (bool is never an int here)."""
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise KenError(f"{where}: `{key}` must be {what}, got {value!r} ({type(value).__name__})")
 
 
 def _params(where: str, data: dict, defaults: dict) -> PruneParams:
+    what = {"strategy": "a strategy name", "compat": "'index' or 'reference'", "seed": "an integer",
+            "k": "an integer >= 1", "keep": "a fraction in (0, 1]"}
+    for key in _PARAM_FIELDS:
+        if key in data and data[key] is not None:
+            _check_type(where, key, data[key], _PARAM_TYPES[key], what[key])
     merged = {**defaults, **{key: data[key] for key in _PARAM_FIELDS if key in data}}
     if "k" in data and "keep" not in data:
         merged.pop("keep", None)
     if "keep" in data and "k" not in data:
         merged.pop("k", None)
+    if merged.get("k") is None and merged.get("keep") is None:
+        raise KenError(f"{where}: no `k` or `keep`; set one for this fine-tune or at the top of the job file")
     params = PruneParams(**merged)
     params.validate(where)
     return params
 
 
+def _regexes(where: str, key: str, value) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise KenError(f"{where}: `{key}` must be a regex or a list of regexes, got {value!r}")
+    for v in items:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise KenError(f"{where}: `{key}` holds an invalid regex {v!r}: {exc}") from None
+    return tuple(items)
+
+
+def _optional_str(where: str, data: dict, key: str) -> str | None:
+    value = data.get(key)
+    if value is not None:
+        _check_type(where, key, value, (str,), "a string")
+    return value
+
+
+def _block_bytes(where: str, value) -> int:
+    if isinstance(value, str):
+        import argparse
+
+        from ken_dist.cli import parse_bytes
+        try:
+            return parse_bytes(value)
+        except argparse.ArgumentTypeError as exc:
+            raise KenError(f"{where}: `block_bytes`: {exc}") from None
+    _check_type(where, "block_bytes", value, (int,), "a positive integer or a size like '64MiB'")
+    if value <= 0:
+        raise KenError(f"{where}: `block_bytes` must be positive, got {value}")
+    return value
+
+
+def _finetune(path: Path, i: int, item, defaults: dict) -> FineTuneEntry:
+    where = f"job file {path}: finetunes[{i}]"
+    if isinstance(item, str):
+        item = {"source": item}
+    if not isinstance(item, dict):
+        raise KenError(f"{where}: expected a mapping (name, source, k/keep, strategy) or a path, got {item!r}")
+    bad = sorted(set(item) - _FT_FIELDS)
+    if bad:
+        raise KenError(f"{where}: unknown field(s) {', '.join(bad)}; known: {', '.join(sorted(_FT_FIELDS))}")
+    if "source" in item and "path" in item:
+        raise KenError(f"{where}: give `source` or `path` (the same thing), not both")
+    source = item.get("source", item.get("path"))
+    if not source:
+        raise KenError(f"{where}: missing `source` (a local path or HF repo id)")
+    _check_type(where, "source", source, (str,), "a path or HF repo id")
+    name = item.get("name")
+    if name is not None:
+        _check_type(where, "name", name, (str,), "a non-empty string")
+    where = f"{where} ({name or default_name(source)})"
+    try:
+        params = _params(where, item, defaults)
+    except TypeError as exc:
+        raise KenError(f"{where}: {exc}") from None
+    return FineTuneEntry(str(name or default_name(source)), str(source), _optional_str(where, item, "revision"),
+                         params)
+
+
 def load_job_file(path: str | Path) -> JobSpec:
-    """Load and validate a YAML job file (see jobs/example_job.yaml for the fields)."""
+    """Load and validate a YAML job file (jobs/example_job.yaml documents every field).
+
+    Every error is a KenError naming the file and the field. Relative paths in the file are
+    relative to the directory ken-dist runs in (inside a Ray Job: its working directory), so
+    jobs on a cluster should use absolute paths on shared storage."""
     import yaml
 
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise KenError(f"job file {path} does not exist") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise KenError(f"job file {path} does not exist (or is a directory)") from None
     except yaml.YAMLError as exc:
         raise KenError(f"job file {path} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise KenError(f"job file {path} is not UTF-8 text; is it really the YAML job file?") from None
     if not isinstance(data, dict):
         raise KenError(f"job file {path}: expected a mapping with base, finetunes, store")
+    where = f"job file {path}"
     unknown = sorted(set(data) - _JOB_FIELDS)
     if unknown:
-        raise KenError(f"job file {path}: unknown field(s) {', '.join(unknown)}; "
+        raise KenError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}; "
                        f"known: {', '.join(sorted(_JOB_FIELDS))}")
     for required in ("base", "finetunes", "store"):
-        if required not in data:
-            raise KenError(f"job file {path}: missing field `{required}`")
+        if required not in data or data[required] in (None, ""):
+            raise KenError(f"{where}: missing field `{required}`")
+    for key in ("base", "store"):
+        _check_type(where, key, data[key], (str,), "a path" + (" or HF repo id" if key == "base" else ""))
     defaults = {key: data[key] for key in _PARAM_FIELDS if key in data}
+    for key, value in defaults.items():
+        if value is not None:
+            _check_type(where, key, value, _PARAM_TYPES[key], "an integer" if key in ("k", "seed") else
+                        "a fraction in (0, 1]" if key == "keep" else "a string")
     if not isinstance(data["finetunes"], list) or not data["finetunes"]:
-        raise KenError(f"job file {path}: `finetunes` must be a non-empty list")
-    entries = []
-    for i, item in enumerate(data["finetunes"]):
-        where = f"job file {path}: finetunes[{i}]"
-        if isinstance(item, str):
-            item = {"source": item}
-        if not isinstance(item, dict):
-            raise KenError(f"{where}: expected a mapping (name, source, k/keep, strategy) or a path")
-        bad = sorted(set(item) - _FT_FIELDS)
-        if bad:
-            raise KenError(f"{where}: unknown field(s) {', '.join(bad)}; known: {', '.join(sorted(_FT_FIELDS))}")
-        source = item.get("source", item.get("path"))
-        if not source:
-            raise KenError(f"{where}: missing `source` (a local path or HF repo id)")
-        try:
-            params = _params(where, item, defaults)
-        except TypeError as exc:
-            raise KenError(f"{where}: {exc}") from None
-        entries.append(FineTuneEntry(str(item.get("name") or default_name(source)), str(source),
-                                     item.get("revision"), params))
+        raise KenError(f"{where}: `finetunes` must be a non-empty list")
+    entries = [_finetune(path, i, item, defaults) for i, item in enumerate(data["finetunes"])]
     cluster = data.get("cluster") or {}
-    if not isinstance(cluster, dict) or set(cluster) - {"address", "workers"}:
-        raise KenError(f"job file {path}: `cluster` takes only `address` and `workers`")
-
-    def _list(key):
-        value = data.get(key)
-        if value is None:
-            return None
-        if isinstance(value, str):
-            return (value,)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise KenError(f"job file {path}: `{key}` must be a regex or a list of regexes")
-        return tuple(value)
-
-    return JobSpec(
-        base=str(data["base"]), finetunes=tuple(entries), store=str(data["store"]),
-        base_revision=data.get("base_revision"), include=_list("include"), exclude=_list("exclude"),
-        preset=data.get("preset"), prefix_map=data.get("prefix_map"), ignore_missing=_list("ignore_missing"),
-        block_bytes=data.get("block_bytes", DEFAULT_BLOCK_BYTES),
-        address=cluster.get("address", data.get("address")), workers=cluster.get("workers", data.get("workers")),
-    )
+    if not isinstance(cluster, dict) or set(cluster) - _CLUSTER_FIELDS:
+        raise KenError(f"{where}: `cluster` takes only {', '.join(sorted(_CLUSTER_FIELDS))}, got {cluster!r}")
+    for key in ("address", "workers", "placement"):
+        if key in cluster and key in data:
+            raise KenError(f"{where}: `{key}` is given both at the top and under `cluster`; keep one")
+    settings = {key: cluster.get(key, data.get(key)) for key in ("address", "workers", "placement")}
+    if settings["address"] is not None:
+        _check_type(where, "cluster.address", settings["address"], (str,), "a Ray address ('auto', 'ray://...')")
+    if settings["workers"] is not None:
+        _check_type(where, "cluster.workers", settings["workers"], (int,), "a positive integer")
+    if settings["placement"] is not None and settings["placement"] not in PLACEMENTS:
+        raise KenError(f"{where}: `cluster.placement` must be one of {', '.join(PLACEMENTS)}, "
+                       f"got {settings['placement']!r}")
+    preset = _optional_str(where, data, "preset")
+    if preset is not None and preset not in PRESETS:
+        raise KenError(f"{where}: `preset` must be one of {', '.join(PRESETS)}, got {preset!r}")
+    prefix_map = data.get("prefix_map")
+    if prefix_map is not None and (not isinstance(prefix_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in prefix_map.items())):
+        raise KenError(f"{where}: `prefix_map` must map fine-tune prefixes to base prefixes "
+                       f"(e.g. {{'bert.': ''}}), got {prefix_map!r}")
+    options = dict(
+        base_revision=_optional_str(where, data, "base_revision"),
+        include=_regexes(where, "include", data.get("include")),
+        exclude=_regexes(where, "exclude", data.get("exclude")), preset=preset, prefix_map=prefix_map,
+        ignore_missing=_regexes(where, "ignore_missing", data.get("ignore_missing")),
+        block_bytes=_block_bytes(where, data.get("block_bytes", DEFAULT_BLOCK_BYTES)),
+        address=settings["address"], workers=settings["workers"], placement=settings["placement"] or "mixed")
+    try:
+        return JobSpec(base=data["base"], finetunes=tuple(entries), store=data["store"], **options)
+    except KenError as exc:
+        raise KenError(f"{where}: {exc}") from None

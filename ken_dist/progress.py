@@ -24,6 +24,8 @@ class Progress:
         self.start = time.time()
         self.last = 0.0
         self.run_weights = 0
+        self.rate_weights = 0
+        self.first: float | None = None
         self.blocks = 0
 
     def note(self, message: str) -> None:
@@ -31,10 +33,14 @@ class Progress:
             print(f"[ken-dist] {message}", file=self.stream, flush=True)
 
     def advance(self, name: str, weights: int) -> None:
+        now = time.time()
+        if self.first is None:  # the rate is measured from the first finished block: Ray and
+            self.first = now    # actor start-up would otherwise inflate the ETA many times
+        else:
+            self.rate_weights += weights
         self.done[name] += weights
         self.run_weights += weights
         self.blocks += 1
-        now = time.time()
         if now - self.last >= self.interval:
             self.last = now
             self._print(now)
@@ -45,7 +51,8 @@ class Progress:
         total = sum(self.total.values())
         done = sum(self.done.values())
         elapsed = now - self.start
-        rate = self.run_weights / elapsed if elapsed > 0 else 0.0
+        window = now - self.first if self.first is not None else 0.0
+        rate = self.rate_weights / window if window > 0 and self.rate_weights else 0.0
         eta = format_seconds((total - done) / rate) if rate > 0 else "?"
         per_ft = "  ".join(f"{n} {100 * self.done[n] / max(1, self.total[n]):.0f}%" for n in self.total)
         print(f"[ken-dist] {100 * done / max(1, total):5.1f}%  {self.blocks} blocks  "

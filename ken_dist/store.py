@@ -241,12 +241,15 @@ class Store:
         return sorted(names)
 
     def begin(self, finetune: str, *, params: dict, base_identity: dict, finetune_identity: dict,
-              tensors: dict[str, dict], overwrite: bool = False) -> None:
+              tensors: dict[str, dict], overwrite: bool = False) -> str:
         """Record the job's parameters and block plan; take the fine-tune's lock.
 
         Same params, identities and tensors as a stored run: resume (the block plan may change;
         committed blocks of the old plan are then recomputed). Anything else differs: KenError
-        naming it, unless overwrite=True, which deletes this fine-tune's data first."""
+        naming it, unless overwrite=True, which deletes this fine-tune's data first.
+        Returns "new", "resume", or "complete": already complete with this plan and every part
+        present, so there is nothing to do (the manifest is then left untouched unless the
+        checkpoints were reached by another path)."""
         self.acquire(finetune)
         plan = _normalize_plan(tensors)
         old = self.manifest(finetune) if os.path.exists(self._manifest_path(finetune)) else None
@@ -268,9 +271,14 @@ class Store:
                                f"or use another store or fine-tune name")
             same_plan = all([(b["row_start"], b["row_end"]) for b in old["tensors"][n]["blocks"]] ==
                             [(b["row_start"], b["row_end"]) for b in plan[n]["blocks"]] for n in plan)
+            if same_plan and old.get("complete") and self._parts_present(old):
+                if (old["base_identity"], old["finetune_identity"]) != (base_identity, finetune_identity):
+                    atomic_json(self._manifest_path(finetune), dict(
+                        old, base_identity=base_identity, finetune_identity=finetune_identity, updated=stamp))
+                return "complete"
             manifest = dict(old, base_identity=base_identity, finetune_identity=finetune_identity, updated=stamp)
-            if not same_plan:
-                manifest.update(tensors=plan, complete=False)
+            if not same_plan or old.get("complete"):  # a part of a complete fine-tune went missing
+                manifest.update(tensors=plan if not same_plan else old["tensors"], complete=False)
         else:
             from ken_dist import __version__
             manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "finetune": finetune,
@@ -279,6 +287,19 @@ class Store:
                         "finetune_identity": finetune_identity, "tensors": plan,
                         "complete": False, "summary": None, "totals": None}
         atomic_json(self._manifest_path(finetune), manifest)
+        return "new" if old is None else "resume"
+
+    def _parts_present(self, manifest: dict) -> bool:
+        """Every block file of a complete manifest exists with its recorded size (stat only)."""
+        for t in manifest["tensors"].values():
+            for b in t["blocks"]:
+                try:
+                    path = self.resolve(b["file"])
+                except (KenError, KeyError):
+                    return False
+                if not os.path.isfile(path) or os.path.getsize(path) != b.get("bytes"):
+                    return False
+        return True
 
     def _clear(self, finetune: str) -> None:
         ftdir = self._ft_dir(finetune)

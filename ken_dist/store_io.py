@@ -104,3 +104,31 @@ def sha256_file(path: str) -> str:
         for chunk in iter(lambda: f.read(8 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def append_jsonl(path: str, obj) -> None:
+    """Append one JSON line and fsync. One write(2) on an O_APPEND descriptor, so lines from
+    concurrent writers never interleave; a torn last line (a crash mid-write) is skipped by
+    readers that parse line by line, and the next append starts on a fresh line."""
+    line = (json.dumps(obj, sort_keys=True, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size and last_byte(path) != b"\n":
+            line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str) -> list:
+    """Every line of `path` that parses as JSON (torn or garbled lines are skipped)."""
+    out = []
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+    return out

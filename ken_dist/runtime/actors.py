@@ -8,6 +8,7 @@ import os
 import ray
 
 from ken_dist.execute import process_unit
+from ken_dist.joblog import peak_rss
 from ken_dist.store import Store
 
 
@@ -21,12 +22,14 @@ class SelectionActor:
             torch.set_num_threads(1)  # one actor per CPU: no oversubscription
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "device": self.device, "node": ray.get_runtime_context().get_node_id()}
+        """Who this worker is, for the job log: pid, node, device, GPUs Ray assigned, peak RSS."""
+        return {"pid": os.getpid(), "device": self.device, "node": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "peak_rss": peak_rss()}
 
     def run(self, unit) -> dict:
+        """The unit's block record, plus `worker` (info(), taken after the unit: peak RSS so far)."""
         record = process_unit(unit, self.store, device=self.device)
-        record["pid"] = os.getpid()
-        record["device"] = self.device
+        record["worker"] = self.info()
         return record
 
 

@@ -2,10 +2,15 @@
 an actor pool, commit each finished block to the store's journal, finalize.
 
 The driver only moves descriptors and small records; actors read and write the data. A driver
-killed at any moment loses at most the blocks in flight: the same command resumes.
+killed at any moment (kill -9 included) loses at most the blocks in flight: the same command
+resumes, reusing every committed block, and a finished job re-run is a no-op that does not even
+start Ray. The private local Ray a driver starts shares its fate: Ray starts its processes with
+PR_SET_PDEATHSIG on Linux, so they exit when the driver dies (elsewhere Ray's reaper process
+does it). Faults inside the job (a worker killed, a node lost) are handled in pool.py.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -15,17 +20,32 @@ import ray
 
 from ken_dist.errors import KenError
 from ken_dist.jobspec import JobSpec
+from ken_dist.joblog import JobLog, peak_rss
 from ken_dist.plan import FineTunePlan, WorkUnit, plan_finetune
 from ken_dist.progress import Progress
-from ken_dist.runtime.actors import make_actor
+from ken_dist.runtime.pool import WATCH_S, ActorPool, Slot, plan_slots
 from ken_dist.store import Store
 
 IN_FLIGHT_PER_ACTOR = 2
-UNIT_ATTEMPTS = 4  # an actor that dies past Ray's own retries: the unit goes to another actor
+UNIT_ATTEMPTS = 4  # a unit whose worker died this many times (past Ray's own retries) fails the job
+
+
+class JobResult(dict):
+    """{fine-tune name: final manifest}, plus what this run did: blocks_run, blocks_reused and
+    already_complete per fine-tune, and the job log's job_id."""
+
+    def __init__(self, manifests: dict, *, blocks_run: dict, blocks_reused: dict,
+                 already_complete: set, job_id: str):
+        super().__init__(manifests)
+        self.blocks_run = blocks_run
+        self.blocks_reused = blocks_reused
+        self.already_complete = already_complete
+        self.job_id = job_id
 
 
 def plan_job(job: JobSpec) -> tuple[object, list[FineTunePlan]]:
-    """Open and validate every checkpoint and cut the work, before anything is written."""
+    """Open and validate every checkpoint and cut the work, before anything is written. The
+    base is opened and its headers validated once for all fine-tunes."""
     base = job.open_base()
     plans = [plan_finetune(base, spec, block_bytes=job.block_bytes, include=job.include,
                            exclude=job.exclude, preset=job.preset, prefix_map=job.prefix_map,
@@ -41,110 +61,232 @@ def _connect(address: str | None, workers: int | None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray Job
     if address:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        try:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        except Exception as exc:
+            raise KenError(f"cannot join the Ray cluster at {address!r} ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); check the address (`ray status` "
+                           "on the head), or omit --address to run on a private local Ray") from None
         return False
     ray.init(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False,
              logging_level="ERROR", log_to_driver=False)
     return True
 
 
-def _actor_count(workers: int | None) -> tuple[int, bool]:
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if gpus > 0:
-        return (min(workers, gpus) if workers else gpus), True
-    return (workers or max(1, int(resources.get("CPU", 1)))), False
-
-
 def _cause(exc: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc
 
 
-def _dispatch(store: Store, units: list[WorkUnit], workers: int | None, progress: Progress) -> None:
-    n_actors, gpu = _actor_count(workers)
-    n_actors = max(1, min(n_actors, len(units)))
-    actors = [make_actor(str(store.path), gpu=gpu) for _ in range(n_actors)]
-    progress.note(f"{n_actors} {'GPU' if gpu else 'CPU'} actor(s), {len(units)} block(s) to run")
-    todo = deque(units)
-    attempts: dict[tuple, int] = {}
-    pending: dict = {}
-    load = {i: 0 for i in range(n_actors)}
-    try:
-        while todo or pending:
-            for i in range(n_actors):
-                while todo and load[i] < IN_FLIGHT_PER_ACTOR:
-                    unit = todo.popleft()
-                    pending[actors[i].run.remote(unit)] = (i, unit)
-                    load[i] += 1
-            ready, _ = ray.wait(list(pending), num_returns=1)
+def _where(unit: WorkUnit) -> str:
+    return f"block {unit.tensor!r} rows {unit.row_start}:{unit.row_end} of fine-tune {unit.finetune!r}"
+
+
+def _task_error(unit: WorkUnit, exc: BaseException) -> KenError:
+    """A unit's own failure (bad input, full disk): the job stops with a message naming it."""
+    cause = _cause(exc)
+    if isinstance(cause, KenError):
+        return KenError(str(cause).splitlines()[0] if "\n" in str(cause) else str(cause))
+    if isinstance(cause, OSError):
+        return KenError(f"{_where(unit)}: cannot write the store: {cause.strerror or cause} "
+                        f"({cause.filename or 'part file'}); free space or fix permissions on the store's "
+                        "file system, then rerun the same command (it resumes)")
+    return KenError(f"{_where(unit)} failed: {type(cause).__name__}: {cause}")
+
+
+class _Dispatch:
+    """One run of the dispatch loop; keeps the counters the job log reports."""
+
+    def __init__(self, store: Store, units: list[WorkUnit], progress: Progress, pool: ActorPool):
+        self.store, self.progress, self.pool = store, progress, pool
+        self.todo = deque(units)
+        self.pending: dict = {}  # ObjectRef -> (slot, unit)
+        self.committed: set = set()
+        self.attempts: dict = {}
+        self.retries: list[dict] = []
+        self.workers: dict = {}
+        self.blocks_run: dict = {}
+
+    def run(self) -> None:
+        while self.todo or self.pending:
+            self.pool.watch()
+            self._submit()
+            if not self.pending:
+                time.sleep(WATCH_S / 4)  # no actor alive yet: wait for one
+                continue
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=WATCH_S)
             for ref in ready:
-                i, unit = pending.pop(ref)
-                load[i] -= 1
-                try:
-                    record = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:
-                    cause = _cause(exc)
-                    if isinstance(cause, KenError):
-                        raise KenError(str(cause).splitlines()[0] if "\n" in str(cause) else str(cause)) from None
-                    raise KenError(f"block {unit.tensor!r} rows {unit.row_start}:{unit.row_end} of "
-                                   f"fine-tune {unit.finetune!r} failed: {type(cause).__name__}: {cause}") from None
-                except ray.exceptions.RayActorError as exc:
-                    key = (unit.finetune, *unit.key)
-                    attempts[key] = attempts.get(key, 1) + 1
-                    if attempts[key] > UNIT_ATTEMPTS:
-                        raise KenError(f"block {unit.tensor!r} rows {unit.row_start}:{unit.row_end} of "
-                                       f"fine-tune {unit.finetune!r}: worker died {UNIT_ATTEMPTS} times "
-                                       f"({exc.__class__.__name__}); check node memory and logs") from None
-                    progress.note(f"worker lost on {unit.tensor} rows {unit.row_start}:{unit.row_end}; retrying")
-                    actors[i] = make_actor(str(store.path), gpu=gpu)
-                    todo.appendleft(unit)
-                    continue
-                store.commit(unit.finetune, [record])
-                progress.advance(unit.finetune, unit.elements)
+                self._collect(ref)
+
+    def _submit(self) -> None:
+        for slot in self.pool.ready():
+            while self.todo and slot.inflight < IN_FLIGHT_PER_ACTOR:
+                unit = self.todo.popleft()
+                self.pending[slot.actor.run.remote(unit)] = (slot, unit)
+                slot.inflight += 1
+
+    def _collect(self, ref) -> None:
+        slot, unit = self.pending.pop(ref)
+        slot.inflight -= 1
+        try:
+            record = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            raise _task_error(unit, exc) from None
+        except ray.exceptions.RayError as exc:  # worker or node died, OOM kill, lost object
+            self._lost(slot, unit, exc)
+            return
+        key = (unit.finetune, *unit.key)
+        if key in self.committed:
+            return  # a duplicate result of a re-dispatched unit: committed once only
+        worker = record.pop("worker", None) or {}
+        self.store.commit(unit.finetune, [record])
+        self.committed.add(key)
+        self.blocks_run[unit.finetune] = self.blocks_run.get(unit.finetune, 0) + 1
+        if worker.get("pid") is not None:
+            self.add_workers([dict(worker, gpu_requested=slot.gpu)], blocks=1)
+            slot.pid, slot.node = worker["pid"], worker.get("node")
+        self.progress.advance(unit.finetune, unit.elements)
+
+    def add_workers(self, infos: list[dict], blocks: int = 0) -> None:
+        """Fold actors' info() into {pid: {node, device, gpu_ids, gpu_requested, blocks, peak_rss}}."""
+        for info in infos:
+            w = self.workers.setdefault(str(info["pid"]), {"blocks": 0, "peak_rss": 0})
+            w.update({k: info.get(k) for k in ("node", "device", "gpu_ids", "gpu_requested")},
+                     blocks=w["blocks"] + blocks, peak_rss=max(w["peak_rss"], info.get("peak_rss") or 0))
+
+    def _lost(self, slot: Slot, unit: WorkUnit, exc: BaseException) -> None:
+        self.todo.appendleft(unit)
+        if slot.killed:  # we retired it (stuck on a lost node): not the unit's fault
+            return
+        key = (unit.finetune, *unit.key)
+        self.attempts[key] = self.attempts.get(key, 1) + 1
+        self.retries.append({"tensor": unit.tensor, "rows": [unit.row_start, unit.row_end],
+                             "finetune": unit.finetune, "error": type(exc).__name__})
+        if self.attempts[key] > UNIT_ATTEMPTS:
+            raise KenError(f"{_where(unit)}: its worker died {UNIT_ATTEMPTS} times ({type(exc).__name__}); "
+                           "check node memory and the Ray logs (/tmp/ray/session_latest/logs)") from None
+        self.pool.retire(slot, f"died running {unit.tensor} rows {unit.row_start}:{unit.row_end} "
+                               f"({type(exc).__name__})")
+
+    def cancel(self) -> None:
+        for ref in self.pending:
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:
+                pass
+
+
+def _begin_all(store: Store, base, plans: list[FineTunePlan], overwrite: bool):
+    todo: list[WorkUnit] = []
+    reused: dict[str, list] = {}
+    complete: set[str] = set()
+    base_identity = base.identity()  # headers + a sample of the bytes: read once for all fine-tunes
+    for plan in plans:
+        name = plan.spec.name
+        state = store.begin(name, params=plan.spec.params.as_dict(), base_identity=base_identity,
+                            finetune_identity=plan.spec.checkpoint.identity(), tensors=plan.tensors,
+                            overwrite=overwrite)
+        if state == "complete":
+            complete.add(name)
+            reused[name] = list(plan.units)
+            continue
+        done = store.completed_blocks(name)
+        reused[name] = [u for u in plan.units if u.key in done]
+        todo.extend(u for u in plan.units if u.key not in done)
+    return todo, reused, complete
+
+
+def _store_error(store: Store, exc: OSError) -> KenError:
+    return KenError(f"store {store.root}: {exc.strerror or exc} ({exc.filename or 'store file'}); free space or "
+                    "fix permissions on its file system, then rerun the same command (it resumes)")
+
+
+def _run_units(store: Store, todo: list[WorkUnit], progress: Progress, *, address, workers,
+               placement: str, out: list) -> None:
+    """Start or join Ray, run the units on an actor pool; `out` receives the _Dispatch (for the log)."""
+    started = _connect(address, workers)
+    try:
+        kinds = plan_slots(ray.cluster_resources(), workers, placement, len(todo))
+        pool = ActorPool(store.root, kinds, note=progress.note)
+        progress.note(f"{sum(kinds)} GPU + {len(kinds) - sum(kinds)} CPU actor(s) "
+                      f"({placement} placement), {len(todo)} block(s) to run")
+        dispatch = _Dispatch(store, todo, progress, pool)
+        out.append(dispatch)
+        try:
+            dispatch.run()
+        finally:
+            dispatch.cancel()
+            dispatch.add_workers(pool.describe())
+            pool.shutdown()
     finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        for actor in actors:
-            ray.kill(actor)
+        if started:
+            ray.shutdown()
 
 
 def run_job(job: JobSpec, *, address: str | None = None, workers: int | None = None,
-            overwrite: bool = False, quiet: bool = False, stream=sys.stderr) -> dict:
-    """Prune every fine-tune of `job` into its store; returns the summary of each fine-tune."""
+            overwrite: bool = False, quiet: bool = False, stream=sys.stderr,
+            placement: str | None = None) -> JobResult:
+    """Prune every fine-tune of `job` into its store; returns a JobResult (manifests by name)."""
     t0 = time.time()
+    placement = placement or job.placement
     base, plans = plan_job(job)
-    store = Store(job.store, create=True)
-    todo: list[WorkUnit] = []
-    reused = {}
-    with store.locked([p.spec.name for p in plans]):
-        for plan in plans:
-            name = plan.spec.name
-            store.begin(name, params=plan.spec.params.as_dict(), base_identity=base.identity(),
-                        finetune_identity=plan.spec.checkpoint.identity(), tensors=plan.tensors,
-                        overwrite=overwrite)
-            done = store.completed_blocks(name)
-            reused[name] = [u for u in plan.units if u.key in done]
-            todo.extend(u for u in plan.units if u.key not in done)
+    try:
+        store = Store(job.store, create=True)
+    except OSError as exc:
+        raise KenError(f"cannot create the store {job.store}: {exc.strerror or exc}; choose a writable "
+                       "directory for --store") from None
+    names = [p.spec.name for p in plans]
+    log = JobLog(store.root, stream=stream)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(store.locked(names))
+            todo, reused, complete = _begin_all(store, base, plans, overwrite)
+        except BaseException as exc:  # another run holds the lock, other settings, a full disk
+            log.event("refused", error=f"{type(exc).__name__}: {exc}", finetunes=names, pid=os.getpid())
+            if isinstance(exc, OSError):
+                raise _store_error(store, exc) from None
+            raise
+        log.start(base=job.base, store=store.root, address=address, workers=workers, placement=placement,
+                  block_bytes=job.block_bytes, finetunes={
+                      p.spec.name: {"source": p.spec.checkpoint.source, "params": p.spec.params.as_dict(),
+                                    "blocks": len(p.units), "blocks_reused": len(reused[p.spec.name]),
+                                    "already_complete": p.spec.name in complete} for p in plans})
         progress = Progress({p.spec.name: sum(u.elements for u in p.units) for p in plans},
                             {n: sum(u.elements for u in us) for n, us in reused.items()},
                             quiet=quiet, stream=stream)
-        if any(reused.values()):
-            progress.note("resuming: " + ", ".join(f"{n}: {len(us)} block(s) already in the store"
-                                                   for n, us in reused.items()))
-        if todo:
-            started = _connect(address, workers)
-            try:
-                _dispatch(store, todo, workers, progress)
-            finally:
-                if started:
-                    ray.shutdown()
-        progress.close()
-        summaries = {}
-        for plan in plans:
-            name = plan.spec.name
-            summaries[name] = store.finalize(name, summary={
-                "blocks_run": sum(1 for u in todo if u.finetune == name),
-                "blocks_reused": len(reused[name]),
-                "seconds": round(time.time() - t0, 3),
-            })
-    return summaries
+        for name in complete:
+            progress.note(f"{name}: already complete in the store; nothing to do")
+        partial = {n: len(us) for n, us in reused.items() if us and n not in complete}
+        if partial:
+            progress.note("resuming: " + ", ".join(f"{n}: {k} block(s) reused from an earlier run"
+                                                   for n, k in partial.items()))
+        ran: list[_Dispatch] = []
+        try:
+            if todo:
+                _run_units(store, todo, progress, address=address, workers=workers, placement=placement, out=ran)
+            progress.close()
+            manifests = {}
+            for plan in plans:
+                name = plan.spec.name
+                manifests[name] = store.manifest(name) if name in complete else store.finalize(name, summary={
+                    "blocks_run": sum(1 for u in todo if u.finetune == name),
+                    "blocks_reused": len(reused[name]), "seconds": round(time.time() - t0, 3)})
+        except BaseException as exc:
+            log.event("end", status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                      error=f"{type(exc).__name__}: {exc}", **_end_fields(t0, names, ran, reused))
+            if isinstance(exc, OSError):
+                raise _store_error(store, exc) from None
+            raise
+        log.event("end", status="ok" if todo else "nothing to do", **_end_fields(t0, names, ran, reused))
+    return JobResult(manifests, blocks_run={n: sum(1 for u in todo if u.finetune == n) for n in names},
+                     blocks_reused={n: len(us) for n, us in reused.items()}, already_complete=complete,
+                     job_id=log.job_id)
+
+
+def _end_fields(t0: float, names, ran: list[_Dispatch], reused: dict) -> dict:
+    d = ran[0] if ran else None
+    run = d.blocks_run if d else {}
+    return {"seconds": round(time.time() - t0, 3), "driver_peak_rss": peak_rss(),
+            "finetunes": {n: {"blocks_run": run.get(n, 0), "blocks_reused": len(reused.get(n, []))}
+                          for n in names},
+            "workers": d.workers if d else {}, "retries": d.retries if d else [],
+            "actors_replaced": d.pool.replaced if d else 0}

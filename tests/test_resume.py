@@ -1,0 +1,122 @@
+"""Resume after kill -9: `ken-dist prune` killed with SIGKILL at random points (during start-up,
+and after some blocks were committed), re-run until done, must give a store identical to an
+uninterrupted run; re-running a finished job is a no-op that starts no Ray; a killed driver's
+private Ray processes go away with it."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cluster_helpers import (TAG_VAR, assert_same_store, journal_keys, kill_tagged, new_tag, serial_reference,
+                             tagged_pids, wait_gone)
+from ken_dist.jobspec import FineTuneEntry, JobSpec
+from ken_dist.joblog import read_job_log
+from ken_dist.plan import PruneParams
+from ken_dist.synthetic import LlamaShape, write_pair
+
+SHAPE = LlamaShape(hidden=128, intermediate=344, layers=2, vocab=512, heads=4, kv_heads=2)
+BLOCK_BYTES = 2048
+KEEP = 0.25
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    base, ft = write_pair(root, SHAPE, dtype="bf16")
+    return str(base), str(ft), root
+
+
+def prune_cmd(base, ft, store):
+    return [sys.executable, "-m", "ken_dist.cli", "prune", base, ft, "--store", store, "--name", "sft",
+            "--keep", str(KEEP), "--block-bytes", str(BLOCK_BYTES), "--workers", "2"]
+
+
+def start(cmd, tag):
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", **{TAG_VAR: tag})
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def journal_lines(store) -> int:
+    path = os.path.join(store, "finetunes", "sft", "journal.jsonl")
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except OSError:
+        return 0
+
+
+def kill_driver(proc, tag) -> None:
+    """SIGKILL the driver alone, as `kill -9 PID` would; its Ray must follow it."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = wait_gone(tag, timeout=30)
+    try:  # cleanup of whatever we started, whatever the outcome
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    kill_tagged(tag)
+    assert not left, f"Ray processes of the killed driver still alive after 30 s: {left}"
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_equals_a_clean_run(pair, tmp_path):
+    base, ft, _ = pair
+    rng = random.Random(int(os.environ.get("KEN_TEST_SEED", time.time())))
+    clean, store = str(tmp_path / "clean"), str(tmp_path / "killed")
+    serial_reference(JobSpec(base=base, store=clean, block_bytes=BLOCK_BYTES,
+                             finetunes=(FineTuneEntry("sft", ft, None, PruneParams(keep=KEEP)),)))
+    total = len(journal_keys(clean, "sft"))
+    assert total > 300
+
+    # 1: killed at a random moment of start-up (most likely before any block is committed)
+    tag = new_tag()
+    proc = start(prune_cmd(base, ft, store), tag)
+    time.sleep(rng.uniform(0.5, 4.0))
+    kill_driver(proc, tag)
+    # 2, 3: killed after a random number of further committed blocks
+    for _ in range(2):
+        target = journal_lines(store) + rng.randint(1, total // 3)
+        tag = new_tag()
+        proc = start(prune_cmd(base, ft, store), tag)
+        while journal_lines(store) < target and proc.poll() is None:
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()}"
+        kill_driver(proc, tag)
+    committed = len(set(journal_keys(store, "sft")))
+    assert 0 < committed < total
+
+    tag = new_tag()
+    proc = start(prune_cmd(base, ft, store), tag)
+    out, _ = proc.communicate(timeout=300)
+    kill_tagged(tag)
+    assert proc.returncode == 0, out
+    assert f"ran {total - committed} block(s), reused {committed} block(s) from an earlier run" in out
+    keys = journal_keys(store, "sft")
+    assert len(keys) == len(set(keys)) == total  # every block committed exactly once across the runs
+    assert_same_store(clean, store, "sft")
+
+    # a finished job again: nothing to do, no Ray started, manifest untouched
+    manifest = os.path.join(store, "finetunes", "sft", "manifest.json")
+    before = os.stat(manifest).st_mtime_ns
+    tag = new_tag()
+    t0 = time.time()
+    proc = start(prune_cmd(base, ft, store), tag)
+    seen_ray = []
+    while proc.poll() is None:
+        seen_ray += [p for p in tagged_pids(tag) if p != proc.pid]
+        time.sleep(0.05)
+    out = proc.stdout.read()
+    assert proc.returncode == 0, out
+    assert "already complete in the store, nothing to do" in out
+    assert not seen_ray, "a no-op run started other processes (Ray)"
+    assert os.stat(manifest).st_mtime_ns == before
+    assert time.time() - t0 < 60
+    log = read_job_log(store)
+    assert [e["status"] for e in log if e["event"] == "end"][-2:] == ["ok", "nothing to do"]
+    starts = [e for e in log if e["event"] == "start"]
+    assert len(starts) >= 4 and starts[-1]["finetunes"]["sft"]["already_complete"]  # run 1 may die before its start
