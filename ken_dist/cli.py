@@ -16,6 +16,7 @@ EPILOG = """examples:
   ken-dist prune --job jobs/example_job.yaml
   ken-dist inspect ./subnets
   ken-dist materialize ./subnets --finetune llama-sft --out ./llama-sft-pruned
+  ken-dist viz ./subnets --finetune llama-sft --tensor 'layers[.]0[.]' --out ./viz
 
 Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 to keep a private local Ray on 127.0.0.1."""
 
@@ -167,6 +168,16 @@ def cmd_demo(args) -> int:
     return run_demo(args.workdir, keep=args.keep, workers=args.workers)
 
 
+def cmd_viz(args) -> int:
+    from ken_dist.viz.report import render
+
+    result = render(args.store, args.finetune, args.tensor, args.out, base=args.base, delta=args.delta,
+                    max_pixels=args.max_pixels, layers=not args.no_layers, single=not args.no_single,
+                    progress=None if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
+    print(f"wrote {len(result['figures'])} figure(s) and {result['index']} in {result['seconds']:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ken-dist", description="KEN pruning of fine-tuned checkpoints on Ray.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=float, default=0.25)
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("viz", help="KENviz: figures of kept entries and their neighbours, with index.html")
+    p.add_argument("store")
+    p.add_argument("--finetune", required=True, help="name of the fine-tune in the store")
+    p.add_argument("--tensor", metavar="RE", default=None, help="only pruned matrices whose name matches RE (default: all)")
+    p.add_argument("--out", required=True, help="output directory (index.html + PNGs)")
+    p.add_argument("--delta", action="store_true", help="colour kept entries by fine-tuned - base (reads the base)")
+    p.add_argument("--base", help="where the base checkpoint is now, if it moved since pruning")
+    p.add_argument("--max-pixels", type=int, default=1024,
+                   help="longer image side; larger matrices are shown as pixel blocks (statistics stay exact)")
+    p.add_argument("--no-single", action="store_true", help="only the layer-wise grids and the statistics")
+    p.add_argument("--no-layers", action="store_true", help="no layer-wise grids")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_viz)
     return parser
 
 

@@ -1,0 +1,96 @@
+"""The generated checkpoints the demo and the benchmarks run on: streamed, sharded like Hugging
+Face, deterministic, and with a fine-tune derived from the base exactly as the base file holds it."""
+import filecmp
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ken_dist.checkpoint import open_checkpoint, read_rows, read_tensor
+from ken_dist.errors import KenError
+from ken_dist.synthetic import PRESETS, ROW_GROUP, LlamaShape, tensor_rows, write_checkpoint, write_pair
+
+SHAPE = LlamaShape(hidden=128, intermediate=344, layers=2, vocab=200, heads=4, kv_heads=2)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    return write_pair(root, SHAPE, shard_bytes=100_000)
+
+
+def _rows(shape):
+    return shape[0] if len(shape) > 1 else 1
+
+
+def test_sharded_like_hugging_face(pair):
+    base, ft = pair
+    index = json.loads((ft / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert index["metadata"]["total_size"] == SHAPE.parameters() * 2
+    ckpt = open_checkpoint(ft)
+    assert {n: i.shape for n, i in ckpt.tensors.items()} == dict(SHAPE.tensors())
+    assert all(i.dtype == "BF16" for i in ckpt.tensors.values())
+    assert json.loads((base / "config.json").read_text())["num_key_value_heads"] == 2
+
+
+def test_finetune_is_base_as_stored_plus_delta(pair):
+    base, ft = (open_checkpoint(d) for d in pair)
+    moved_rows = 0
+    for name, shape in SHAPE.tensors():
+        b, f = read_tensor(base.tensors[name]), read_tensor(ft.tensors[name])
+        delta = f.float() - b.float()
+        assert not torch.equal(b, f)
+        assert delta.abs().max() < 0.2
+        if len(shape) == 2:
+            # fine-tune = bf16(stored base + delta): re-adding the read-back delta reproduces it
+            assert torch.equal((b.float() + delta).to(torch.bfloat16), f)
+            moved_rows += int((delta.abs().mean(dim=1) > 0.008).sum())
+    assert moved_rows > 0  # a few rows are moved 10x further
+
+
+def test_alone_equals_pair_and_any_row_range(pair, tmp_path):
+    base, ft = pair
+    write_checkpoint(tmp_path / "ft", SHAPE, finetune=True, shard_bytes=100_000, threads=2)
+    write_checkpoint(tmp_path / "base", SHAPE, shard_bytes=100_000)
+    for name in os.listdir(ft):
+        assert filecmp.cmp(ft / name, tmp_path / "ft" / name, shallow=False), name
+        assert filecmp.cmp(base / name, tmp_path / "base" / name, shallow=False), name
+    ckpt = open_checkpoint(ft)
+    name, shape = "model.layers.1.mlp.gate_proj.weight", (344, 128)
+    for a, b in ((0, 344), (3, 5), (ROW_GROUP - 1, ROW_GROUP + 2), (300, 344)):
+        assert torch.equal(tensor_rows(name, shape, a, b, finetune=True), read_rows(ckpt.tensors[name], a, b))
+    norm = "model.norm.weight"
+    assert torch.equal(tensor_rows(norm, (128,), 0, 1).reshape(-1), read_tensor(open_checkpoint(base).tensors[norm]))
+
+
+def test_other_seed_other_values_and_bad_dtype(tmp_path):
+    a = tensor_rows("x.weight", (70, 16), 0, 70, seed=0)
+    b = tensor_rows("x.weight", (70, 16), 0, 70, seed=1)
+    assert not torch.equal(a, b)
+    assert tensor_rows("x.weight", (70, 16), 0, 70, dtype="fp32").dtype == torch.float32
+    with pytest.raises(KenError, match="dtype"):
+        write_checkpoint(tmp_path / "x", SHAPE, dtype="int8")
+
+
+def test_presets():
+    assert abs(PRESETS["7b"].parameters() - 6.74e9) < 0.01e9
+    assert abs(PRESETS["10b"].parameters() - 10.16e9) < 0.01e9
+
+
+def test_make_checkpoint_cli(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "make_checkpoint.py"), "--hidden", "64",
+                          "--intermediate", "96", "--layers", "1", "--vocab", "128", "--heads", "4", "--kv-heads", "4",
+                          "--shard-bytes", "40KB", "--only", "finetune", "--out", str(tmp_path / "ft")],
+                         capture_output=True, text=True, check=True)
+    assert "wrote" in out.stdout
+    shape = LlamaShape(hidden=64, intermediate=96, layers=1, vocab=128, heads=4, kv_heads=4)
+    ckpt = open_checkpoint(tmp_path / "ft")
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(read_tensor(ckpt.tensors[name]), tensor_rows(name, (64, 96), 0, 64, finetune=True))
+    assert len(ckpt.files) > 1
