@@ -10,6 +10,7 @@ any work. No pickle checkpoint is ever loaded: they can run code when unpickled.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -82,18 +83,41 @@ class Checkpoint:
     headers: tuple[FileHeader, ...] = field(default=(), compare=False, repr=False)
 
     def identity(self) -> dict:
-        """JSON-able fingerprint: cheap (headers only) yet differs for a different checkpoint.
+        """JSON-able fingerprint: cheap (headers + 64 KiB per file) yet differs for another checkpoint.
 
         `files` alone identifies the content; source/root/revision say where it came from, so
-        compare `files` when the same checkpoint may be reached by another path or repo id."""
+        compare `files` when the same checkpoint may be reached by another path or repo id.
+        `sample_sha256` hashes a few KiB of tensor bytes: two checkpoints of one architecture
+        (a base and its instruct tune) have equal headers, and a subnetwork rebuilt on the
+        wrong one would be silently wrong."""
         headers = {h.path: h for h in self.headers}
         files = []
         for path in self.files:
             h = headers.get(path) or read_header(path)
             files.append({"name": os.path.relpath(path, self.root), "size": h.size,
-                          "header_sha256": h.header_sha256})
+                          "header_sha256": h.header_sha256,
+                          "sample_sha256": sample_sha256(path, h.data_start, h.size)})
         return {"source": self.source, "root": self.root, "revision": self.revision,
                 "files": files}
+
+
+SAMPLE_WINDOWS, SAMPLE_BYTES = 16, 4096
+
+
+def sample_sha256(path: str, data_start: int, size: int) -> str:
+    """sha256 of SAMPLE_WINDOWS windows of SAMPLE_BYTES spread evenly over the data section
+    (all of it when smaller): 64 KiB read per file, yet any re-trained weights change it."""
+    span = size - data_start
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if span <= SAMPLE_WINDOWS * SAMPLE_BYTES:
+            f.seek(data_start)
+            h.update(f.read(span))
+        else:
+            step = (span - SAMPLE_BYTES) // (SAMPLE_WINDOWS - 1)
+            for i in range(SAMPLE_WINDOWS):
+                h.update(os.pread(f.fileno(), SAMPLE_BYTES, data_start + i * step))
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- resolution

@@ -153,12 +153,14 @@ def cmd_inspect(args) -> int:
               f" = {ft['stored_bytes'] / max(1, ft['dense_bytes']):.3f} x dense fine-tune ({_human(ft['dense_bytes'])});"
               f" {_ratio(ft['bound_ratio'])} x information bound")
         if args.tensor or args.finetune:
-            print(f"  {'tensor':<48} {'action':>6} {'kept/row min/mean/max':>24} {'bytes':>10} {'x bound':>8}")
+            print(f"  {'tensor':<48} {'action':>6} {'kept/row min/mean/max':>24} {'kept %':>7} {'bytes':>10} "
+                  f"{'x bound':>8}")
             for tname, t in ft["tensors"].items():
-                per_row = (f"{t['kept_per_row_min']}/{t['kept_per_row_mean']:.1f}/{t['kept_per_row_max']}"
-                           if t.get("action") == "prune" else "-")
-                ratio = f"{t['bound_ratio']:.3f}" if t.get("bound_ratio") else "-"
-                print(f"  {tname:<48} {t['action']:>6} {per_row:>24} {_human(t['stored_bytes']):>10} {ratio:>8}")
+                per_row = t["kept_per_row"]
+                rows = (f"{per_row['min']}/{per_row['mean']:.1f}/{per_row['max']}"
+                        if t["action"] == "prune" else "-")
+                print(f"  {tname:<48} {t['action']:>6} {rows:>24} {100 * t['kept_fraction']:>6.1f}% "
+                      f"{_human(t['bytes']):>10} {_ratio(t['ratio']):>8}")
     return 0
 
 

@@ -127,20 +127,30 @@ def _binary_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offsets - offsets[0], data[offsets[0]: offsets[-1]]
 
 
-def apply_block(table: pa.Table, target: torch.Tensor, row_start: int, row_end: int,
-                target_row0: int = 0) -> int:
-    """Overwrite kept entries of `target` in place; target row i is tensor row target_row0 + i.
+def _popcount_rows(packed: np.ndarray, n: int) -> np.ndarray:
+    """Set bits per row of [m, ceil(n/8)] little-order bitmasks, ignoring padding bits past n."""
+    if not hasattr(np, "bitwise_count"):  # numpy < 2
+        return np.unpackbits(packed, axis=1, count=n, bitorder="little").sum(axis=1)
+    counts = np.bitwise_count(packed).sum(axis=1, dtype=np.int64)
+    if n % 8 and packed.shape[1]:
+        counts -= np.bitwise_count(packed[:, -1] >> (n % 8)).astype(np.int64)
+    return counts
 
-    Rows of the block outside the target are skipped, so a reader may rebuild any row range.
-    Raises ValueError (the caller names file and tensor) when the part disagrees with itself
-    or with the block it claims to hold. Returns the number of entries written."""
+
+def block_rows(table: pa.Table, n: int, itemsize: int, row_start: int, row_end: int,
+               lo: int | None = None, hi: int | None = None):
+    """Yield (first_row, keep, values) for the part's rows that lie in [lo, hi).
+
+    keep is a [m, n] bool numpy array, values the raw bytes (uint8 numpy) of the kept entries of
+    those m rows in index order. Every row of the part is validated, also those outside the
+    range, so a damaged part is never half used. Raises ValueError (the caller names file and
+    tensor) when the part disagrees with itself or with the block it claims to hold."""
     if tuple(table.column_names) != BLOCK_COLUMNS:
         raise ValueError(f"columns {table.column_names}, expected {list(BLOCK_COLUMNS)}")
-    n = target.shape[1]
+    lo = row_start if lo is None else lo
+    hi = row_end if hi is None else hi
     nbytes_row = (n + 7) // 8
-    itemsize = target.element_size()
-    t_lo, t_hi = target_row0, target_row0 + target.shape[0]
-    pos, written = row_start, 0
+    pos = row_start
     for rows_arr, mask_arr, vals_arr in zip(*(table.column(c).chunks for c in BLOCK_COLUMNS)):
         m = len(rows_arr)
         if m == 0:
@@ -149,24 +159,78 @@ def apply_block(table: pa.Table, target: torch.Tensor, row_start: int, row_end: 
         if pos + m > row_end or not np.array_equal(rows, np.arange(pos, pos + m)):
             raise ValueError(f"rows are not {pos}..{min(pos + m, row_end) - 1} in order "
                              f"(block [{row_start}, {row_end}))")
-        lo, hi = max(pos, t_lo), min(pos + m, t_hi)
         moffs, mdata = _binary_parts(mask_arr)
         if not np.array_equal(np.diff(moffs), np.full(m, nbytes_row)):
             raise ValueError(f"mask length differs from ceil({n}/8) bytes")
-        keep = np.unpackbits(mdata.reshape(m, nbytes_row), axis=1, count=n, bitorder="little").view(bool)
+        packed = mdata.reshape(m, nbytes_row)
         voffs, vdata = _binary_parts(vals_arr)
-        if not np.array_equal(np.diff(voffs), keep.sum(axis=1) * itemsize):
+        if not np.array_equal(np.diff(voffs), _popcount_rows(packed, n) * itemsize):
             raise ValueError("values length differs from the mask's kept count")
-        if lo < hi:
-            i0, i1 = lo - pos, hi - pos
-            chunk = vdata[voffs[i0]: voffs[i1]]
-            if chunk.size:
-                vals = torch.frombuffer(bytearray(chunk), dtype=target.dtype)
-                target[lo - t_lo: hi - t_lo][torch.from_numpy(np.ascontiguousarray(keep[i0:i1]))] = vals
-                written += vals.numel()
+        a, b = max(pos, lo), min(pos + m, hi)
+        if a < b:
+            i0, i1 = a - pos, b - pos
+            keep = np.unpackbits(packed[i0:i1], axis=1, count=n, bitorder="little").view(bool)
+            yield a, keep, vdata[voffs[i0]: voffs[i1]]
         pos += m
     if pos != row_end:
         raise ValueError(f"holds rows {row_start}..{pos - 1}, expected {row_start}..{row_end - 1}")
+
+
+_SAME_SIZE_INT = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32),
+                  8: (torch.int64, np.int64)}
+
+
+def _as_ints(t: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a contiguous CPU tensor's bits (bf16 has no numpy dtype; int16 does)."""
+    return t.view(_SAME_SIZE_INT[t.element_size()][0]).numpy().reshape(-1)
+
+
+def kept_index(keep: np.ndarray) -> np.ndarray:
+    """Flat indices of a [m, n] bool keep mask (an index array passes through)."""
+    return keep if keep.dtype.kind in "iu" else np.flatnonzero(keep)
+
+
+def put_kept(target: torch.Tensor, keep: np.ndarray, values, dtype: torch.dtype | None = None) -> int:
+    """target[keep] = values in place. target: a contiguous [m, n] tensor on any device; keep:
+    [m, n] bool numpy (or its kept_index); values: the kept entries in index order, as a tensor
+    or as raw bytes (uint8 numpy) of `dtype` (default target's). On CPU with matching dtype the
+    scatter runs on numpy flat indices over the bits, about 8x faster than torch's bool-mask
+    indexing and without copying the values; otherwise values are converted and scattered with
+    one index_copy_ on the target's device. Returns the entries written."""
+    idx = kept_index(keep)
+    if not idx.size:
+        return 0
+    dtype = dtype or target.dtype
+    flat = target.reshape(-1)
+    if isinstance(values, np.ndarray):
+        if target.device.type == "cpu" and dtype == target.dtype:
+            _as_ints(flat)[idx] = values.view(_SAME_SIZE_INT[target.element_size()][1])
+            return int(idx.size)
+        values = torch.frombuffer(bytearray(values), dtype=dtype)
+    if target.device.type == "cpu" and values.device.type == "cpu" and values.dtype == target.dtype:
+        _as_ints(flat)[idx] = _as_ints(values.contiguous())
+    else:
+        flat.index_copy_(0, torch.from_numpy(idx).to(target.device), values.to(target.device, target.dtype))
+    return int(idx.size)
+
+
+def take_kept(source: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
+    """source[keep] for a contiguous [m, n] CPU tensor (numpy flat indices, see put_kept)."""
+    return torch.from_numpy(_as_ints(source.contiguous())[kept_index(keep)]).view(source.dtype)
+
+
+def apply_block(table: pa.Table, target: torch.Tensor, row_start: int, row_end: int,
+                target_row0: int = 0) -> int:
+    """Overwrite kept entries of `target` in place; target row i is tensor row target_row0 + i.
+
+    Rows of the block outside the target are skipped, so a reader may rebuild any row range.
+    Raises ValueError as block_rows does. Returns the number of entries written."""
+    t_lo, t_hi = target_row0, target_row0 + target.shape[0]
+    written = 0
+    for first, keep, chunk in block_rows(table, target.shape[1], target.element_size(), row_start, row_end,
+                                         t_lo, t_hi):
+        if chunk.size:
+            written += put_kept(target[first - t_lo: first - t_lo + keep.shape[0]], keep, chunk)
     return written
 
 
