@@ -199,22 +199,27 @@ def test_greedy_equals_literal_scan_for_any_visit_order(kind, n, kfrac, seed):
     assert torch.equal(ken_torch_greedy.greedy_match(x, g, visit), ken_torch_greedy.greedy_full_scan(x, g, visit))
 
 
-def test_float32_distance_ties_take_the_literal_scan(monkeypatch):
-    """Distinct values at the same float32 distance: rows go to the scan, results stay exact."""
+def test_float32_distance_ties(monkeypatch):
+    """Distinct values at the same float32 distance: the smallest index among them wins. Runs of
+    them inside the search windows are resolved there; runs crossing a window's end send the
+    row to the literal scan. Both stay exact."""
     calls = []
     scan = ken_torch_greedy.greedy_full_scan
     monkeypatch.setattr(ken_torch_greedy, "greedy_full_scan", lambda *a: calls.append(1) or scan(*a))
     rng = np.random.default_rng(0)
-    for _ in range(60):
-        n = int(rng.integers(10, 40))
-        base = np.float32(rng.choice([0.5, 1.0, 3.0]))
-        cluster = base + np.arange(int(rng.integers(2, 8)), dtype=np.float32) * np.spacing(base)
-        v = np.concatenate([cluster, -rng.uniform(0.5, 4, n - cluster.size)]).astype(np.float32)
+    for trial in range(40):
+        # runs of adjacent float32 values far from the negative values: their float32 distances
+        # from grid points among the negative values collapse in groups of up to 2**j
+        m = int(rng.integers(2, 8)) if trial % 2 else int(rng.integers(40, 120))
+        n = m + int(rng.integers(8, 60))
+        base = np.float32(2.0 ** -int(rng.integers(0, 7)))
+        cluster = base + np.arange(m, dtype=np.float32) * np.spacing(base)
+        v = np.concatenate([cluster, -rng.uniform(0.5, 4.0, n - m)]).astype(np.float32)
         rng.shuffle(v)
         k = int(rng.integers(1, n))
         for compat in ("index", "reference"):
             assert torch.equal(ken_select(v, k=k, compat=compat, device="torch"), ken_select(v, k=k, compat=compat))
-    assert calls
+    assert calls  # the fallback was exercised
 
 
 @pytest.mark.parametrize("name", ["huge", "subnormal", "offset", "two_levels", "one_outlier", "constant"])

@@ -163,15 +163,16 @@ def grids(x: torch.Tensor, k: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- masks
 def _rows_per_batch(n: int, k: int, device: torch.device) -> int:
-    """Rows per batch: big on a GPU (the greedy's k steps cost about the same for 1 or 100k rows),
-    bounded by memory: about 64 bytes per value and per grid point of working set."""
-    per_row = 64 * n + 96 * k + 4096
+    """Rows per batch. On a GPU, as many as memory allows: the greedy's k steps cost about the
+    same kernel launches for 1 row or 100k rows. About 40 bytes per value and 64 per grid point
+    stay allocated through the greedy (ken_torch_greedy); the density stage works in chunks."""
+    per_row = 40 * n + 64 * k + 4096
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        budget = max(256 << 20, free // 4)
+        budget = max(256 << 20, int(free * 0.45))
     else:
-        budget = 1 << 30
-    return int(max(1, min(1 << 18, budget // per_row)))
+        budget = 512 << 20
+    return int(max(1, budget // per_row))
 
 
 def select_indices(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -201,7 +202,8 @@ def ken_masks(rows: torch.Tensor, k: int, reference: bool) -> torch.Tensor:
         mask = torch.ones((r, n), dtype=torch.bool, device=x.device)
     else:
         mask = torch.zeros((r, n), dtype=torch.bool, device=x.device)
-        step = _rows_per_batch(n, k, x.device)
+        batches = -(-r // _rows_per_batch(n, k, x.device))
+        step = -(-r // batches)  # equal batches: each costs k loop steps whatever its size
         for a in range(0, r, step):
             picked = select_indices(x[a:a + step], k)
             mask[a:a + step].scatter_(1, picked, True)

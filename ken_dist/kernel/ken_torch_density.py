@@ -144,17 +144,17 @@ def _expansion(x64: torch.Tensor, lo: torch.Tensor, g64: torch.Tensor, h: torch.
     return est, err_sum
 
 
-def _literal_density(x64: torch.Tensor, rows: torch.Tensor, pts: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def _literal_density(x: torch.Tensor, rows: torch.Tensor, pts: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """The spec's float64 formula at (row, point) pairs, in ken_cpu.exact_density's operation
     order per term; the sum over the row is torch's (pairwise/tree), not a left-to-right loop."""
-    n = x64.shape[1]
-    out = torch.empty(rows.shape[0], dtype=torch.float64, device=x64.device)
-    step = max(1, _elems(LITERAL_ELEMS, x64.device) // n)
+    n = x.shape[1]
+    out = torch.empty(rows.shape[0], dtype=torch.float64, device=x.device)
+    step = max(1, _elems(LITERAL_ELEMS, x.device) // n)
     for a in range(0, rows.shape[0], step):
         ri = rows[a:a + step]
         hv = h[ri]
         two_h2 = (2.0 * hv) * hv
-        d = pts[a:a + step, None] - x64[ri]
+        d = pts[a:a + step, None] - x[ri].double()
         total = torch.exp(-(d * d) / two_h2[:, None]).sum(dim=1)
         out[a:a + step] = total / ((n * hv) * SQRT_2PI)
     return out
@@ -166,8 +166,6 @@ def rounded_density(x: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.
     r, n = x.shape
     k = g.shape[1]
     dev = x.device
-    x64 = x.double()
-    g64 = g.double()
     lo = x.amin(dim=1).double()
     hi = x.amax(dim=1).double()
     norm = (n * h) * SQRT_2PI
@@ -186,7 +184,7 @@ def rounded_density(x: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.
     for a in range(0, r, step):
         sl = slice(a, a + step)
         nb = nb_all if step >= r else int(torch.where(too_many[sl], torch.ones_like(nb_row[sl]), nb_row[sl]).max().item())
-        est, err_sum = _expansion(x64[sl], lo[sl], g64[sl], h[sl], nb)
+        est, err_sum = _expansion(x[sl].double(), lo[sl], g[sl].double(), h[sl], nb)
         f = est / norm[sl, None]
         err = (err_sum / norm[sl] + (n + 32) * 4 * U64 * d0[sl])[:, None] + 8 * U64 * f.abs()
         frac = f - torch.floor(f)
@@ -195,5 +193,5 @@ def rounded_density(x: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.
         undecided[sl] = ~ok
     rows, cols = undecided.nonzero(as_tuple=True)
     if rows.numel():
-        dens[rows, cols] = torch.round(_literal_density(x64, rows, g64[rows, cols], h))
+        dens[rows, cols] = torch.round(_literal_density(x, rows, g[rows, cols].double(), h))
     return dens

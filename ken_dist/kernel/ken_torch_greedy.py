@@ -33,34 +33,44 @@ import math
 import torch
 
 NO_ENTRY = torch.iinfo(torch.int32).max  # the "index" of the sentinels: larger than any real one
+SETUP_ELEMS = 1 << 24  # values per setup slice (the sorts and their temporaries)
 
 
 def chunk_size(n: int) -> int:
-    """C, a power of two near sqrt(n): a query scans 2C slots and n/C chunk counts."""
-    return 1 << max(3, math.ceil(math.log2(math.sqrt(n + 2))))
+    """C, a power of two near sqrt(n/6): a step reads 4C window slots (about 50 bytes of work
+    each) and scans 2n/C chunk counts (about 14 bytes each); this balances the two."""
+    return 1 << max(3, round(math.log2(math.sqrt(n / 6 + 1))))
 
 
-def _sorted_copy(x: torch.Tensor, descending: bool, width: int, fill: float):
-    """One sorted copy, padded to `width` slots: slot n is an always-alive sentinel (value
-    `fill`), the slots after it are dead padding. Returns (values, next distinct values,
-    original indices (int32), sort order)."""
-    r, n = x.shape
-    dev = x.device
+def _sorted_copy(x: torch.Tensor, descending: bool, fill: float, val_out, idx_out):
+    """Write one sorted copy of the rows into [r, width] slices (values, original indices).
+    Slot n is a sentinel (value `fill`, index NO_ENTRY), later slots padding of the same kind.
+    Returns the sort order."""
+    n = x.shape[1]
     sv, order = torch.sort(x, dim=1, descending=descending, stable=True)
-    val = torch.full((r, width + 1), fill, dtype=torch.float32, device=dev)
-    val[:, :n] = sv
-    # the value of the next run of a different value (the sentinel's after the last run)
-    pos = torch.arange(n + 1, dtype=torch.int64, device=dev).expand(r, n + 1)
-    start = torch.ones((r, n + 1), dtype=torch.bool, device=dev)
-    start[:, 1:n] = sv[:, 1:] != sv[:, :-1]
-    first = torch.where(start, pos, n)
-    suffix = torch.flip(torch.cummin(torch.flip(first, [1]), dim=1).values, [1])
-    following = torch.cat([suffix[:, 1:], torch.full((r, 1), n, dtype=torch.int64, device=dev)], dim=1)
-    nextval = torch.full((r, width), fill, dtype=torch.float32, device=dev)
-    nextval[:, :n + 1] = val.gather(1, following)
-    idx = torch.full((r, width), NO_ENTRY, dtype=torch.int32, device=dev)
-    idx[:, :n] = order
-    return val[:, :width], nextval, idx, order
+    val_out.fill_(fill)
+    val_out[:, :n] = sv
+    idx_out.fill_(NO_ENTRY)
+    idx_out[:, :n] = order
+    return order
+
+
+def _setup(x, g, visit, val, idx, delta, inv_f, ins):
+    """Fill the loop's per-row state for a slice of rows (see greedy_match)."""
+    r, n = x.shape
+    width = val.shape[-1]
+    order_f = _sorted_copy(x, False, math.inf, val[:, 0], idx[:, 0])
+    order_b = _sorted_copy(x, True, -math.inf, val[:, 1], idx[:, 1])
+    rows = torch.arange(r, device=x.device)[:, None]
+    ramp = torch.arange(n, dtype=torch.int32, device=x.device).expand(r, n)
+    inv_b = torch.empty((r, n), dtype=torch.int32, device=x.device)
+    inv_b[rows, order_b] = ramp
+    inv_f[rows, order_f] = ramp.long()
+    # from an entry's F slot to its B slot (B slots are `width` further in the flat layout)
+    delta.zero_()
+    delta[:, :n] = width + inv_b.gather(1, order_f) - ramp
+    # insertion slot of each grid point in F (the number of entries below it), in visit order
+    ins.copy_(torch.searchsorted(val[:, 0, :n].contiguous(), g.contiguous()).gather(1, visit))
 
 
 def greedy_match(x: torch.Tensor, g: torch.Tensor, visit: torch.Tensor) -> torch.Tensor:
@@ -69,85 +79,84 @@ def greedy_match(x: torch.Tensor, g: torch.Tensor, visit: torch.Tensor) -> torch
     r, n = x.shape
     k = visit.shape[1]
     dev = x.device
+    if n >= 1 << 26:
+        raise ValueError(f"rows of {n} values are too long for the torch greedy (at most 2**26 - 1)")
     C = chunk_size(n)
     log_c = C.bit_length() - 1
     width = (n + 2 + C - 1) // C * C  # n entries, the sentinel, padding
     n_chunks = width // C
     R = 2 * r  # lane 2i: row i's F copy (entries >= g); lane 2i + 1: its B copy (entries < g)
 
-    val_f, next_f, idx_f, order_f = _sorted_copy(x, False, width, math.inf)
-    val_b, next_b, idx_b, order_b = _sorted_copy(x, True, width, -math.inf)
-    # [2, R * width]: per slot its value and the next distinct value / its index and the offset
-    # from its slot to the same entry's slot in the other copy of the row
-    valnext = torch.stack([torch.stack([val_f, val_b], 1), torch.stack([next_f, next_b], 1)]).view(2, -1)
-    rows = torch.arange(r, device=dev)[:, None]
-    ramp = torch.arange(n, dtype=torch.int32, device=dev).expand(r, n)
-    inv_f = torch.empty((r, n), dtype=torch.int32, device=dev)
-    inv_b = torch.empty((r, n), dtype=torch.int32, device=dev)
-    inv_f[rows, order_f] = ramp
-    inv_b[rows, order_b] = ramp
-    delta = torch.zeros((r, 2, width), dtype=torch.int32, device=dev)
-    delta[:, 0, :n] = width + inv_b.gather(1, order_f) - ramp
-    delta[:, 1, :n] = inv_f.gather(1, order_b) - width - ramp
-    entdelta = torch.stack([torch.stack([idx_f, idx_b], 1), delta]).view(2, -1)
-    del val_f, val_b, next_f, next_b, idx_f, idx_b, inv_f, inv_b, delta
+    val = torch.empty((r, 2, width), dtype=torch.float32, device=dev)
+    idx = torch.empty((r, 2, width), dtype=torch.int32, device=dev)  # original index per slot
+    delta = torch.empty((r, width), dtype=torch.int32, device=dev)  # F slot -> B slot
+    inv_f = torch.empty((r, n), dtype=torch.int64, device=dev)  # original index -> F slot
+    ins = torch.empty((r, k), dtype=torch.int32, device=dev)
+    step = max(1, SETUP_ELEMS // (n + k))
+    for a in range(0, r, step):
+        b = min(r, a + step)
+        _setup(x[a:b], g[a:b], visit[a:b], val[a:b], idx[a:b], delta[a:b], inv_f[a:b], ins[a:b])
+    # the value in the slot after each chunk (the fill value after a lane's last chunk), as
+    # the entries were before any was taken
+    first_next = val.view(R, n_chunks, C)[:, :, 0].roll(-1, dims=1)
+    first_next[:, -1] = val.view(R, width)[:, -1]
+    val_flat = val.view(-1)
+    val = val.view(R * n_chunks, C)
+    idx = idx.view(R * n_chunks, C)
+    count = torch.zeros((R, n_chunks), dtype=torch.int32, device=dev)
+    count.view(R, -1)[:, : (n + 1) // C] = C
+    count[:, (n + 1) // C] += (n + 1) % C  # entries and the sentinel are alive
 
-    alive = torch.zeros((R, width), dtype=torch.bool, device=dev)
-    alive[:, :n + 1] = True
-    count = alive.view(R, n_chunks, C).sum(dim=2, dtype=torch.int32)
-    alive = alive.view(R * n_chunks, C)
+    # per visit step t (rows contiguous in t): each lane's query chunk (the chunk of its
+    # insertion slot); column 1 receives, per step, the first live chunk after it
+    query = torch.stack([ins, n - ins], dim=2).permute(1, 0, 2).reshape(k, R)
+    del ins
+    chunks = torch.zeros((k, R, 2), dtype=torch.int16, device=dev)
+    chunks[:, :, 0] = query >> log_c
+    del query
+    gq = g.gather(1, visit).t().contiguous()[:, :, None]
 
-    # per visit step (rows contiguous in t): the query slot of every lane, [own chunk, (filled in
-    # per step) first live chunk after it], and the grid value
-    ins = torch.searchsorted(valnext[0].view(r, 2, width)[:, 0, :n].contiguous(), g.contiguous())
-    ins = ins.gather(1, visit).to(torch.int32)
-    query = torch.stack([ins, n - ins], dim=2).permute(1, 0, 2).reshape(k, R, 1).contiguous()
-    chunks = torch.zeros((k, R, 2), dtype=torch.int32, device=dev)
-    chunks[:, :, 0] = query[:, :, 0] >> log_c
-    gq = g.gather(1, visit).t().contiguous()[:, None, :, None]
-
-    base_slot = torch.arange(R, dtype=torch.int64, device=dev) * width
     base_chunk = (torch.arange(R, dtype=torch.int64, device=dev) * n_chunks)[:, None]
-    lane_up = torch.arange(r, dtype=torch.int64, device=dev) * 2
-    lane_down = lane_up + 1
-    chunk_ids = torch.arange(n_chunks, dtype=torch.int32, device=dev)[None, :]
-    in_chunk = torch.arange(C, dtype=torch.int32, device=dev)[None, None, :]
+    base_f = (torch.arange(r, dtype=torch.int64, device=dev) * (2 * width))[:, None]
+    chunk_ids = torch.arange(n_chunks, dtype=torch.int16, device=dev)[None, :]
     minus_one = torch.full((2 * r,), -1, dtype=torch.int32, device=dev)
+    dead = torch.tensor([math.inf, -math.inf], dtype=torch.float32, device=dev).repeat_interleave(r)
     big = torch.tensor(NO_ENTRY, dtype=torch.int32, device=dev)
-    last_chunk = torch.tensor(n_chunks - 1, dtype=torch.int32, device=dev)
-    picked = torch.empty((k, r), dtype=torch.int32, device=dev)
-    dist = torch.empty((k, 2, r, 2), dtype=torch.float32, device=dev)  # |value - g|, |next - g|
-    d_min = torch.empty((k, r), dtype=torch.float32, device=dev)
-    taken = torch.empty((2, r), dtype=torch.int64, device=dev)
-    alive_flat = alive.view(-1)
+    last_chunk = torch.tensor(n_chunks - 1, dtype=torch.int16, device=dev)
+    picked = torch.empty((k, r, 1), dtype=torch.int32, device=dev)
+    d_min = torch.empty((k, r, 1), dtype=torch.float32, device=dev)
+    taken = torch.empty((2, r, 1), dtype=torch.int64, device=dev)
     count_flat = count.view(-1)
     for t in range(k):
-        q = query[t]
         cc = chunks[t]
-        # first alive slot at or after q, in every lane: q's own chunk, else the first live one after
+        # each lane's window: its query chunk and the first chunk after it with a live slot (the
+        # sentinel's chunk at the latest); the chunks in between hold no live entry
         later = (count > 0) & (chunk_ids > cc[:, :1])
         torch.amin(torch.where(later, chunk_ids, last_chunk), dim=1, out=cc[:, 1])
-        live = alive.index_select(0, (base_chunk + cc).view(-1)).view(R, 2 * C)
-        slot = ((cc << log_c)[:, :, None] + in_chunk).view(R, 2 * C)
-        found = torch.where(live & (slot >= q), slot, big).amin(dim=1)
-        flat = base_slot + found
-        dt = dist[t]
-        torch.abs(valnext.index_select(1, flat).view(2, r, 2) - gq[t], out=dt)
-        ent, off = entdelta.index_select(1, flat)
-        e_up, e_down = ent.view(r, 2).unbind(1)
-        d_up, d_down = dt[0].unbind(1)
-        down = (d_down < d_up) | ((d_down == d_up) & (e_down < e_up))
-        torch.minimum(d_up, d_down, out=d_min[t])
-        lane = torch.where(down, lane_down, lane_up)
-        torch.index_select(ent, 0, lane, out=picked[t])
-        torch.index_select(flat, 0, lane, out=taken[0])
-        torch.add(taken[0], off.index_select(0, lane), out=taken[1])
-        alive_flat.index_fill_(0, taken.view(-1), False)
-        count_flat.index_add_(0, taken.view(-1) >> log_c, minus_one)
-    # a different value at the minimal distance right after a candidate: the tie may reach
-    # entries the queries did not look at; such rows are redone by the literal scan
-    flag = (dist[:, 1] == d_min[:, :, None]).any(dim=2).any(dim=0)
-    picked = picked.t().long()
+        window = (base_chunk + cc).view(-1)
+        # Taken entries hold +-inf, so their distance is infinite. The windows hold each lane's
+        # nearest live entry (and maybe live entries of the other side: harmless, they are
+        # candidates too); distances grow along a lane, so every live entry at the minimal
+        # distance is in the windows, unless a run goes on past a window (checked after the loop)
+        d = (val.index_select(0, window).view(r, 4 * C) - gq[t]).abs()
+        dmin = torch.amin(d, dim=1, keepdim=True, out=d_min[t])
+        key = torch.where(d == dmin, idx.index_select(0, window).view(r, 4 * C), big)
+        pk = torch.amin(key, dim=1, keepdim=True, out=picked[t])
+        slot_f = inv_f.gather(1, pk.long())
+        torch.add(base_f, slot_f, out=taken[0])
+        torch.add(taken[0], delta.gather(1, slot_f), out=taken[1])
+        flat = taken.view(-1)
+        val_flat.index_put_((flat,), dead)
+        count_flat.index_add_(0, flat >> log_c, minus_one)
+    # A run of entries at the minimal distance may go on past a window's end only if the slot
+    # right after the window is at that distance too. Such rows (rare: float32 rounding merging
+    # the distances of values across a chunk boundary) get the literal scan.
+    flag = torch.zeros(r, dtype=torch.bool, device=dev)
+    span = max(1, SETUP_ELEMS // R)
+    for a in range(0, k, span):
+        after = first_next.gather(1, chunks[a:a + span, :, 1].t().long()).t().view(-1, r, 2)
+        flag |= ((after - gq[a:a + span]).abs() == d_min[a:a + span]).any(dim=2).any(dim=0)
+    picked = picked[:, :, 0].t().long()
     bad = flag.nonzero(as_tuple=True)[0]
     if bad.numel():
         picked[bad] = greedy_full_scan(x[bad], g[bad], visit[bad])
