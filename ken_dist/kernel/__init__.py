@@ -105,3 +105,6 @@ __all__ = ["ken_select", "select", "register", "STRATEGIES", "resolve_k", "COMPA
 def _ken_strategy(rows, base, k, *, seed, row_offset, compat, device):
     """KEN: k fine-tuned values per row picked by the Gaussian KDE rule (the paper)."""
     return ken_select(rows, k, compat=compat, device=device).cpu().numpy()
+
+
+from ken_dist.kernel import extra_strategies  # noqa: E402,F401  (registers ken-delta and others)

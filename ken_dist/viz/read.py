@@ -1,0 +1,223 @@
+"""Read one stored tensor for KENviz: its exact keep mask and pixel-block sums of its kept values.
+
+Lazy like the loader: only the part files of the requested tensor are opened, one block at a
+time (each checked against the manifest's sha256 by Store.read_part), and the base checkpoint is
+read only when the delta (fine-tuned - base) is asked for, and then only the rows of one block.
+The kept fine-tuned values come straight from the part's `values` column: no reconstruction.
+
+The mask is held whole (one byte per entry: 59 MB for 14336 x 4096) because the neighbour
+statistics are exact; values are reduced to pixel-block sums as each block is read.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ken_dist.checkpoint import open_checkpoint, read_rows
+from ken_dist.errors import KenError
+from ken_dist.loader import Subnetwork, open_subnetwork
+from ken_dist.parts import BLOCK_COLUMNS, _binary_parts, torch_dtype
+from ken_dist.viz import stats as S
+
+DEFAULT_MAX_PIXELS = 1024
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+@dataclass
+class MatrixView:
+    """Everything the figures need about one tensor, viewed as a [rows, row_len] matrix."""
+    name: str
+    finetune: str
+    shape: list[int]
+    dtype: str
+    rows: int
+    cols: int
+    mask: np.ndarray                      # bool [rows, cols], exact
+    factor: int                           # entries per pixel side of the value/count images
+    value_kind: str                       # "fine-tuned value" or "delta (fine-tuned - base)"
+    value_sum: np.ndarray                 # float64 [R', C']: sum of kept values per pixel block
+    kept_sum: np.ndarray                  # int64 [R', C']: kept entries per pixel block
+    neighbour_sum: np.ndarray             # int64 [R', C']: sum of kept-neighbour counts of kept entries
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def layer(self) -> int | None:
+        m = _LAYER.search("." + self.name + ".")
+        return int(m.group(1)) if m else None
+
+    @property
+    def kind(self) -> str:
+        """The matrix type: the name with its first layer number replaced by '*'."""
+        return _LAYER.sub(".*.", "." + self.name + ".", count=1)[1:-1]
+
+    def pixel_block(self) -> tuple[int, int]:
+        return self.factor, self.factor
+
+    def value_image(self) -> np.ndarray:
+        """Mean kept value per pixel block; NaN where nothing is kept (blank in the figures)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.kept_sum > 0, self.value_sum / np.maximum(self.kept_sum, 1), np.nan)
+
+    def kept_fraction_image(self) -> np.ndarray:
+        sizes = np.outer(_block_sizes(self.rows, self.factor), _block_sizes(self.cols, self.factor))
+        return self.kept_sum / sizes
+
+    def neighbour_image(self) -> np.ndarray:
+        """Mean number of kept 4-neighbours of the kept entries per pixel block; NaN where none kept."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.kept_sum > 0, self.neighbour_sum / np.maximum(self.kept_sum, 1), np.nan)
+
+    def coarsen(self, factor: int) -> "MatrixView":
+        """The same view at a coarser pixel block (a multiple of this one); stats unchanged."""
+        if factor % self.factor:
+            raise ValueError(f"factor {factor} is not a multiple of {self.factor}")
+        q = factor // self.factor
+        red = lambda a: np.add.reduceat(np.add.reduceat(a, S.block_edges(a.shape[0], q), axis=0),  # noqa: E731
+                                        S.block_edges(a.shape[1], q), axis=1)
+        return MatrixView(self.name, self.finetune, self.shape, self.dtype, self.rows, self.cols, self.mask,
+                          factor, self.value_kind, red(self.value_sum), red(self.kept_sum),
+                          red(self.neighbour_sum), self.stats)
+
+
+def _block_sizes(length: int, factor: int) -> np.ndarray:
+    edges = np.append(S.block_edges(length, factor), length)
+    return np.diff(edges)
+
+
+def decode_part(table, n: int, dtype: torch.dtype, *, values: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(mask bool [r, n], kept values as float32 [r, n] with 0 where pruned, or None) of a part."""
+    nbytes_row = (n + 7) // 8
+    masks, dense = [], []
+    for _rows, mask_arr, vals_arr in zip(*(table.column(c).chunks for c in BLOCK_COLUMNS)):
+        m = len(mask_arr)
+        if m == 0:
+            continue
+        _, mdata = _binary_parts(mask_arr)
+        keep = np.unpackbits(mdata.reshape(m, nbytes_row), axis=1, count=n, bitorder="little").view(bool)
+        masks.append(keep)
+        if values:
+            _, vdata = _binary_parts(vals_arr)
+            kept = torch.frombuffer(bytearray(vdata), dtype=dtype).to(torch.float32).numpy() if vdata.size \
+                else np.zeros(0, np.float32)
+            if kept.size != int(keep.sum()):
+                raise ValueError("values length differs from the mask's kept count")
+            d = np.zeros((m, n), dtype=np.float32)
+            d[keep] = kept
+            dense.append(d)
+    mask = np.concatenate(masks) if masks else np.zeros((0, n), bool)
+    return mask, (np.concatenate(dense) if values and dense else (np.zeros((0, n), np.float32) if values else None))
+
+
+def _entry(sub: Subnetwork, name: str) -> dict:
+    try:
+        return sub.manifest()["tensors"][name]
+    except KeyError:
+        raise KenError(f"fine-tune {sub.finetune!r} has no tensor {name!r}; see `ken-dist inspect STORE "
+                       f"--finetune {sub.finetune}` for its tensors") from None
+
+
+def open_base(sub: Subnetwork, base=None):
+    """The base checkpoint of a stored fine-tune (where the manifest says, or `base`), checked to be
+    the one it was pruned against (file sizes and header hashes)."""
+    ident = sub.manifest().get("base_identity") or {}
+    location = base if base is not None else ident.get("root")
+    if location is None or (base is None and not os.path.exists(location)):
+        location = ident.get("source") or location
+    ckpt = open_checkpoint(location)
+    want = {os.path.basename(f["name"]): (f["size"], f["header_sha256"]) for f in ident.get("files", [])}
+    have = {os.path.basename(f["name"]): (f["size"], f["header_sha256"]) for f in ckpt.identity()["files"]}
+    bad = [n for n, w in want.items() if have.get(n) != w]
+    if bad:
+        raise KenError(f"base checkpoint at {location} is not the one fine-tune {sub.finetune!r} was pruned against "
+                       f"({', '.join(bad[:3])} missing or different); pass --base pointing at that checkpoint")
+    return ckpt
+
+
+def _blocks_of(t: dict) -> list[dict]:
+    return sorted(t["blocks"], key=lambda b: b["row_start"])
+
+
+def load_matrix(store, finetune: str, tensor: str, *, base=None, delta: bool = False,
+                max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = True,
+                subnetwork: Subnetwork | None = None) -> MatrixView:
+    """Read tensor `tensor` of fine-tune `finetune` from the store into a MatrixView.
+
+    delta=True colours kept entries by fine-tuned - base (reads the base rows block by block; base=
+    where the base checkpoint is now, if it moved). Tensors stored whole count as fully kept."""
+    sub = subnetwork or open_subnetwork(store, finetune, base, verify=verify)
+    t = _entry(sub, tensor)
+    rows, cols = int(t["rows"]), int(t["row_len"])
+    dtype = torch_dtype(t["dtype"])
+    if not dtype.is_floating_point:
+        raise KenError(f"tensor {tensor!r} is {t['dtype']}, not a float tensor; nothing to show")
+    factor = S.display_factor(rows, cols, max_pixels)
+    shape_img = (-(-rows // factor), -(-cols // factor))
+    value_sum = np.zeros(shape_img, np.float64)
+    mask = np.zeros((rows, cols), dtype=bool)
+    base_ckpt = None
+    if t["action"] == "whole":
+        if delta:
+            raise KenError(f"tensor {tensor!r} is stored whole (reason: {t.get('reason') or 'not pruned'}); it has "
+                           f"no base to take a delta against")
+        full = sub.get_tensor(tensor).reshape(rows, cols).to(torch.float32).numpy()
+        mask[:] = True
+        idx, sums = S.block_sums(full, factor, factor)
+        value_sum[idx] += sums
+    else:
+        for block in _blocks_of(t):
+            a, b = block["row_start"], block["row_end"]
+            table = sub.store.read_part(block, tensor, verify=sub.verify)
+            try:
+                m, vals = decode_part(table, cols, dtype, values=True)
+            except ValueError as e:
+                raise KenError(f"part file {sub.store.resolve(block['file'])} of tensor {tensor!r} is "
+                               f"inconsistent ({e}); rerun the prune command") from None
+            if m.shape[0] != b - a:
+                raise KenError(f"part file {sub.store.resolve(block['file'])} of tensor {tensor!r} holds "
+                               f"{m.shape[0]} rows, expected {b - a}")
+            mask[a:b] = m
+            if delta:
+                if base_ckpt is None:
+                    base_ckpt = open_base(sub, base)
+                base_rows = read_rows(base_ckpt.tensors[t["base_name"]], a, b).to(torch.float32).numpy()
+                vals = np.where(m, vals - base_rows, 0.0).astype(np.float32)
+            idx, sums = S.block_sums(vals, factor, factor, row0=a)
+            value_sum[idx] += sums
+    counts = S.neighbour_counts(mask)
+    _, kept_sum = S.block_sums(mask, factor, factor)
+    _, nb_sum = S.block_sums(np.where(mask, counts, 0).astype(np.uint8), factor, factor)
+    observed = S.observed_histogram(mask, counts)
+    del counts
+    kept = int(mask.sum())
+    per_row = mask.sum(axis=1)
+    stats = {
+        "tensor": tensor, "shape": list(t["shape"]), "dtype": t["dtype"], "action": t["action"],
+        "rows": rows, "cols": cols, "entries": rows * cols, "kept": kept,
+        "density": kept / (rows * cols),
+        "kept_per_row": {"min": int(per_row.min()), "mean": float(per_row.mean()), "max": int(per_row.max())},
+        "pixel_block": factor,
+        **S.neighbour_summary(observed, S.expected_pmf(rows, cols, kept)),
+    }
+    kind = "delta (fine-tuned - base)" if delta else "fine-tuned value"
+    return MatrixView(tensor, finetune, list(t["shape"]), t["dtype"], rows, cols, mask, factor, kind,
+                      value_sum, kept_sum.astype(np.int64), nb_sum.astype(np.int64), stats)
+
+
+def select_tensors(sub: Subnetwork, pattern: str | None, *, matrices_only: bool = True) -> list[str]:
+    """Tensor names matching `pattern` (re.search), pruned float matrices (rows > 1) unless asked otherwise."""
+    try:
+        rx = re.compile(pattern) if pattern else None
+    except re.error as e:
+        raise KenError(f"--tensor {pattern!r} is not a valid regex: {e}") from None
+    out = []
+    for name, t in sub.manifest()["tensors"].items():
+        if rx is not None and not rx.search(name):
+            continue
+        if matrices_only and (t["action"] != "prune" or t["rows"] < 2):
+            continue
+        out.append(name)
+    return out
