@@ -14,6 +14,7 @@ EPILOG = """examples:
   ken-dist prune ./llama-base ./llama-sft --store ./subnets --keep 0.25
   ken-dist prune meta-llama/Llama-3.1-8B ./sft-a ./sft-b --name a --name b --store s3dir --k 1024
   ken-dist prune --job jobs/example_job.yaml
+  ken-dist submit jobs/example_job.yaml --address http://HEAD:8265 --wait
   ken-dist inspect ./subnets
   ken-dist materialize ./subnets --finetune llama-sft --out ./llama-sft-pruned
   ken-dist viz ./subnets --finetune llama-sft --tensor 'layers[.]0[.]' --out ./viz
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-layers", action="store_true", help="no layer-wise grids")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_viz)
+    from ken_dist.cli_jobs import add_job_verbs
+    add_job_verbs(sub)
     return parser
 
 
