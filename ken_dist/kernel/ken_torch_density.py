@@ -88,9 +88,11 @@ def _series_bounds(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]
     log_a = torch.log(a.clamp_min(1e-300))[:, None]
     terms = torch.exp(p[None, :] * log_a - 0.5 * torch.lgamma(p + 1)[None, :])
     terms = torch.where(a[:, None] > 0, terms, (p[None, :] == 0).to(torch.float64))
-    # the rest of the series: ratio of consecutive terms a/sqrt(p+1) <= a/sqrt(SERIES_TERMS + 1)
+    # the rest: term SERIES_TERMS is term SERIES_TERMS-1 times a/sqrt(SERIES_TERMS), and each
+    # later ratio a/sqrt(p+1) is at most a/sqrt(SERIES_TERMS + 1): a geometric bound
     ratio = a / math.sqrt(SERIES_TERMS + 1)
-    rest = torch.where(ratio < 0.5, terms[:, -1] * ratio / (1 - ratio), torch.full_like(a, math.inf))
+    rest = torch.where(ratio < 0.5, terms[:, -1] * (a / math.sqrt(SERIES_TERMS)) / (1 - ratio),
+                       torch.full_like(a, math.inf))
     # 1 + 1e-12: the series is summed in float64 (64 positive terms)
     full = (terms.sum(dim=1) + rest) * (1 + 1e-12)
     tail = (terms[:, m:].sum(dim=1) + rest) * (1 + 1e-12)

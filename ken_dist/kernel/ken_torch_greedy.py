@@ -3,28 +3,29 @@
 The rule: grid points in visit order each take, among the entries not yet taken, the one
 nearest in float32 distance |v - g|, the smallest original index among equal distances.
 
-Design (for a GPU: big blocks of rows, no host synchronisation inside the loop). The loop runs
-over the k visits; each step is a fixed sequence of about 45 small torch ops on [2r, ~3 sqrt(n)]
-tensors, so the cost of a step hardly depends on the number of rows r: a block of 100k rows
-costs about what one row costs in kernel launches. Per row, two copies of the row are kept:
+Design, for a GPU: one loop over the k visits, each step a fixed sequence of ~24 torch ops on
+[rows, ~4 sqrt(n)] tensors, no host synchronisation inside. A step's kernel launches cost the
+same for 1 row or 200k rows, so big blocks amortise them; the bytes a step moves (~11 KB per
+row at n = 4096) are what remains. Per row, two sorted copies of the row are kept:
 
-- F: entries sorted by (value ascending, index ascending). The nearest untaken entry at or
-  above g is the first alive entry at or after g's insertion position; among equal values it
-  is the smallest index.
-- B: entries sorted by (value descending, index ascending). The nearest untaken entry below g
-  is the first alive entry at or after position n - (insertion position); among equal values
-  it is again the smallest index.
+- F: entries sorted by (value ascending, index ascending): from g's insertion slot on, the
+  entries at or above g, nearest first, equal values by index.
+- B: entries sorted by (value descending, index ascending): from slot n - (insertion slot) on,
+  the entries below g, nearest first, equal values by index.
 
-Both searches are one "first alive at or after q" query, answered in O(sqrt n) without loops:
-alive flags in chunks of C slots plus a live count per chunk; scan q's own chunk, and the first
-chunk after it that has a live slot (a sentinel at the end of each copy is always alive). The
-two copies are stacked as 2r rows and queried together.
+Each copy is cut into chunks of C slots with a live count per chunk. A lane's (row and copy's)
+window is the chunk of its query slot plus the first later chunk that still has a live entry
+(a sentinel at the end of each copy never dies); the chunks in between hold no live entry, so
+the window holds the lane's nearest live entry. A taken entry's value is overwritten with +inf
+(F) / -inf (B), so its distance is infinite and no alive mask is needed. The pick is the
+smallest index among the window slots at the minimal distance of the row's two windows (slots
+of the query chunk that lie on the other side of g are live candidates too, so they do no harm).
 
-float32 distances are monotone in the value on each side of g, so entries at equal distance
-form a run. Equal values are handled exactly by the sort orders above. Distinct values at equal
-float32 distance (float32 rounding merged them; rare) are detected by comparing with the next
-distinct value on each side; a row where such a tie reaches the minimal distance is redone by
-`greedy_full_scan`, the rule applied literally (O(n) per step), after the loop.
+float32 distances are monotone along a lane, so all entries at the minimal distance (equal
+values, or distinct values whose float32 distances rounded to the same number) form runs that
+start in the windows. A run can go on past a window only if the slot right after the window is
+at the minimal distance too; that is checked once after the loop, and those rows (rare) are
+redone by `greedy_full_scan`, the rule applied literally (O(n) per step).
 """
 from __future__ import annotations
 
