@@ -11,8 +11,9 @@ over rows so that one call keeps a GPU busy. The steps and where their exactness
    bound, and the literal float64 sum wherever the bound cannot decide the rounding
    (ken_torch_density).
 4. Visit order: stable sort by rounded density, highest first.
-5. Greedy match: a k-step loop over all rows at once on a compacted array of distinct values,
-   with an exact full-scan fallback for the rare rows it cannot decide (ken_torch_greedy).
+5. Greedy match: a k-step loop over all rows at once, each step a fixed set of ~20 ops on
+   O(sqrt n) slots per row, with an exact full-scan fallback for the rare rows whose float32
+   distance ties it cannot settle in its windows (ken_torch_greedy).
 
 Floating-point traps, and how they are avoided:
 - Every float32 result numpy produces by one IEEE operation is produced here by one IEEE
@@ -25,11 +26,12 @@ Floating-point traps, and how they are avoided:
   once instead of twice and would move grid points by an ulp. numpy rounds twice.
 - Divisions are by device tensors, never by Python scalars: on CUDA, `tensor / python_float`
   is computed as tensor * (1/x) (one extra rounding), which is not IEEE division.
+- Subnormal float32 values are kept by torch's CPU and CUDA kernels by default, as by numpy;
+  `torch.set_flush_denormal(True)` would break equality on rows holding subnormals.
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 

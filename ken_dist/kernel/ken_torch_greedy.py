@@ -56,20 +56,18 @@ def _sorted_copy(x: torch.Tensor, descending: bool, fill: float, val_out, idx_ou
     return order
 
 
-def _setup(x, g, visit, val, idx, delta, inv_f, ins):
+def _setup(x, g, visit, val, idx, slots, first_row, ins):
     """Fill the loop's per-row state for a slice of rows (see greedy_match)."""
     r, n = x.shape
     width = val.shape[-1]
     order_f = _sorted_copy(x, False, math.inf, val[:, 0], idx[:, 0])
     order_b = _sorted_copy(x, True, -math.inf, val[:, 1], idx[:, 1])
+    # flat slot (in val.view(-1) of the whole block) of each original index, in F and in B
     rows = torch.arange(r, device=x.device)[:, None]
-    ramp = torch.arange(n, dtype=torch.int32, device=x.device).expand(r, n)
-    inv_b = torch.empty((r, n), dtype=torch.int32, device=x.device)
-    inv_b[rows, order_b] = ramp
-    inv_f[rows, order_f] = ramp.long()
-    # from an entry's F slot to its B slot (B slots are `width` further in the flat layout)
-    delta.zero_()
-    delta[:, :n] = width + inv_b.gather(1, order_f) - ramp
+    ramp = torch.arange(n, dtype=torch.int64, device=x.device).expand(r, n)
+    base = (torch.arange(first_row, first_row + r, dtype=torch.int64, device=x.device) * (2 * width))[:, None]
+    slots[rows, 0, order_f] = base + ramp
+    slots[rows, 1, order_b] = base + width + ramp
     # insertion slot of each grid point in F (the number of entries below it), in visit order
     ins.copy_(torch.searchsorted(val[:, 0, :n].contiguous(), g.contiguous()).gather(1, visit))
 
@@ -90,13 +88,12 @@ def greedy_match(x: torch.Tensor, g: torch.Tensor, visit: torch.Tensor) -> torch
 
     val = torch.empty((r, 2, width), dtype=torch.float32, device=dev)
     idx = torch.empty((r, 2, width), dtype=torch.int32, device=dev)  # original index per slot
-    delta = torch.empty((r, width), dtype=torch.int32, device=dev)  # F slot -> B slot
-    inv_f = torch.empty((r, n), dtype=torch.int64, device=dev)  # original index -> F slot
+    slots = torch.empty((r, 2, n), dtype=torch.int64, device=dev)  # original index -> F, B slot
     ins = torch.empty((r, k), dtype=torch.int32, device=dev)
     step = max(1, SETUP_ELEMS // (n + k))
     for a in range(0, r, step):
         b = min(r, a + step)
-        _setup(x[a:b], g[a:b], visit[a:b], val[a:b], idx[a:b], delta[a:b], inv_f[a:b], ins[a:b])
+        _setup(x[a:b], g[a:b], visit[a:b], val[a:b], idx[a:b], slots[a:b], a, ins[a:b])
     # the value in the slot after each chunk (the fill value after a lane's last chunk), as
     # the entries were before any was taken
     first_next = val.view(R, n_chunks, C)[:, :, 0].roll(-1, dims=1)
@@ -118,35 +115,34 @@ def greedy_match(x: torch.Tensor, g: torch.Tensor, visit: torch.Tensor) -> torch
     gq = g.gather(1, visit).t().contiguous()[:, :, None]
 
     base_chunk = (torch.arange(R, dtype=torch.int64, device=dev) * n_chunks)[:, None]
-    base_f = (torch.arange(r, dtype=torch.int64, device=dev) * (2 * width))[:, None]
     chunk_ids = torch.arange(n_chunks, dtype=torch.int16, device=dev)[None, :]
     minus_one = torch.full((2 * r,), -1, dtype=torch.int32, device=dev)
-    dead = torch.tensor([math.inf, -math.inf], dtype=torch.float32, device=dev).repeat_interleave(r)
+    dead = torch.tensor([math.inf, -math.inf], dtype=torch.float32, device=dev).repeat(r)
     big = torch.tensor(NO_ENTRY, dtype=torch.int32, device=dev)
     last_chunk = torch.tensor(n_chunks - 1, dtype=torch.int16, device=dev)
     picked = torch.empty((k, r, 1), dtype=torch.int32, device=dev)
     d_min = torch.empty((k, r, 1), dtype=torch.float32, device=dev)
-    taken = torch.empty((2, r, 1), dtype=torch.int64, device=dev)
+    taken = torch.empty((r, 2, 1), dtype=torch.int64, device=dev)
+    flat = taken.view(-1)  # per row: its F slot, its B slot
     count_flat = count.view(-1)
-    for t in range(k):
-        cc = chunks[t]
+    # views per step, made once (indexing inside the loop costs Python time on every step)
+    steps = [(cc, cc[:, :1], cc[:, 1], gq_t, dmin_t, picked_t)
+             for cc, gq_t, dmin_t, picked_t in zip(chunks.unbind(0), gq.unbind(0), d_min.unbind(0), picked.unbind(0))]
+    for cc, query_chunk, next_chunk, gq_t, dmin_t, picked_t in steps:
         # each lane's window: its query chunk and the first chunk after it with a live slot (the
         # sentinel's chunk at the latest); the chunks in between hold no live entry
-        later = (count > 0) & (chunk_ids > cc[:, :1])
-        torch.amin(torch.where(later, chunk_ids, last_chunk), dim=1, out=cc[:, 1])
+        later = (count > 0) & (chunk_ids > query_chunk)
+        torch.amin(torch.where(later, chunk_ids, last_chunk), dim=1, out=next_chunk)
         window = (base_chunk + cc).view(-1)
         # Taken entries hold +-inf, so their distance is infinite. The windows hold each lane's
         # nearest live entry (and maybe live entries of the other side: harmless, they are
         # candidates too); distances grow along a lane, so every live entry at the minimal
         # distance is in the windows, unless a run goes on past a window (checked after the loop)
-        d = (val.index_select(0, window).view(r, 4 * C) - gq[t]).abs()
-        dmin = torch.amin(d, dim=1, keepdim=True, out=d_min[t])
+        d = (val.index_select(0, window).view(r, 4 * C) - gq_t).abs()
+        dmin = torch.amin(d, dim=1, keepdim=True, out=dmin_t)
         key = torch.where(d == dmin, idx.index_select(0, window).view(r, 4 * C), big)
-        pk = torch.amin(key, dim=1, keepdim=True, out=picked[t])
-        slot_f = inv_f.gather(1, pk.long())
-        torch.add(base_f, slot_f, out=taken[0])
-        torch.add(taken[0], delta.gather(1, slot_f), out=taken[1])
-        flat = taken.view(-1)
+        pk = torch.amin(key, dim=1, keepdim=True, out=picked_t)
+        torch.gather(slots, 2, pk.long()[:, None, :].expand(r, 2, 1), out=taken)
         val_flat.index_put_((flat,), dead)
         count_flat.index_add_(0, flat >> log_c, minus_one)
     # A run of entries at the minimal distance may go on past a window's end only if the slot
