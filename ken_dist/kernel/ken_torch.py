@@ -200,17 +200,16 @@ def ken_masks(rows: torch.Tensor, k: int, reference: bool) -> torch.Tensor:
         raise ValueError(f"ken_masks expects a 2-D [rows, n] block, got shape {tuple(rows.shape)}")
     x = rows.to(torch.float32).contiguous()
     r, n = x.shape
-    if k >= n:
-        mask = torch.ones((r, n), dtype=torch.bool, device=x.device)
-    else:
-        mask = torch.zeros((r, n), dtype=torch.bool, device=x.device)
-        batches = -(-r // _rows_per_batch(n, k, x.device))
-        step = -(-r // batches)  # equal batches: each costs k loop steps whatever its size
-        for a in range(0, r, step):
-            picked = select_indices(x[a:a + step], k)
-            mask[a:a + step].scatter_(1, picked, True)
-    if reference:
-        mask = value_mask(x, mask)
+    if k >= n:  # every entry picked: the value mapping keeps every non-zero entry
+        return (x != 0) if reference else torch.ones((r, n), dtype=torch.bool, device=x.device)
+    mask = torch.zeros((r, n), dtype=torch.bool, device=x.device)
+    batches = -(-r // _rows_per_batch(n, k, x.device))
+    step = -(-r // batches)  # equal batches: each costs k loop steps whatever its size
+    for a in range(0, r, step):
+        block = mask[a:a + step]
+        block.scatter_(1, select_indices(x[a:a + step], k), True)
+        if reference:
+            block.copy_(value_mask(x[a:a + step], block))
     return mask
 
 
