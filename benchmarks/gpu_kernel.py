@@ -32,15 +32,19 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("KEN_GOLDEN", ROOT.parent / "shared" / "golden" / "ken_reference_v1.npz"))
 
 
+def label(device: str) -> str:
+    return "cuda" if device == "cuda" else "cpu"
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def make_rows(r: int, n: int, seed: int, dtype: str) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.randn((r, n), generator=gen) * 0.02
-    outliers = torch.rand((r, n), generator=gen) < 0.002
+def make_rows(r: int, n: int, seed: int, dtype: str, device: str = "cpu") -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rows = torch.randn((r, n), generator=gen, device=device) * 0.02
+    outliers = torch.rand((r, n), generator=gen, device=device) < 0.002
     rows = torch.where(outliers, rows * 20, rows)
     if dtype == "bfloat16":
         rows = rows.to(torch.bfloat16).float()
@@ -65,7 +69,7 @@ def check_golden(device: str) -> int:
             if not ok:
                 bad += 1
                 print(f"  golden row {i} (n={n}, k={k}, {data[f'family_{i}']}) differs")
-    print(f"(a) golden rows on {device}: {int(data['n_cases']) - bad}/{int(data['n_cases'])} exact "
+    print(f"(a) golden rows, torch path on {label(device)}: {int(data['n_cases']) - bad}/{int(data['n_cases'])} exact "
           f"({time.perf_counter() - start:.1f} s)")
     return bad
 
@@ -92,8 +96,7 @@ def breakdown(x: torch.Tensor, k: int, device: str) -> str:
 
 
 def bench_shape(n: int, k: int, args, device: str) -> None:
-    rows = make_rows(args.rows, n, seed=n + k, dtype=args.dtype)
-    x = rows.to("cuda" if device == "cuda" else "cpu")
+    x = make_rows(args.rows, n, seed=n + k, dtype=args.dtype, device="cuda" if device == "cuda" else "cpu")
     ken_select(x[: min(64, args.rows)], k=k, device=device)  # warm-up: allocator, kernels, caches
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -105,20 +108,20 @@ def bench_shape(n: int, k: int, args, device: str) -> None:
     rate = args.rows / seconds
     batch = ken_torch._rows_per_batch(n, k, x.device)
     mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else ""
-    print(f"(b) {n}x{k}: torch path on {device}: {rate:,.0f} rows/s ({args.rows} rows in {seconds:.2f} s, "
+    print(f"(b) {n}x{k}: torch path on {label(device)}: {rate:,.1f} rows/s ({args.rows} rows in {seconds:.2f} s, "
           f"batches of <= {batch}{mem})")
     first = x[: min(args.rows, batch)]
     print(f"    stages on {first.shape[0]} rows: {breakdown(first, k, device)}")
 
     m = min(args.cpu_rows, args.rows)
-    cpu_rows = rows[:m].numpy()
+    cpu_rows = x[:m].cpu().numpy()
     ken_select(cpu_rows[:2], k=k)  # numba compile / cache load
     t0 = time.perf_counter()
     cpu_mask = ken_select(cpu_rows, k=k)
     cpu_rate = m / (time.perf_counter() - t0)
     same = torch.equal(cpu_mask, mask[:m].cpu())
     print(f"(c) {n}x{k}: CPU path {cpu_rate:,.1f} rows/s on {m} rows (torch threads {torch.get_num_threads()}); "
-          f"torch/{device} is {rate / cpu_rate:,.1f}x; masks identical: {same}")
+          f"torch path on {label(device)} / CPU path = {rate / cpu_rate:.3g}x; masks identical: {same}")
     if not same:
         raise SystemExit(f"torch path on {device} differs from the CPU path at {n}x{k}")
 
@@ -132,7 +135,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="bfloat16: rows rounded to bf16 (repeated values, like bf16 checkpoints)")
     parser.add_argument("--skip-golden", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is false")
     device = "cuda" if args.device == "cuda" else "torch"
