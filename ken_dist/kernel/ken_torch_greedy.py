@@ -3,8 +3,8 @@
 The rule: grid points in visit order each take, among the entries not yet taken, the one
 nearest in float32 distance |v - g|, the smallest original index among equal distances.
 
-Design, for a GPU: one loop over the k visits, each step a fixed sequence of ~19 torch ops (kernels) on
-[rows, ~4 sqrt(n)] tensors, no host synchronisation inside. A step's kernel launches cost the
+Design, for a GPU: one loop over the k visits, each step a fixed sequence of ~19 torch kernels
+on [rows, ~4 sqrt(n)] tensors, no host synchronisation inside. A step's kernel launches cost the
 same for 1 row or 200k rows, so big blocks amortise them; the bytes a step moves (~11 KB per
 row at n = 4096) are what remains. Per row, two sorted copies of the row are kept:
 
