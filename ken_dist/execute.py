@@ -4,11 +4,36 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from ken_dist.checkpoint import read_rows, read_tensor
 from ken_dist.errors import KenError, NonFiniteRowError
 from ken_dist.kernel import STRATEGIES, select
 from ken_dist.plan import WorkUnit
 from ken_dist.store import Store
+
+
+# Rows handed to the kernel per call. The kernel's temporaries are ~20x the bf16 bytes it is
+# given (float32/float64 copies, sort indices, grids), so a 64 MiB block selected at once would
+# cost a worker ~1.3 GB; in chunks of 4M entries it costs ~170 MB whatever --block-bytes is.
+# Selection is row by row (row i depends only on its values, seed and absolute index), so
+# chunking gives the same mask. GPUs get larger chunks: they need the batch, and have the memory.
+SELECT_CHUNK_ELEMENTS = {"cpu": 1 << 22, "gpu": 1 << 25}
+
+
+def _select_in_chunks(unit: WorkUnit, rows, base, device):
+    chunk = SELECT_CHUNK_ELEMENTS["cpu" if device in (None, "cpu") else "gpu"]
+    step = max(1, chunk // max(1, rows.shape[1]))
+    masks = []
+    for a in range(0, rows.shape[0], step):
+        b = min(rows.shape[0], a + step)
+        try:
+            masks.append(select(unit.params.strategy, rows[a:b], None if base is None else base[a:b],
+                                k=unit.params.k, keep=unit.params.keep, seed=unit.seed,
+                                row_offset=unit.row_start + a, compat=unit.params.compat, device=device).cpu())
+        except NonFiniteRowError as exc:
+            raise NonFiniteRowError(str(exc), exc.row + a) from None
+    return masks[0] if len(masks) == 1 else torch.cat(masks)
 
 
 def process_unit(unit: WorkUnit, store: Store, device: str | None = None) -> dict:
@@ -25,8 +50,7 @@ def process_unit(unit: WorkUnit, store: Store, device: str | None = None) -> dic
     t_read = time.perf_counter()
     rows = values.to(device) if device not in (None, "cpu") else values
     try:
-        mask = select(unit.params.strategy, rows, base, k=unit.params.k, keep=unit.params.keep,
-                      seed=unit.seed, row_offset=unit.row_start, compat=unit.params.compat, device=device)
+        mask = _select_in_chunks(unit, rows, base, device)
     except NonFiniteRowError as exc:
         row = unit.row_start + exc.row
         raise KenError(f"{unit.ft_info.file}: tensor {unit.tensor!r} row {row} holds NaN or infinity; "

@@ -81,14 +81,15 @@ def _where(unit: WorkUnit) -> str:
     return f"block {unit.tensor!r} rows {unit.row_start}:{unit.row_end} of fine-tune {unit.finetune!r}"
 
 
-def _task_error(unit: WorkUnit, exc: BaseException) -> KenError:
+def _task_error(unit: WorkUnit, exc: BaseException, store: Store) -> KenError:
     """A unit's own failure (bad input, full disk): the job stops with a message naming it."""
     cause = _cause(exc)
     if isinstance(cause, KenError):
         return KenError(str(cause).splitlines()[0] if "\n" in str(cause) else str(cause))
     if isinstance(cause, OSError):
-        return KenError(f"{_where(unit)}: cannot write the store: {cause.strerror or cause} "
-                        f"({cause.filename or 'part file'}); free space or fix permissions on the store's "
+        where = f" ({cause.filename})" if cause.filename else ""
+        return KenError(f"{_where(unit)}: cannot write its part file in the store {store.root}: "
+                        f"{cause.strerror or cause}{where}; free space or fix permissions on the store's "
                         "file system, then rerun the same command (it resumes)")
     return KenError(f"{_where(unit)} failed: {type(cause).__name__}: {cause}")
 
@@ -130,7 +131,7 @@ class _Dispatch:
         try:
             record = ray.get(ref)
         except ray.exceptions.RayTaskError as exc:
-            raise _task_error(unit, exc) from None
+            raise _task_error(unit, exc, self.store) from None
         except ray.exceptions.RayError as exc:  # worker or node died, OOM kill, lost object
             self._lost(slot, unit, exc)
             return
