@@ -2,7 +2,8 @@
 node while units are surely running. Its picks are KEN's, so results compare with `ken`.
 
 Ray workers load it through `runtime_env={"worker_process_setup_hook": "fault_hooks.setup"}`
-with this directory on PYTHONPATH; the test process registers it by importing this module."""
+with this directory on PYTHONPATH; the test process calls setup() and teardown() around its use
+(registered only meanwhile, so other tests that list the strategies never see it)."""
 import time
 
 from ken_dist.kernel import STRATEGIES, register
@@ -21,4 +22,5 @@ def setup():
         register("slow-ken")(_slow_ken)
 
 
-setup()
+def teardown():
+    STRATEGIES.pop("slow-ken", None)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cluster_helpers import TAG_VAR, journal_keys, kill_tagged, new_tag, tagged_pids
-import fault_hooks  # noqa: F401  (registers slow-ken in this process)
+import fault_hooks
 from ken_dist import ken_select
 from ken_dist.checkpoint import open_checkpoint, read_tensor
 from ken_dist.jobspec import FineTuneEntry, JobSpec
@@ -47,8 +47,10 @@ def cluster():
         c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         ray.init(address=c.address, logging_level="ERROR", log_to_driver=False,
                  runtime_env={"worker_process_setup_hook": "fault_hooks.setup"})
+        fault_hooks.setup()  # here too: the driver validates the strategy name
         yield c, tag
     finally:
+        fault_hooks.teardown()
         ray.shutdown()
         c.shutdown()
         kill_tagged(tag)
