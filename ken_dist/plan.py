@@ -119,4 +119,7 @@ def plan_finetune(base: Checkpoint, spec: FineTuneSpec, *, block_bytes: int = DE
         seed = tensor_seed(spec.params.seed, m.name)
         for a, b in blocks:
             plan.units.append(WorkUnit(spec.name, m.name, m.action, info, base_info, a, b, spec.params, seed))
+    # Largest units first (stable: file order among equals), so the job does not end with one
+    # actor finishing a big block (an lm_head, say) while the others idle: the small ones fill in.
+    plan.units.sort(key=lambda u: -u.elements)
     return plan
