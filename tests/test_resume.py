@@ -54,13 +54,15 @@ def kill_driver(proc, tag) -> None:
     """SIGKILL the driver alone, as `kill -9 PID` would; its Ray must follow it."""
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    left = wait_gone(tag, timeout=30)
+    # raylet and GCS die with the driver at once; Ray's dashboard and runtime-env agents poll
+    # their raylet and were seen to exit 30-75 s later on this 2-core machine under load
+    left = wait_gone(tag, timeout=120)
     try:  # cleanup of whatever we started, whatever the outcome
         os.killpg(proc.pid, signal.SIGKILL)
     except OSError:
         pass
     kill_tagged(tag)
-    assert not left, f"Ray processes of the killed driver still alive after 30 s: {left}"
+    assert not left, f"Ray processes of the killed driver still alive after 120 s: {left}"
 
 
 @pytest.mark.slow
