@@ -24,9 +24,9 @@ __all__ = ["load_model", "finetune_root"]
 
 
 @contextlib.contextmanager
-def _quiet():
-    """transformers' load report lists the new head as 'newly initialized'; it is not, once
-    apply() has run, and the check below replaces the report."""
+def quiet_transformers():
+    """No transformers progress bars or load report: the report lists the new head as 'newly
+    initialized'; it is not, once apply() has run, and load_model's own check replaces it."""
     from transformers.utils import logging as tlog
     level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
     tlog.set_verbosity_error()
@@ -115,7 +115,7 @@ def load_model(store, finetune: str, model_class=None, device_map=None, *, base=
         kwargs["device_map"] = device_map
     path = _weights_path(sub)
     try:
-        with _quiet():
+        with quiet_transformers():
             model, info = cls.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     except (ImportError, ValueError) as e:
         if device_map is not None and "accelerate" in str(e):

@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import oracle
+from row_families import KINDS, row as _row
 from ken_dist import KenError, ken_select, select
 from ken_dist.errors import NonFiniteRowError
 from ken_dist.kernel import ken, ken_cpu
@@ -47,29 +48,6 @@ def test_oracle_reproduces_small_golden_rows(golden):
         assert np.array_equal(oracle.reference_mask(v, k), case["mask"])
 
 
-def _row(draw_kind, n, rng):
-    if draw_kind == "gauss":
-        return rng.standard_normal(n) * 0.02
-    if draw_kind == "student":
-        return rng.standard_t(2, n) * 0.01
-    if draw_kind == "outliers":
-        v = rng.standard_normal(n) * 0.01
-        v[rng.integers(0, n, max(1, n // 50))] *= 300
-        return v
-    if draw_kind == "bf16":
-        return torch.from_numpy(rng.standard_normal(n) * 0.05).to(torch.bfloat16).float().numpy()
-    if draw_kind == "zeros":
-        v = rng.standard_normal(n)
-        v[rng.random(n) < 0.2] = 0.0
-        return v
-    if draw_kind == "bimodal":
-        return np.where(rng.random(n) < 0.5, -1, 1) * 0.05 + rng.standard_normal(n) * 0.005
-    if draw_kind == "few_levels":
-        return rng.integers(-3, 4, n) * 0.25
-    return rng.uniform(-1, 1, n)
-
-
-KINDS = ["gauss", "student", "outliers", "bf16", "zeros", "bimodal", "few_levels", "uniform"]
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -21,13 +21,14 @@ one-time transformers import. Nothing is downloaded: configs are built in code, 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 
 import torch
+
+from ken_dist.model_load import quiet_transformers
 
 LLAMA = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, vocab_size=128,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -36,26 +37,11 @@ BERT = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, vocab_siz
             num_attention_heads=4, max_position_embeddings=64, type_vocab_size=2)
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """No progress bars or load reports in test output; restored afterwards."""
-    from transformers.utils import logging as tlog
-    bars, level = tlog.is_progress_bar_enabled(), tlog.get_verbosity()
-    tlog.disable_progress_bar()
-    tlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        tlog.set_verbosity(level)
-        if bars:
-            tlog.enable_progress_bar()
-
-
 def _save(model, out_dir, dtype, shard_bytes) -> str:
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     model = model.to(dtype)
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(out_dir, max_shard_size=shard_bytes or "50GB")
     return out_dir
 
@@ -145,7 +131,7 @@ def _finetune_head_class(base_dir, out_dir, gen, model, scale, big_frac, big_sca
     cls = getattr(transformers, "LlamaForSequenceClassification" if model == "llama"
                   else "BertForSequenceClassification")
     dtype = next(iter(_load_dir(base_dir).values())).dtype
-    with _quiet_transformers():
+    with quiet_transformers():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
             m = cls.from_pretrained(base_dir, num_labels=num_labels, dtype=dtype)
