@@ -146,7 +146,7 @@ class ActorPool:
                            "cluster has no node that can host one (check `ray status`); rerun the same "
                            "command when it has, it resumes")
 
-    def describe(self, timeout: float = 10.0) -> list[dict]:
+    def describe(self, timeout: float = 30.0) -> list[dict]:
         """info() of every ALIVE actor (pid, node, device, GPU ids, peak RSS so far), for the log."""
         slots = self.ready()
         refs = [s.actor.info.remote() for s in slots]
