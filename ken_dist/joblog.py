@@ -4,7 +4,7 @@ Why: a prune job on a cluster runs for hours and may be killed, resumed, or fail
 tensor. The manifest says what the store holds; the job log says how it got there: who ran
 what with which parameters and versions, how long it took, how many blocks were reused from
 an earlier run, which workers ran (device, node, peak memory), and the error that stopped a
-failed run. Readers of the store ignore it (docs/FORMAT.md); `read_job_log` parses it.
+failed run. Readers of the store ignore it (the README's Format section); `read_job_log` parses it.
 
 Events (every line has `event`, `job_id`, `time`):
     start  host, pid, argv, versions, base, store, finetunes {name: {source, params, blocks,

@@ -39,7 +39,7 @@ DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 WHOLE_CHUNK_BYTES = 16 * 2**20
 _WHOLE_CHUNKS_PER_GROUP = 4
 
-# Measured on bf16 [4096, 4096] blocks with random masks (docs/FORMAT.md, benchmarks/store_ratio.py):
+# Measured on bf16 [4096, 4096] blocks with random masks (the README's Format section, benchmarks/store_ratio.py):
 # zstd level 1 squeezes the sparse bitmask at low keep and costs ~nothing at keep 0.5;
 # dictionaries and statistics only add bytes to random binary data.
 PARQUET_OPTIONS = dict(

@@ -1,6 +1,6 @@
 """The subnetwork store: a partitioned Parquet dataset plus a manifest per fine-tune.
 
-Why it is shaped this way (docs/FORMAT.md is the normative description):
+Why it is shaped this way (the README's Format section is the normative description):
 - Workers write part files directly (tmp file + fsync + rename), so a block is either absent
   or complete on disk, and no tensor bytes travel through the driver.
 - Only the driver commits: it appends the workers' block records to an fsync'ed JSONL journal.
@@ -115,7 +115,7 @@ def _normalize_plan(tensors: dict) -> dict:
 
 
 class Store:
-    """A directory holding subnetworks; see the module docstring and docs/FORMAT.md."""
+    """A directory holding subnetworks; see the module docstring and the README's Format section."""
 
     def __init__(self, path, *, create: bool = False):
         self.root = os.path.realpath(os.fspath(path))
