@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from ken_dist import KenError, STRATEGIES, ken_select, select
+from ken_dist.kernel.extra_strategies import BLOCK_LEVEL, LOWRANK_RANK, lowrank_part
+from ken_dist.kernel.strategies import top_k_mask
 
 EXTRA = [name for name in STRATEGIES if name not in ("ken", "magnitude", "random")]
+ROW_LOCAL = [name for name in EXTRA if name not in BLOCK_LEVEL]
 
 
 def _pair(r, n, seed, dtype=np.float32):
@@ -22,7 +25,7 @@ def _pair(r, n, seed, dtype=np.float32):
 
 
 def test_new_strategies_are_registered_and_need_the_base():
-    assert "ken-delta" in STRATEGIES
+    assert "ken-delta" in STRATEGIES and "lowrank-delta" in STRATEGIES
     for name in EXTRA:
         assert STRATEGIES[name].needs_base
         ft, _ = _pair(3, 16, 0)
@@ -50,7 +53,7 @@ def test_exactly_k_per_row_low_precision_and_keep(name, dtype):
     assert torch.equal(one, mask[1])
 
 
-@pytest.mark.parametrize("name", EXTRA)
+@pytest.mark.parametrize("name", ROW_LOCAL)
 def test_block_split_does_not_change_the_mask(name):
     ft, base = _pair(9, 50, 11)
     whole = select(name, ft, base, k=12, seed=4)
@@ -82,3 +85,64 @@ def test_untouched_row_keeps_first_k():
     ft, base = _pair(3, 30, 2)
     mask = select("ken-delta", ft, base, k=4)
     assert mask[0].nonzero().flatten().tolist() == [0, 1, 2, 3]
+
+
+def _lowrank_pair(r, n, rank, noise, seed):
+    """base + a rank-`rank` change with singular values 8, 4, 2, 1, ... (x 1e-3) + Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    base = (rng.standard_normal((r, n)) * 0.02).astype(np.float32)
+    u, _ = np.linalg.qr(rng.standard_normal((r, rank)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, rank)))
+    sv = 8.0 / 2.0 ** np.arange(rank) * np.sqrt(r * n) / 10
+    signal = (u * sv) @ v.T * 1e-3
+    ft = (base + signal + noise * 1e-3 * rng.standard_normal((r, n))).astype(np.float32)
+    return ft, base
+
+
+def _exact_lowrank(d, rank):
+    u, s, vt = np.linalg.svd(d, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vt[:rank]
+
+
+@pytest.mark.parametrize("shape", [(40, 30), (200, 64), (64, 300), (13, 13)])
+def test_lowrank_part_matches_the_exact_svd(shape):
+    ft, base = _lowrank_pair(*shape, rank=LOWRANK_RANK, noise=0.05, seed=sum(shape))
+    d = ft.astype(np.float64) - base
+    got, want = lowrank_part(d), _exact_lowrank(d, LOWRANK_RANK)
+    assert np.linalg.norm(got - want) <= 1e-6 * np.linalg.norm(want)
+    # no gap after rank 4 (pure noise): the subspace is ambiguous, but the approximation is near-optimal
+    noise = np.random.default_rng(1).standard_normal(shape)
+    approx = lowrank_part(noise)
+    assert np.linalg.matrix_rank(approx) == min(LOWRANK_RANK, *shape)
+    assert np.linalg.norm(noise - approx) <= 1.01 * np.linalg.norm(noise - _exact_lowrank(noise, LOWRANK_RANK))
+    assert np.array_equal(lowrank_part(d), got)  # fixed sketch: the same numbers every call
+
+
+def test_lowrank_delta_is_its_definition():
+    """top-k per row of delta * (rank-4 part of the block's delta); on a single row, magnitude."""
+    ft, base = _lowrank_pair(120, 80, rank=LOWRANK_RANK, noise=0.3, seed=5)
+    d = ft.astype(np.float64) - base
+    got = select("lowrank-delta", ft, base, k=20).numpy()
+    assert np.array_equal(got, top_k_mask(d * lowrank_part(d), 20))
+    assert np.array_equal(got, top_k_mask(d * _exact_lowrank(d, LOWRANK_RANK), 20))  # a clear spectral gap
+    one = select("lowrank-delta", ft[7], base[7], k=20)
+    assert torch.equal(one, select("magnitude", ft[7], base[7], k=20))
+
+
+def test_lowrank_delta_prefers_signal_over_noise():
+    """A rank-1 change shared by all rows (columns 0..19) plus isolated spikes (5 per row, larger than
+    most signal entries, at random columns): lowrank-delta keeps the shared change, magnitude the spikes."""
+    rng = np.random.default_rng(0)
+    r, n, sig = 200, 100, 20
+    base = (0.02 * rng.standard_normal((r, n))).astype(np.float32)
+    u = rng.standard_normal(r)
+    delta = np.zeros((r, n))
+    delta[:, :sig] = np.outer(u, np.ones(sig)) * 1e-3
+    for i in range(r):
+        delta[i, rng.choice(np.arange(sig, n), 5, replace=False)] = 2.5e-3 * rng.choice([-1, 1], 5)
+    ft = (base + delta).astype(np.float32)
+    rows = np.abs(u) > 1                     # rows where the shared change is not tiny
+    low = select("lowrank-delta", ft, base, k=sig).numpy()[rows]
+    mag = select("magnitude", ft, base, k=sig).numpy()[rows]
+    assert low[:, :sig].mean() > 0.95 and low[:, sig:].sum(axis=1).mean() < 1
+    assert mag[:, sig:].sum(axis=1).mean() > 4

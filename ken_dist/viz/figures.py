@@ -128,12 +128,12 @@ def plot_layers(views: list[MatrixView], *, max_pixels: int = 256, title: str | 
     images = [c.value_image() for c in coarse]
     lim = _value_limit(images)
     n = len(views)
-    ncol = min(n, 8)
-    nrow = math.ceil(n / ncol)
     ir, ic = images[0].shape
     scale = 2.6 / max(ir, ic, 1)  # inches per image pixel: the longer panel side is 2.6 in
-    pw, ph = max(1.0, ic * scale), max(0.8, ir * scale)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(pw * ncol + 1.6, (ph + 0.55) * nrow + 0.8), squeeze=False,
+    pw, ph = max(1.5, ic * scale), max(0.8, ir * scale)
+    ncol = max(1, min(n, int(13.0 // (pw + 0.35))))  # figure at most ~14 in wide
+    nrow = math.ceil(n / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(pw * ncol + 1.8, (ph + 0.55) * nrow + 0.8), squeeze=False,
                              layout="constrained")
     im = None
     for i, (v, c, img) in enumerate(zip(views, coarse, images)):
@@ -141,7 +141,7 @@ def plot_layers(views: list[MatrixView], *, max_pixels: int = 256, title: str | 
         im = ax.imshow(img, cmap=_cmap(VALUE_CMAP), vmin=-lim, vmax=lim, interpolation="nearest",
                        extent=_extent(c), aspect="auto")
         layer = v.layer if v.layer is not None else v.name
-        ax.set_title(f"layer {layer}: nbr ratio {v.stats['clustering_ratio']:.2f}", fontsize=7)
+        ax.set_title(f"layer {layer}\nnbr ratio {v.stats['clustering_ratio']:.2f}", fontsize=7)
         ax.tick_params(labelsize=6)
     for i in range(n, nrow * ncol):
         axes[i // ncol, i % ncol].axis("off")
