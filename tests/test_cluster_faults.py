@@ -120,21 +120,23 @@ def test_placement_policy_counts():
 
 
 def test_gpu_actors_get_a_gpu_and_fall_back_to_cpu_here(cluster, pair, tmp_path):
-    store = tmp_path / "store"
-    result = run_job(job_for(pair, store, strategy="ken"), quiet=True)  # mixed placement
-    assert result["sft"]["complete"]
-    workers = [e for e in read_job_log(store) if e["event"] == "end"][-1]["workers"]
-    gpu = [w for w in workers.values() if w["gpu_requested"]]
-    cpu = [w for w in workers.values() if not w["gpu_requested"]]
-    # the policy: 1 GPU actor + 1 CPU actor per CPU left (pure, so checked exactly) ...
+    # the mixed policy: 1 GPU actor + 1 CPU actor per CPU left (pure, so checked exactly)
     assert plan_slots(ray.cluster_resources(), None, "mixed", 100) == [True, False, False]
-    # ... and the actors that reported: the GPU one always; the CPU ones may still be starting
-    # when a job this small is done (seen on this 2-core machine under load)
-    assert len(gpu) == 1 and len(cpu) <= 2, workers
-    assert gpu[0]["gpu_ids"] == ["0"]  # Ray scheduled it with num_gpus=1 ...
+    # GPU actors only, so the GPU actor surely runs blocks and reports how it ran them
+    store = tmp_path / "gpu"
+    assert run_job(job_for(pair, store, strategy="ken"), quiet=True, placement="gpu")["sft"]["complete"]
+    workers = [e for e in read_job_log(store) if e["event"] == "end"][-1]["workers"]
+    assert workers and all(w["gpu_requested"] for w in workers.values()), workers
     want = "cuda" if torch.cuda.is_available() else "cpu"
-    assert gpu[0]["device"] == want  # ... and it runs the CUDA path only where torch sees CUDA
-    assert all(w["gpu_ids"] == [] and w["device"] == "cpu" for w in cpu)
+    for w in workers.values():
+        assert w["gpu_ids"] == ["0"]  # Ray scheduled it with num_gpus=1 ...
+        assert w["device"] == want  # ... and it runs the CUDA path only where torch sees CUDA
+    assert_pruned_like_ken(pair, store)
+    # a mixed pool completes the same job (which actors get blocks depends on start-up timing)
+    store = tmp_path / "mixed"
+    assert run_job(job_for(pair, store, strategy="ken"), quiet=True)["sft"]["complete"]
+    workers = [e for e in read_job_log(store) if e["event"] == "end"][-1]["workers"]
+    assert all(w["gpu_ids"] == [] and w["device"] == "cpu" for w in workers.values() if not w["gpu_requested"])
     assert_pruned_like_ken(pair, store)
 
 
