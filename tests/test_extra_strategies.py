@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from ken_dist import KenError, STRATEGIES, ken_select, select
-from ken_dist.kernel.extra_strategies import BLOCK_LEVEL, LOWRANK_RANK, lowrank_part
+from ken_dist.kernel.extra_strategies import (BLOCK_BUDGET, BLOCK_LEVEL, LOWRANK_RANK, block_top_mask,
+                                              lowrank_part)
 from ken_dist.kernel.strategies import top_k_mask
 
 EXTRA = [name for name in STRATEGIES if name not in ("ken", "magnitude", "random")]
 ROW_LOCAL = [name for name in EXTRA if name not in BLOCK_LEVEL]
+EXACT_K = [name for name in EXTRA if name not in BLOCK_BUDGET]
 
 
 def _pair(r, n, seed, dtype=np.float32):
@@ -25,7 +27,7 @@ def _pair(r, n, seed, dtype=np.float32):
 
 
 def test_new_strategies_are_registered_and_need_the_base():
-    assert "ken-delta" in STRATEGIES and "lowrank-delta" in STRATEGIES
+    assert {"ken-delta", "lowrank-delta", "lowrank-delta-block"} <= set(STRATEGIES)
     for name in EXTRA:
         assert STRATEGIES[name].needs_base
         ft, _ = _pair(3, 16, 0)
@@ -36,10 +38,14 @@ def test_new_strategies_are_registered_and_need_the_base():
 @pytest.mark.parametrize("name", EXTRA)
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 1), (7, 3), (64, 16), (64, 64), (64, 200), (384, 96)])
 def test_exactly_k_per_row(name, n, k):
+    """Exactly min(k, n) per row; block-budget strategies: exactly min(k, n) * rows per block."""
     ft, base = _pair(6, n, n * 1000 + k)
     mask = select(name, ft, base, k=k, row_offset=5, seed=3)
     assert mask.dtype == torch.bool and tuple(mask.shape) == (6, n)
-    assert mask.sum(dim=1).tolist() == [min(k, n)] * 6
+    if name in BLOCK_BUDGET:
+        assert int(mask.sum()) == 6 * min(k, n)
+    else:
+        assert mask.sum(dim=1).tolist() == [min(k, n)] * 6
 
 
 @pytest.mark.parametrize("name", EXTRA)
@@ -48,9 +54,14 @@ def test_exactly_k_per_row_low_precision_and_keep(name, dtype):
     ft, base = _pair(5, 100, 7)
     ft_t, base_t = torch.from_numpy(ft).to(dtype), torch.from_numpy(base).to(dtype)
     mask = select(name, ft_t, base_t, keep=0.25)
-    assert mask.sum(dim=1).tolist() == [25] * 5
-    one = select(name, ft_t[1], base_t[1], keep=0.25)     # a 1-D tensor is one row
-    assert torch.equal(one, mask[1])
+    if name in BLOCK_BUDGET:
+        assert int(mask.sum()) == 25 * 5
+    else:
+        assert mask.sum(dim=1).tolist() == [25] * 5
+    one = select(name, ft_t[1], base_t[1], keep=0.25)     # a 1-D tensor is one row: exactly k
+    assert int(one.sum()) == 25
+    if name not in BLOCK_LEVEL:
+        assert torch.equal(one, mask[1])
 
 
 @pytest.mark.parametrize("name", ROW_LOCAL)
@@ -146,3 +157,31 @@ def test_lowrank_delta_prefers_signal_over_noise():
     mag = select("magnitude", ft, base, k=sig).numpy()[rows]
     assert low[:, :sig].mean() > 0.95 and low[:, sig:].sum(axis=1).mean() < 1
     assert mag[:, sig:].sum(axis=1).mean() > 4
+
+
+@pytest.mark.parametrize("total", [0, 1, 13, 100, 209, 210, 300])
+def test_block_top_mask_is_a_stable_top_k_of_the_block(total):
+    scores = np.random.default_rng(total).integers(0, 5, (30, 7)).astype(float)  # many ties
+    want = np.zeros(scores.size, bool)
+    want[np.argsort(-scores.ravel(), kind="stable")[:total]] = True
+    assert np.array_equal(block_top_mask(scores, total).ravel(), want)
+
+
+def test_lowrank_delta_block_is_its_definition():
+    """The k*rows entries of the block with the largest delta * (rank-4 part); one row: magnitude."""
+    ft, base = _lowrank_pair(120, 80, rank=LOWRANK_RANK, noise=0.3, seed=9)
+    d = ft.astype(np.float64) - base
+    got = select("lowrank-delta-block", ft, base, k=20).numpy()
+    want = np.zeros(d.size, bool)
+    want[np.argsort(-(d * lowrank_part(d)).ravel(), kind="stable")[:20 * 120]] = True
+    assert np.array_equal(got.ravel(), want)
+    assert torch.equal(select("lowrank-delta-block", ft[3], base[3], k=20), select("magnitude", ft[3], base[3], k=20))
+
+
+def test_lowrank_delta_block_moves_budget_to_the_rows_that_changed():
+    """Rows fine-tuning did not touch (as unseen tokens of an embedding matrix) give their share away."""
+    ft, base = _lowrank_pair(100, 64, rank=2, noise=0.1, seed=4)
+    ft[50:] = base[50:]                              # half the rows unchanged
+    mask = select("lowrank-delta-block", ft, base, k=16).numpy()
+    assert int(mask.sum()) == 100 * 16
+    assert mask[50:].sum() == 0 and mask[:50].sum() == 100 * 16  # all of it goes to the changed rows

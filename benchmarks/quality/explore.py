@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--whole", default=None, help="regex: tensors left at their fine-tuned value (not pruned)")
     ap.add_argument("--only", default=None, help="regex: prune only these tensors")
     args = ap.parse_args(argv)
-    import ken_dist.kernel  # noqa: F401
+    import ken_dist.kernel  # noqa: F401  (registers every strategy)
     ev = Evaluator(common.finetune_dir(args.seed))
     for r in args.rules:
         for keep in args.keep:

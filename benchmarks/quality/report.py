@@ -42,6 +42,7 @@ def write_report(cells: list[dict]) -> None:
     for (s, _, p) in groups:
         if s not in REFS and (s, p) not in strategies:
             strategies.append((s, p))
+    strategies.sort(key=lambda sp: sp[1] is not None)  # presets after the default (all tensors)
     keeps = sorted({k for (s, k, _) in groups if k is not None})
     lines = [f"# Quality benchmark results (seeds: {', '.join(map(str, seeds))})", "",
              "all-MiniLM-L6-v2 fine-tuned for sentence polarity (Pang & Lee, 3000 train / 1000 test), pruned "
@@ -102,6 +103,7 @@ def write_report(cells: list[dict]) -> None:
                          "f1_weighted": [c["f1_weighted"] for c in g]}
         for (s, k, p), g in groups.items()}, indent=1))
     _plot(groups, strategies, keeps, seeds)
+    write_explore_report()
     print("\n".join(lines))
 
 
@@ -117,7 +119,7 @@ def _plot(groups, strategies, keeps, seeds) -> None:
         if g:
             m = 100 * np.mean([c["accuracy"] for c in g])
             ax.axhline(m, color=color, ls=ls, label=f"{ref} ({m:.1f})")
-    for i, (s, p) in enumerate(strategies):
+    for i, (s, p) in enumerate([sp for sp in strategies if sp[1] is None]):  # presets: tables only
         xs, ms, lo, hi = [], [], [], []
         for k in keeps:
             g = groups.get((s, k, p))
@@ -140,3 +142,34 @@ def _plot(groups, strategies, keeps, seeds) -> None:
     ax.legend(fontsize=8, loc="lower right")
     fig.savefig(RESULTS / "accuracy_vs_keep.png", dpi=110)
     plt.close(fig)
+
+
+def write_explore_report(path=None) -> None:
+    """results/explore.md from results/explore.jsonl (explore.py's in-memory rule search)."""
+    src = RESULTS / "explore.jsonl"
+    if not src.exists():
+        return
+    runs = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+    cells = json.loads((RESULTS / "summary.json").read_text()) if (RESULTS / "summary.json").exists() else {}
+    full = dict(zip(cells.get("full fine-tune|None|None", {}).get("seeds", []),
+                    cells.get("full fine-tune|None|None", {}).get("accuracy", [])))
+    last = {}
+    for r in runs:  # the latest run of each (rule, keep, whole, only, seed) wins
+        last[(r["rule"], r["keep"], r.get("whole"), r.get("only"), r["seed"])] = r["accuracy"]
+    table = defaultdict(dict)
+    for (rule, keep, whole, only, seed), acc in last.items():
+        table[(rule, keep, whole or "", only or "")][seed] = acc
+    seeds = sorted({k[-1] for k in last})
+    lines = ["# Rule search (explore.py, in memory: same masks as the pipeline, no store)", "",
+             "Accuracy gap to each seed's own full fine-tune, in points; `-` = not run. `whole`: tensors "
+             "left at their fine-tuned value (a diagnosis, not a rule). Prefix t = one budget per tensor, "
+             "g = one budget for the whole model (not expressible as a per-block strategy).", "",
+             "| rule | keep | whole | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+             "|---|---|---|" + "---|" * (len(seeds) + 1)]
+    for (rule, keep, whole, only), accs in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])):
+        gaps = [100 * (accs[s] - full[s]) if s in accs and s in full else None for s in seeds]
+        have = [g for g in gaps if g is not None]
+        lines.append(f"| {rule} | {keep:g} | {whole.replace('|', '&#124;')} | "
+                     + " | ".join("-" if g is None else f"{g:+.1f}" for g in gaps)
+                     + f" | {np.mean(have):+.2f} |")
+    (path or RESULTS / "explore.md").write_text("\n".join(lines) + "\n")

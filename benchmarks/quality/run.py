@@ -1,6 +1,6 @@
 """Quality benchmark: does a KEN subnetwork keep the accuracy of the fine-tune it came from?
 
-    python benchmarks/quality/run.py                    # seed 0, 4 strategies x 4 keep fractions
+    python benchmarks/quality/run.py                    # seed 0, 6 strategies x 4 keep fractions
     python benchmarks/quality/run.py --seeds 0 1 2      # more fine-tune seeds (spread in the report)
     python benchmarks/quality/run.py --report-only      # rebuild the table and plot from cells.jsonl
 
@@ -32,8 +32,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -159,7 +157,6 @@ def rebuild(store: Path, name: str, base_dir: Path) -> tuple[dict, dict]:
 
 def run_seed(seed: int, strategies, keeps, preset, workers: int) -> None:
     base_dir = common.base_model_dir()
-    t_ft = time.time()
     ft_dir = common.finetune(seed)
     train_info = json.loads((ft_dir / "train.json").read_text())
     done = {cell_key(c) for c in load_cells()}
