@@ -300,12 +300,19 @@ def _open_slice(info: TensorInfo, what: str):
     return handle
 
 
-def _check_same(info: TensorInfo, sl, handle_path: str) -> None:
+def _checked_slice(f, info: TensorInfo):
+    """The tensor's slice handle, after checking the file still holds it as the plan saw it."""
+    try:
+        sl = f.get_slice(info.name)
+    except Exception as e:
+        raise KenError(f"{info.file}: tensor {info.name!r} is no longer in the file; the "
+                       f"file changed during the job; restart it") from e
     shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
     if shape != info.shape or dtype != info.dtype:
-        raise KenError(f"{handle_path}: tensor {info.name!r} is now {dtype} {list(shape)}, but "
+        raise KenError(f"{info.file}: tensor {info.name!r} is now {dtype} {list(shape)}, but "
                        f"was {info.dtype} {list(info.shape)} when the checkpoint was opened; "
                        f"the file changed during the job; restart it")
+    return sl
 
 
 def read_rows(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
@@ -320,12 +327,7 @@ def read_rows(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
     if start == stop:
         return torch.empty((0, row_len), dtype=torch_dtype(info.dtype))
     with _open_slice(info, f"rows [{start}, {stop})") as f:
-        try:
-            sl = f.get_slice(info.name)
-        except Exception as e:
-            raise KenError(f"{info.file}: tensor {info.name!r} is no longer in the file; the "
-                           f"file changed during the job; restart it") from e
-        _check_same(info, sl, info.file)
+        sl = _checked_slice(f, info)
         if len(info.shape) == 0:
             t = f.get_tensor(info.name)
         elif len(info.shape) == 1:
@@ -338,12 +340,7 @@ def read_rows(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     """The whole tensor, original dtype and shape (for tensors stored whole)."""
     with _open_slice(info, "all") as f:
-        try:
-            sl = f.get_slice(info.name)
-        except Exception as e:
-            raise KenError(f"{info.file}: tensor {info.name!r} is no longer in the file; the "
-                           f"file changed during the job; restart it") from e
-        _check_same(info, sl, info.file)
+        _checked_slice(f, info)
         return f.get_tensor(info.name)
 
 

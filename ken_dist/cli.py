@@ -197,9 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="subnetwork store directory (created if missing)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--k", type=int, help="entries kept per row")
-    group.add_argument("--keep", type=float, help="fraction kept per row, in (0, 1]; k = max(1, round(keep*n))")
+    group.add_argument("--keep", type=float, help="fraction kept, in (0, 1]: per row, k = max(1, round(keep*n)); "
+                       "of the whole fine-tune for the *-model strategies")
     p.add_argument("--name", action="append", help="store name of each fine-tune (default: its directory name)")
-    p.add_argument("--strategy", default="ken", help="ken (default), magnitude, random, ...")
+    from ken_dist.kernel import STRATEGIES
+    p.add_argument("--strategy", default="ken", help=f"one of {', '.join(sorted(STRATEGIES))} (default ken, the "
+                   "paper's rule; README 'Quality' says which to use when)")
     p.add_argument("--compat", default="index", choices=["index", "reference"],
                    help="index: exactly k per row (default); reference: the published code's value-based mask")
     p.add_argument("--seed", type=int, default=0, help="seed of seeded strategies (random)")

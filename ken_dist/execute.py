@@ -8,7 +8,8 @@ import torch
 
 from ken_dist.checkpoint import read_rows, read_tensor
 from ken_dist.errors import KenError, NonFiniteRowError
-from ken_dist.kernel import STRATEGIES, select
+from ken_dist.budget import score_histogram
+from ken_dist.kernel import STRATEGIES, block_scores, select
 from ken_dist.plan import WorkUnit
 from ken_dist.store import Store
 
@@ -16,24 +17,53 @@ from ken_dist.store import Store
 # Rows handed to the kernel per call. The kernel's temporaries are ~20x the bf16 bytes it is
 # given (float32/float64 copies, sort indices, grids), so a 64 MiB block selected at once would
 # cost a worker ~1.3 GB; in chunks of 4M entries it costs ~170 MB whatever --block-bytes is.
-# Selection is row by row (row i depends only on its values, seed and absolute index), so
-# chunking gives the same mask. GPUs get larger chunks: they need the batch, and have the memory.
+# Selection of scope "row" strategies is row by row (row i depends only on its values, seed and
+# absolute index), so chunking gives the same mask; the others see the whole block at once (the
+# low-rank rules hold ~40 bytes per entry then). GPUs get larger chunks: they need the batch.
 SELECT_CHUNK_ELEMENTS = {"cpu": 1 << 22, "gpu": 1 << 25}
 
 
 def _select_in_chunks(unit: WorkUnit, rows, base, device):
     chunk = SELECT_CHUNK_ELEMENTS["cpu" if device in (None, "cpu") else "gpu"]
     step = max(1, chunk // max(1, rows.shape[1]))
+    if STRATEGIES[unit.params.strategy].scope != "row":
+        step = rows.shape[0]
     masks = []
     for a in range(0, rows.shape[0], step):
         b = min(rows.shape[0], a + step)
         try:
             masks.append(select(unit.params.strategy, rows[a:b], None if base is None else base[a:b],
                                 k=unit.params.k, keep=unit.params.keep, seed=unit.seed,
-                                row_offset=unit.row_start + a, compat=unit.params.compat, device=device).cpu())
+                                row_offset=unit.row_start + a, compat=unit.params.compat, device=device,
+                                budget=unit.budget).cpu())
         except NonFiniteRowError as exc:
             raise NonFiniteRowError(str(exc), exc.row + a) from None
     return masks[0] if len(masks) == 1 else torch.cat(masks)
+
+
+def _nonfinite(unit: WorkUnit, exc: NonFiniteRowError) -> KenError:
+    return KenError(f"{unit.ft_info.file}: tensor {unit.tensor!r} row {unit.row_start + exc.row} holds NaN or "
+                    "infinity; KEN needs finite weights (the fine-tune is corrupt or overflowed: re-export it)")
+
+
+def _read_block(unit: WorkUnit):
+    values = read_rows(unit.ft_info, unit.row_start, unit.row_end)
+    base = None
+    if STRATEGIES[unit.params.strategy].needs_base:
+        base = read_rows(unit.base_info, unit.row_start, unit.row_end)
+    return values, base
+
+
+def score_unit(unit: WorkUnit) -> dict:
+    """Scoring pass of a model-budget strategy (ken_dist/budget.py): the block's score histogram."""
+    t0 = time.perf_counter()
+    values, base = _read_block(unit)
+    try:
+        scores = block_scores(unit.params.strategy, values, base)
+    except NonFiniteRowError as exc:
+        raise _nonfinite(unit, exc) from None
+    bins, counts = score_histogram(scores)
+    return {"bins": bins, "counts": counts, "seconds": time.perf_counter() - t0}
 
 
 def process_unit(unit: WorkUnit, store: Store, device: str | None = None) -> dict:
@@ -46,22 +76,19 @@ def process_unit(unit: WorkUnit, store: Store, device: str | None = None) -> dic
         record["seconds"] = time.perf_counter() - t0
         record["cpu_seconds"] = time.process_time() - c0
         return record
-    values = read_rows(unit.ft_info, unit.row_start, unit.row_end)
-    base = None
-    if STRATEGIES[unit.params.strategy].needs_base:
-        base = read_rows(unit.base_info, unit.row_start, unit.row_end)
+    values, base = _read_block(unit)
     t_read = time.perf_counter()
     rows = values.to(device) if device not in (None, "cpu") else values
     try:
         mask = _select_in_chunks(unit, rows, base, device)
     except NonFiniteRowError as exc:
-        row = unit.row_start + exc.row
-        raise KenError(f"{unit.ft_info.file}: tensor {unit.tensor!r} row {row} holds NaN or infinity; "
-                       "KEN needs finite weights (the fine-tune is corrupt or overflowed: re-export it)") from None
+        raise _nonfinite(unit, exc) from None
     except KenError as exc:
         raise KenError(f"{unit.ft_info.file}: tensor {unit.tensor!r}: {exc}") from None
     t_select = time.perf_counter()
     record = store.write_block(unit.finetune, unit.tensor, unit.row_start, unit.row_end, mask.cpu(), values)
+    if unit.budget is not None:
+        record["budget"] = unit.budget  # resume reuses the block only under the same budget
     record["seconds"] = time.perf_counter() - t0
     record["cpu_seconds"] = time.process_time() - c0
     record["read_seconds"] = t_read - t0

@@ -18,6 +18,7 @@ import struct
 
 from ken_dist.errors import KenError
 from ken_dist.parts import raw_bytes, torch_dtype
+from ken_dist.store_io import fsync_path
 
 _MARKER = ".ken-materialize-in-progress"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack",
@@ -76,14 +77,6 @@ def _copy_side_files(src_root: str | None, dst: str) -> list[str]:
     return copied
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def materialize(store, finetune: str, out_dir, base=None, max_shard_bytes: int = 5 * 2**30, *,
                 overwrite: bool = False, finetune_root=None) -> dict:
     """Write the pruned fine-tune as a dense HF directory loadable with from_pretrained.
@@ -140,7 +133,7 @@ def materialize(store, finetune: str, out_dir, base=None, max_shard_bytes: int =
                 f.flush()
                 os.fsync(f.fileno())
     os.unlink(os.path.join(tmp, _MARKER))
-    _fsync(tmp)
+    fsync_path(tmp)
     old = None
     if os.path.exists(out_dir):
         if os.listdir(out_dir):
@@ -149,7 +142,7 @@ def materialize(store, finetune: str, out_dir, base=None, max_shard_bytes: int =
         else:
             os.rmdir(out_dir)
     os.rename(tmp, out_dir)
-    _fsync(os.path.dirname(out_dir) or ".")
+    fsync_path(os.path.dirname(out_dir) or ".")
     if old:
         shutil.rmtree(old)
     return {"out_dir": out_dir, "shards": names, "files": names, "total_size": total, "tensors": len(weight_map),

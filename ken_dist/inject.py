@@ -99,8 +99,8 @@ def resolve_names(model, sub: Subnetwork, *, name_map=None, strict: bool = False
         shown = ", ".join(map(repr, unmatched[:8])) + (f" and {len(unmatched) - 8} more" if len(unmatched) > 8 else "")
         msg = (f"{type(model).__name__} has no tensor for {len(unmatched)} stored tensor(s) of fine-tune "
                f"{sub.finetune!r}: {shown} (model names look like {next(iter(tensors), '?')!r})")
-        fix = (f"load the model class the fine-tune was saved with (its config.json architectures), or pass "
-               f"name_map={{stored name: model name}}")
+        fix = ("load the model class the fine-tune was saved with (its config.json architectures), or pass "
+               "name_map={stored name: model name}")
         if strict or not out:
             raise KenError(f"{msg}; {fix}" + ("" if out else "; no stored tensor matched at all"))
         if warn:

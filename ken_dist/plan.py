@@ -62,6 +62,7 @@ class WorkUnit:
     row_end: int
     params: PruneParams
     seed: int                   # per-tensor seed for seeded strategies
+    budget: int | None = None   # entries to keep in this block (strategies of scope "model" only)
 
     @property
     def key(self) -> tuple[str, int, int]:

@@ -27,8 +27,8 @@ import torch
 
 from ken_dist.errors import KenError
 from ken_dist.parts import PARQUET_OPTIONS, dtype_name, encode_block, torch_dtype, write_whole_parquet
-from ken_dist.store_io import (atomic_json, atomic_write, escape_name, fsync_dir, last_byte, now, publish,
-                               sha256_file, tmp_path, unescape_name)
+from ken_dist.store_io import (atomic_json, atomic_write, escape_name, fsync_path, last_byte, now, publish,
+                               sha256_file, tmp_path)
 
 FORMAT = "ken-subnetwork"
 FORMAT_VERSION = 1
@@ -279,6 +279,8 @@ class Store:
             manifest = dict(old, base_identity=base_identity, finetune_identity=finetune_identity, updated=stamp)
             if not same_plan or old.get("complete"):  # a part of a complete fine-tune went missing
                 manifest.update(tensors=plan if not same_plan else old["tensors"], complete=False)
+            if not same_plan:
+                manifest.pop("budget", None)  # model budgets belong to a block plan
         else:
             from ken_dist import __version__
             manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "finetune": finetune,
@@ -288,6 +290,33 @@ class Store:
                         "complete": False, "summary": None, "totals": None}
         atomic_json(self._manifest_path(finetune), manifest)
         return "new" if old is None else "resume"
+
+    def set_budgets(self, finetune: str, budgets: dict, summary: dict) -> None:
+        """Record each planned block's keep budget (strategies of scope "model", ken_dist/budget.py)
+        before any block runs, so that a resumed run selects with the same budgets."""
+        self.acquire(finetune)
+        manifest = self.manifest(finetune)
+        for name, t in manifest["tensors"].items():
+            for b in t["blocks"]:
+                key = (name, b["row_start"], b["row_end"])
+                if key in budgets:
+                    b["budget"] = int(budgets[key])
+        manifest.update(budget=summary, updated=now())
+        atomic_json(self._manifest_path(finetune), manifest)
+
+    def budgets(self, finetune: str) -> dict | None:
+        """{(tensor, row_start, row_end): budget} recorded by set_budgets for the current block
+        plan, or None when there is none (never scored, or the plan changed since)."""
+        manifest = self.manifest(finetune)
+        if "budget" not in manifest:
+            return None
+        out = {}
+        for name, t in manifest["tensors"].items():
+            for b in t["blocks"] if t["action"] == "prune" else ():
+                if "budget" not in b:
+                    return None
+                out[(name, b["row_start"], b["row_end"])] = int(b["budget"])
+        return out
 
     def _parts_present(self, manifest: dict) -> bool:
         """Every block file of a complete manifest exists with its recorded size (stat only)."""
@@ -308,7 +337,7 @@ class Store:
                 continue
             path = os.path.join(ftdir, entry)
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
-        fsync_dir(ftdir)
+        fsync_path(ftdir)
 
     # ---- worker side -------------------------------------------------------------------------
     def _begun(self, finetune: str) -> None:
@@ -446,7 +475,8 @@ class Store:
             for b in t["blocks"]:
                 rec = done[(name, b["row_start"], b["row_end"])]
                 blocks.append({k: rec[k] for k in ("row_start", "row_end", "file", "kept", "bytes", "sha256",
-                                                   "kept_row_min", "kept_row_max", "bound_bytes") if k in rec})
+                                                   "kept_row_min", "kept_row_max", "bound_bytes", "budget")
+                               if k in rec})
                 keep_files.add(self.resolve(rec["file"]))
             t["blocks"] = blocks
             t["kept"] = sum(b["kept"] for b in blocks)

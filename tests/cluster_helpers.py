@@ -12,7 +12,6 @@ import signal
 import time
 import uuid
 
-import pytest
 
 TAG_VAR = "KEN_TEST_TAG"
 
@@ -108,14 +107,3 @@ def assert_same_store(a, b, finetune: str) -> None:
         return json.loads(json.dumps({k: v for k, v in m.items() if k not in ("created", "updated", "summary")}))
 
     assert strip(Store(a).manifest(finetune)) == strip(Store(b).manifest(finetune))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One private local Ray (2 CPUs, 127.0.0.1) for a test module; import it into the module."""
-    import ray
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()

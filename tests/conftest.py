@@ -30,3 +30,13 @@ def golden():
         }
         for i in range(int(data["n_cases"]))
     ]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A private 2-CPU local Ray for one test module (pytestmark = pytest.mark.usefixtures("local_ray"))."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()

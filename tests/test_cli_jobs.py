@@ -24,7 +24,6 @@ from ken_dist.loader import open_subnetwork
 from ken_dist.plan import PruneParams
 from ken_dist.runtime.driver import plan_job
 from ken_dist.store import Store
-from cluster_helpers import local_ray  # noqa: F401  (one local Ray for the module)
 from tiny_models import make_finetune, make_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("local_ray")

@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-import ray
 import torch
 
 from cluster_helpers import TAG_VAR, journal_keys, kill_tagged, new_tag, tagged_pids

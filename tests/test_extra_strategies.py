@@ -7,13 +7,15 @@ import pytest
 import torch
 
 from ken_dist import KenError, STRATEGIES, ken_select, select
-from ken_dist.kernel.extra_strategies import (BLOCK_BUDGET, BLOCK_LEVEL, LOWRANK_RANK, block_top_mask,
-                                              lowrank_part)
-from ken_dist.kernel.strategies import top_k_mask
+from ken_dist.kernel import block_scores
+from ken_dist.kernel.extra_strategies import LOWRANK_RANK, lowrank_part
+from ken_dist.kernel.strategies import block_top_mask, top_k_mask
 
 EXTRA = [name for name in STRATEGIES if name not in ("ken", "magnitude", "random")]
-ROW_LOCAL = [name for name in EXTRA if name not in BLOCK_LEVEL]
-EXACT_K = [name for name in EXTRA if name not in BLOCK_BUDGET]
+PER_BLOCK = [name for name in EXTRA if STRATEGIES[name].scope != "model"]   # k or keep is enough
+ROW_LOCAL = [name for name in EXTRA if STRATEGIES[name].scope == "row"]
+BLOCK_BUDGET = {"lowrank-delta-block"}                                      # exactly k * rows per block
+MODEL = [name for name in EXTRA if STRATEGIES[name].scope == "model"]
 
 
 def _pair(r, n, seed, dtype=np.float32):
@@ -27,15 +29,18 @@ def _pair(r, n, seed, dtype=np.float32):
 
 
 def test_new_strategies_are_registered_and_need_the_base():
-    assert {"ken-delta", "lowrank-delta", "lowrank-delta-block"} <= set(STRATEGIES)
+    assert {"ken-delta", "lowrank-delta", "lowrank-delta-block", "lowrank-delta-model",
+            "magnitude-model"} <= set(STRATEGIES)
+    assert [STRATEGIES[n].scope for n in ("ken", "ken-delta", "lowrank-delta", "lowrank-delta-block",
+                                          "lowrank-delta-model")] == ["row", "row", "block", "block", "model"]
     for name in EXTRA:
         assert STRATEGIES[name].needs_base
         ft, _ = _pair(3, 16, 0)
         with pytest.raises(KenError, match="needs base_rows"):
-            select(name, ft, None, k=3)
+            select(name, ft, None, k=3, budget=5)
 
 
-@pytest.mark.parametrize("name", EXTRA)
+@pytest.mark.parametrize("name", PER_BLOCK)
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 1), (7, 3), (64, 16), (64, 64), (64, 200), (384, 96)])
 def test_exactly_k_per_row(name, n, k):
     """Exactly min(k, n) per row; block-budget strategies: exactly min(k, n) * rows per block."""
@@ -48,7 +53,7 @@ def test_exactly_k_per_row(name, n, k):
         assert mask.sum(dim=1).tolist() == [min(k, n)] * 6
 
 
-@pytest.mark.parametrize("name", EXTRA)
+@pytest.mark.parametrize("name", PER_BLOCK)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_exactly_k_per_row_low_precision_and_keep(name, dtype):
     ft, base = _pair(5, 100, 7)
@@ -60,7 +65,7 @@ def test_exactly_k_per_row_low_precision_and_keep(name, dtype):
         assert mask.sum(dim=1).tolist() == [25] * 5
     one = select(name, ft_t[1], base_t[1], keep=0.25)     # a 1-D tensor is one row: exactly k
     assert int(one.sum()) == 25
-    if name not in BLOCK_LEVEL:
+    if name in ROW_LOCAL:
         assert torch.equal(one, mask[1])
 
 
@@ -185,3 +190,23 @@ def test_lowrank_delta_block_moves_budget_to_the_rows_that_changed():
     mask = select("lowrank-delta-block", ft, base, k=16).numpy()
     assert int(mask.sum()) == 100 * 16
     assert mask[50:].sum() == 0 and mask[:50].sum() == 100 * 16  # all of it goes to the changed rows
+
+
+@pytest.mark.parametrize("name", MODEL)
+def test_model_scope_keeps_the_budget_largest_scores(name):
+    """Scope "model": select keeps the block's `budget` largest scores; no budget is an error that
+    says where budgets come from."""
+    ft, base = _lowrank_pair(60, 40, rank=2, noise=0.2, seed=3)
+    scores = block_scores(name, ft, base)
+    d = ft.astype(np.float64) - base
+    want_scores = d * lowrank_part(d) if name == "lowrank-delta-model" else np.abs(d)
+    assert np.array_equal(scores, want_scores)
+    for budget in (0, 1, 37, 600, 2400):
+        got = select(name, ft, base, budget=budget).numpy()
+        assert np.array_equal(got, block_top_mask(want_scores, budget))
+    with pytest.raises(KenError, match="whole fine-tune.*budget="):
+        select(name, ft, base, keep=0.25)
+    with pytest.raises(KenError, match="0..2400"):
+        select(name, ft, base, budget=2401)
+    with pytest.raises(KenError, match="scope 'row'"):
+        block_scores("magnitude", ft, base)

@@ -1,26 +1,19 @@
 """End to end on a local Ray: prune tiny real checkpoints, materialize, compare with the kernel
 run in memory (bit for bit) and with the in-memory pruned model (logits)."""
-import os
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from ken_dist import ken_select
 from ken_dist.checkpoint import open_checkpoint, read_tensor
 from ken_dist.cli import main as cli_main
-from ken_dist.loader import inspect_store, materialize, open_subnetwork
+from ken_dist.loader import inspect_store, open_subnetwork
 from tiny_models import make_finetune, make_tiny_bert, make_tiny_llama
 
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def expected_tensors(base_dir, ft_dir, keep, prefix_map=None, compat="index"):

@@ -89,7 +89,6 @@ def test_make_checkpoint_cli(tmp_path):
                           "--shard-bytes", "40KB", "--only", "finetune", "--out", str(tmp_path / "ft")],
                          capture_output=True, text=True, check=True)
     assert "wrote" in out.stdout
-    shape = LlamaShape(hidden=64, intermediate=96, layers=1, vocab=128, heads=4, kv_heads=4)
     ckpt = open_checkpoint(tmp_path / "ft")
     name = "model.layers.0.mlp.down_proj.weight"
     assert torch.equal(read_tensor(ckpt.tensors[name]), tensor_rows(name, (64, 96), 0, 64, finetune=True))

@@ -8,8 +8,8 @@ number reported in the README comes from run.py, through the real pipeline.
 
 Rules: any registered strategy; rel, dxft, growth (other per-row scores); lowrank{r}, lowrankdot{r}
 (per-row top-k of |L_r| or delta*L_r, L_r the rank-r part of the tensor's delta); tmag, tlowrank{r}
-(one budget per tensor); gmag, glowrank (one budget for the whole model: not expressible as a
-per-block strategy); wanda-delta, twanda (|delta| x input-feature RMS measured on 300 training
+(one budget per tensor); gmag, glowrank (one budget for the whole model: what the pipeline's
+magnitude-model and lowrank-delta-model strategies now do, in memory); wanda-delta, twanda (|delta| x input-feature RMS measured on 300 training
 sentences: data-aware diagnostics). Results are appended to cache/explore.jsonl.
 """
 from __future__ import annotations
@@ -165,8 +165,8 @@ def masks_for(name: str, ft: np.ndarray, base: np.ndarray, k: int, seed: int, te
 
 
 def global_state(kind: str, keep: float, seed: int) -> dict:
-    """Upper bound beyond any per-block strategy: ONE budget (keep x all pruned entries) over the
-    whole model, entries ranked by |delta| ('gmag') or sqrt(max(delta * rank-4 part, 0)) ('glowrank')."""
+    """ONE budget (keep x all pruned entries) over the whole model, in memory, entries ranked by
+    |delta| ('gmag') or sqrt(max(delta * rank-4 part, 0)) ('glowrank')."""
     from safetensors.torch import load_file
     from ken_dist.kernel.extra_strategies import lowrank_part
 

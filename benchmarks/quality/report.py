@@ -133,7 +133,7 @@ def _plot(groups, strategies, keeps, seeds) -> None:
         if xs:
             ax.errorbar(xs, ms, yerr=[lo, hi] if len(seeds) > 1 else None, marker="o", capsize=3,
                         label=s + (f" ({p})" if p else ""), color=f"C{i}")
-    ax.set_xlabel("keep fraction (entries kept per row)")
+    ax.set_xlabel("keep fraction (of each row; of each block for -block, of the model for -model)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_xticks(keeps)
     ax.set_title("MiniLM-L6 polarity: accuracy of the rebuilt subnetwork vs keep"
@@ -163,7 +163,8 @@ def write_explore_report(path=None) -> None:
     lines = ["# Rule search (explore.py, in memory: same masks as the pipeline, no store)", "",
              "Accuracy gap to each seed's own full fine-tune, in points; `-` = not run. `whole`: tensors "
              "left at their fine-tuned value (a diagnosis, not a rule). Prefix t = one budget per tensor, "
-             "g = one budget for the whole model (not expressible as a per-block strategy).", "",
+             "g = one budget for the whole model (the pipeline's `*-model` strategies since; gmag ~ "
+             "magnitude-model, glowrank ~ lowrank-delta-model).", "",
              "| rule | keep | whole | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
              "|---|---|---|" + "---|" * (len(seeds) + 1)]
     for (rule, keep, whole, only), accs in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])):

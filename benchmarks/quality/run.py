@@ -1,6 +1,6 @@
 """Quality benchmark: does a KEN subnetwork keep the accuracy of the fine-tune it came from?
 
-    python benchmarks/quality/run.py                    # seed 0, 6 strategies x 4 keep fractions
+    python benchmarks/quality/run.py                    # seed 0, 8 strategies x 4 keep fractions
     python benchmarks/quality/run.py --seeds 0 1 2      # more fine-tune seeds (spread in the report)
     python benchmarks/quality/run.py --report-only      # rebuild the table and plot from cells.jsonl
 
@@ -39,7 +39,8 @@ sys.path.insert(0, str(HERE.parent.parent))
 import common  # noqa: E402
 from common import CACHE, RESULTS, log  # noqa: E402
 
-STRATEGIES = ["ken", "magnitude", "random", "ken-delta", "lowrank-delta", "lowrank-delta-block"]
+STRATEGIES = ["ken", "magnitude", "random", "ken-delta", "lowrank-delta", "lowrank-delta-block", "magnitude-model",
+              "lowrank-delta-model"]
 KEEPS = [0.1, 0.25, 0.5, 0.75]
 CELLS = RESULTS / "cells.jsonl"
 IGNORE_MISSING = (r"^embeddings\.position_ids$",)

@@ -11,7 +11,7 @@ import torch
 from ken_dist.errors import KenError
 from ken_dist.kernel import ken
 from ken_dist.kernel.rows import as_float32_rows, check_finite, resolve_k
-from ken_dist.kernel.strategies import STRATEGIES, get_strategy, register
+from ken_dist.kernel.strategies import STRATEGIES, block_top_mask, get_strategy, register
 
 COMPAT_MODES = ("index", "reference")
 
@@ -65,18 +65,9 @@ def ken_select(rows, k=None, *, keep=None, compat: str = "index", device=None) -
     return mask[0] if one_row else mask
 
 
-def select(strategy: str, rows, base_rows=None, *, k=None, keep=None, seed: int = 0,
-           row_offset: int = 0, compat: str = "index", device=None) -> torch.Tensor:
-    """Keep mask from any registered strategy ('ken', 'magnitude', 'random', ...), same shape as rows.
-
-    base_rows is required by strategies that compare against the pre-trained values.
-    row_offset is the index of rows[0] in its tensor, so that seeded strategies give the same
-    mask whatever the block split.
-    """
-    if strategy == "ken":
-        return ken_select(rows, k, keep=keep, compat=compat, device=device)
+def _block_arrays(strategy: str, rows, base_rows):
+    """(strategy, float32 rows [r, n], float32 base or None, one_row) as numpy, validated."""
     strat = get_strategy(strategy)
-    _check_compat(compat)
     values = as_float32_rows(rows)
     one_row = values.ndim == 1
     arr = values.cpu().numpy() if isinstance(values, torch.Tensor) else values
@@ -91,14 +82,48 @@ def select(strategy: str, rows, base_rows=None, *, k=None, keep=None, seed: int 
         base = base.reshape(arr.shape) if base.size == arr.size else base
         if base.shape != arr.shape:
             raise KenError(f"base_rows shape {tuple(base.shape)} does not match rows shape {tuple(arr.shape)}")
+        base = np.ascontiguousarray(base)
     check_finite(arr)
-    k = resolve_k(arr.shape[1], k, keep)
-    mask = torch.from_numpy(strat.fn(np.ascontiguousarray(arr), base, k, seed=seed,
-                                     row_offset=row_offset, compat=compat, device=device))
+    return strat, np.ascontiguousarray(arr), base, one_row
+
+
+def select(strategy: str, rows, base_rows=None, *, k=None, keep=None, seed: int = 0,
+           row_offset: int = 0, compat: str = "index", device=None, budget: int | None = None) -> torch.Tensor:
+    """Keep mask from any registered strategy ('ken', 'magnitude', 'random', ...), same shape as rows.
+
+    base_rows is required by strategies that compare against the pre-trained values.
+    row_offset is the index of rows[0] in its tensor, so that seeded strategies give the same
+    mask whatever the block split. budget: entries to keep in this block, for strategies of scope
+    "model" only (one budget for the whole fine-tune; run_job computes each block's share).
+    """
+    if strategy == "ken":
+        return ken_select(rows, k, keep=keep, compat=compat, device=device)
+    _check_compat(compat)
+    strat, arr, base, one_row = _block_arrays(strategy, rows, base_rows)
+    if strat.scope == "model":
+        if budget is None or isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) \
+                or not 0 <= budget <= arr.size:
+            raise KenError(f"strategy {strategy!r} spends one keep budget across the whole fine-tune: prune with "
+                           f"`ken-dist prune` / run_job (a scoring pass gives every block its share), or pass "
+                           f"budget= (entries to keep in this block, 0..{arr.size}), got {budget!r}")
+        mask = block_top_mask(strat.fn(arr, base), int(budget))
+    else:
+        k = resolve_k(arr.shape[1], k, keep)
+        mask = strat.fn(arr, base, k, seed=seed, row_offset=row_offset, compat=compat, device=device)
+    mask = torch.from_numpy(mask)
     return mask[0] if one_row else mask
 
 
-__all__ = ["ken_select", "select", "register", "STRATEGIES", "resolve_k", "COMPAT_MODES"]
+def block_scores(strategy: str, rows, base_rows=None) -> np.ndarray:
+    """Scores [r, n] (float64, larger = kept first) of a block under a strategy of scope "model"."""
+    strat, arr, base, _ = _block_arrays(strategy, rows, base_rows)
+    if strat.scope != "model":
+        raise KenError(f"strategy {strategy!r} has scope {strat.scope!r}; only scope 'model' strategies have "
+                       "whole-model scores")
+    return strat.fn(arr, base)
+
+
+__all__ = ["ken_select", "select", "block_scores", "register", "STRATEGIES", "resolve_k", "COMPAT_MODES"]
 
 
 @register("ken")

@@ -1,8 +1,15 @@
 """Selection strategies behind one call shape, so baselines are compared on equal terms.
 
-A strategy maps a float32 block [r, n] (and optionally the base block) to a keep mask with
-exactly min(k, n) entries per row (KEN's reference-compat mode excepted). Adding one is a
-function and a decorator: see `register`.
+A strategy maps a float32 block [r, n] (and optionally the base block) to a keep mask. Its
+`scope` says how far the mask of one entry looks and where the keep budget is spent:
+- "row": row-local, exactly min(k, n) per row (KEN's reference-compat mode excepted); a block
+  may be cut anywhere without changing the mask;
+- "block": the mask of a row depends on the other rows of its planned block (a low-rank
+  estimate, a budget of k * rows for the whole block), so the block is selected in one piece;
+- "model": one budget for the whole fine-tune. The registered function returns *scores* (float64,
+  larger = keep first, comparable across tensors); the mask of a block is its `budget` largest
+  scores, the budgets coming from a scoring pass over every block first (ken_dist/budget.py).
+Adding one is a function and a decorator: see `register`.
 """
 from __future__ import annotations
 
@@ -17,23 +24,30 @@ from ken_dist.errors import KenError
 StrategyFn = Callable[..., np.ndarray]
 
 
+SCOPES = ("row", "block", "model")
+
+
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    fn: StrategyFn
+    fn: StrategyFn              # mask function; for scope "model": fn(rows32, base32) -> scores
     needs_base: bool
     doc: str
+    scope: str = "row"
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def register(name: str, *, needs_base: bool = False):
-    """Decorator adding a strategy to the registry under `name`."""
+def register(name: str, *, needs_base: bool = False, scope: str = "row"):
+    """Decorator adding a strategy to the registry under `name` (scope: see the module docstring)."""
+    if scope not in SCOPES:
+        raise KenError(f"strategy {name!r}: scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+
     def wrap(fn: StrategyFn) -> StrategyFn:
         if name in STRATEGIES:
             raise KenError(f"strategy {name!r} is registered twice")
-        STRATEGIES[name] = Strategy(name, fn, needs_base, (fn.__doc__ or "").strip().split("\n")[0])
+        STRATEGIES[name] = Strategy(name, fn, needs_base, (fn.__doc__ or "").strip().split("\n")[0], scope)
         return fn
     return wrap
 
@@ -55,6 +69,25 @@ def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     np.put_along_axis(mask, order, True, axis=1)
     return mask
+
+
+def block_top_mask(scores: np.ndarray, total: int) -> np.ndarray:
+    """Mask of the `total` largest scores of the whole block; ties go to the smaller flat index
+    (row-major), as a stable sort would, in O(size) (argpartition + the tied values only)."""
+    flat = scores.reshape(-1)
+    mask = np.zeros(flat.shape, dtype=bool)
+    if total >= flat.size:
+        mask[:] = True
+        return mask.reshape(scores.shape)
+    if total <= 0:
+        return mask.reshape(scores.shape)
+    kth = np.partition(flat, flat.size - total)[flat.size - total]  # the total-th largest value
+    above = flat > kth
+    mask[above] = True
+    need = total - int(above.sum())
+    tied = np.flatnonzero(flat == kth)
+    mask[tied[:need]] = True
+    return mask.reshape(scores.shape)
 
 
 @register("magnitude", needs_base=True)

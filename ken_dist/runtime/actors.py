@@ -7,7 +7,7 @@ import os
 
 import ray
 
-from ken_dist.execute import process_unit
+from ken_dist.execute import process_unit, score_unit
 from ken_dist.joblog import peak_rss
 from ken_dist.store import Store
 
@@ -31,6 +31,10 @@ class SelectionActor:
         record = process_unit(unit, self.store, device=self.device)
         record["worker"] = self.info()
         return record
+
+    def score(self, unit) -> dict:
+        """The unit's score histogram (scoring pass of a model-budget strategy, ken_dist/budget.py)."""
+        return score_unit(unit)
 
 
 def make_actor(store_path: str, *, gpu: bool, retries: int = 3):

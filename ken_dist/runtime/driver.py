@@ -15,15 +15,18 @@ import os
 import sys
 import time
 from collections import deque
+from dataclasses import replace
 
 import ray
 
+from ken_dist.budget import allocate, total_budget
 from ken_dist.errors import KenError
 from ken_dist.jobspec import JobSpec
 from ken_dist.joblog import JobLog, peak_rss
+from ken_dist.kernel import STRATEGIES
 from ken_dist.plan import FineTunePlan, WorkUnit, plan_finetune
 from ken_dist.progress import Progress
-from ken_dist.runtime.pool import WATCH_S, ActorPool, Slot, plan_slots
+from ken_dist.runtime.pool import ActorPool, Slot, plan_slots
 from ken_dist.store import Store
 
 IN_FLIGHT_PER_ACTOR = 2
@@ -32,11 +35,12 @@ UNIT_ATTEMPTS = 4  # a unit whose worker died this many times (past Ray's own re
 
 class JobResult(dict):
     """{fine-tune name: final manifest}, plus what this run did: blocks_run, blocks_reused and
-    already_complete per fine-tune, and the job log's job_id."""
+    already_complete per fine-tune, the job log's job_id, and timings (see _timings)."""
 
     def __init__(self, manifests: dict, *, blocks_run: dict, blocks_reused: dict,
-                 already_complete: set, job_id: str):
+                 already_complete: set, job_id: str, timings: dict | None = None):
         super().__init__(manifests)
+        self.timings = timings or {}
         self.blocks_run = blocks_run
         self.blocks_reused = blocks_reused
         self.already_complete = already_complete
@@ -97,8 +101,11 @@ def _task_error(unit: WorkUnit, exc: BaseException, store: Store) -> KenError:
 class _Dispatch:
     """One run of the dispatch loop; keeps the counters the job log reports."""
 
-    def __init__(self, store: Store, units: list[WorkUnit], progress: Progress, pool: ActorPool):
+    def __init__(self, store: Store, units: list[WorkUnit], progress: Progress, pool: ActorPool,
+                 method: str = "run"):
         self.store, self.progress, self.pool = store, progress, pool
+        self.method = method  # "run": select and commit blocks; "score": collect score histograms
+        self.scores: dict = {}  # scoring pass: {(finetune, tensor, row_start, row_end): (bins, counts)}
         self.todo = deque(units)
         self.pending: dict = {}  # ObjectRef -> (slot, unit)
         self.committed: set = set()
@@ -106,15 +113,18 @@ class _Dispatch:
         self.retries: list[dict] = []
         self.workers: dict = {}
         self.blocks_run: dict = {}
+        self.first_submit: float | None = None  # when the first actor got work: start-up ends here
+        self.last_result: float | None = None
 
     def run(self) -> None:
         while self.todo or self.pending:
             self.pool.watch()
             self._submit()
+            interval = self.pool.poll_interval()  # short while actors are starting
             if not self.pending:
-                time.sleep(WATCH_S / 4)  # no actor alive yet: wait for one
+                time.sleep(interval)  # no actor alive yet: wait for one
                 continue
-            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=WATCH_S)
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=interval)
             for ref in ready:
                 self._collect(ref)
 
@@ -122,12 +132,15 @@ class _Dispatch:
         for slot in self.pool.ready():
             while self.todo and slot.inflight < IN_FLIGHT_PER_ACTOR:
                 unit = self.todo.popleft()
-                self.pending[slot.actor.run.remote(unit)] = (slot, unit)
+                self.pending[getattr(slot.actor, self.method).remote(unit)] = (slot, unit)
                 slot.inflight += 1
+                if self.first_submit is None:
+                    self.first_submit = time.time()
 
     def _collect(self, ref) -> None:
         slot, unit = self.pending.pop(ref)
         slot.inflight -= 1
+        self.last_result = time.time()
         try:
             record = ray.get(ref)
         except ray.exceptions.RayTaskError as exc:
@@ -138,6 +151,11 @@ class _Dispatch:
         key = (unit.finetune, *unit.key)
         if key in self.committed:
             return  # a duplicate result of a re-dispatched unit: committed once only
+        if self.method == "score":
+            self.scores[key] = (record["bins"], record["counts"])
+            self.committed.add(key)
+            self.progress.advance(unit.finetune, unit.elements)
+            return
         worker = record.pop("worker", None) or {}
         self.store.commit(unit.finetune, [record])
         self.committed.add(key)
@@ -177,9 +195,15 @@ class _Dispatch:
 
 
 def _begin_all(store: Store, base, plans: list[FineTunePlan], overwrite: bool):
+    """(units to run, {name: units reused}, names already complete, plans needing a scoring pass).
+
+    A model-budget fine-tune (strategy scope "model") with budgets recorded for its block plan
+    runs the blocks not committed under the same budget; without budgets it is scored first
+    (see _score_and_budget) and every block runs."""
     todo: list[WorkUnit] = []
     reused: dict[str, list] = {}
     complete: set[str] = set()
+    to_score: list[FineTunePlan] = []
     base_identity = base.identity()  # headers + a sample of the bytes: read once for all fine-tunes
     for plan in plans:
         name = plan.spec.name
@@ -191,9 +215,48 @@ def _begin_all(store: Store, base, plans: list[FineTunePlan], overwrite: bool):
             reused[name] = list(plan.units)
             continue
         done = store.completed_blocks(name)
-        reused[name] = [u for u in plan.units if u.key in done]
-        todo.extend(u for u in plan.units if u.key not in done)
-    return todo, reused, complete
+        units = plan.units
+        if STRATEGIES[plan.spec.params.strategy].scope == "model":
+            budgets = store.budgets(name)
+            if budgets is None:
+                to_score.append(plan)
+                reused[name] = []
+                continue
+            units = [replace(u, budget=budgets.get(u.key)) for u in units]
+        reusable = [u.key in done and done[u.key].get("budget") == u.budget for u in units]
+        reused[name] = [u for u, ok in zip(units, reusable) if ok]
+        todo.extend(u for u, ok in zip(units, reusable) if not ok)
+    return todo, reused, complete, to_score
+
+
+def _score_and_budget(store: Store, plans: list[FineTunePlan], pool: ActorPool, progress: Progress,
+                      out: list) -> list:
+    """Scoring pass of the model-budget fine-tunes on the pool, then each block's budget recorded
+    in the store (ken_dist/budget.py); returns their units, budgets attached."""
+    units = [u for p in plans for u in p.units if u.action == "prune"]
+    progress.note(f"scoring pass ({', '.join(p.spec.name for p in plans)}: one keep budget per fine-tune): "
+                  f"{len(units)} block(s)")
+    t0 = time.time()
+    scoring = _Dispatch(store, units, Progress({p.spec.name: sum(u.elements for u in p.units if u.action == "prune")
+                                                for p in plans}, {p.spec.name: 0 for p in plans},
+                                               quiet=progress.quiet, stream=progress.stream), pool, method="score")
+    out.append(scoring)
+    try:
+        scoring.run()
+    finally:
+        scoring.cancel()
+    out = []
+    for plan in plans:
+        name, params = plan.spec.name, plan.spec.params
+        prune = [u for u in plan.units if u.action == "prune"]
+        total = total_budget(sum(u.elements for u in prune), params.keep, params.k,
+                             [(u.rows, u.ft_info.row_geometry[1]) for u in prune])
+        budgets, summary = allocate({u.key: scoring.scores[(name, *u.key)] for u in prune}, total)
+        store.set_budgets(name, budgets, summary)
+        progress.note(f"{name}: keeping {summary['total']:,} of {summary['elements']:,} entries across "
+                      f"{len(prune)} block(s) (scored in {time.time() - t0:.1f} s)")
+        out.extend(replace(u, budget=budgets.get(u.key)) for u in plan.units)
+    return out
 
 
 def _store_error(store: Store, exc: OSError) -> KenError:
@@ -201,22 +264,28 @@ def _store_error(store: Store, exc: OSError) -> KenError:
                     "fix permissions on its file system, then rerun the same command (it resumes)")
 
 
-def _run_units(store: Store, todo: list[WorkUnit], progress: Progress, *, address, workers,
-               placement: str, out: list) -> None:
-    """Start or join Ray, run the units on an actor pool; `out` receives the _Dispatch (for the log)."""
+def _run_units(store: Store, todo: list[WorkUnit], to_score: list[FineTunePlan], progress: Progress, *,
+               address, workers, placement: str, out: list) -> None:
+    """Start or join Ray, score the model-budget fine-tunes, run the units on an actor pool; `out`
+    receives the _Dispatch of each pass (scoring first, if any; for the log and the timings)."""
     started = _connect(address, workers)
     try:
-        kinds = plan_slots(ray.cluster_resources(), workers, placement, len(todo))
+        blocks = len(todo) + sum(len(p.units) for p in to_score)
+        kinds = plan_slots(ray.cluster_resources(), workers, placement, blocks)
         pool = ActorPool(store.root, kinds, note=progress.note)
         progress.note(f"{sum(kinds)} GPU + {len(kinds) - sum(kinds)} CPU actor(s) "
-                      f"({placement} placement), {len(todo)} block(s) to run")
-        dispatch = _Dispatch(store, todo, progress, pool)
-        out.append(dispatch)
+                      f"({placement} placement), {blocks} block(s) to run")
         try:
-            dispatch.run()
+            if to_score:
+                todo = todo + _score_and_budget(store, to_score, pool, progress, out)
+            dispatch = _Dispatch(store, todo, progress, pool)
+            out.append(dispatch)
+            try:
+                dispatch.run()
+            finally:
+                dispatch.cancel()
+                dispatch.add_workers(pool.describe())
         finally:
-            dispatch.cancel()
-            dispatch.add_workers(pool.describe())
             pool.shutdown()
     finally:
         if started:
@@ -240,7 +309,9 @@ def run_job(job: JobSpec, *, address: str | None = None, workers: int | None = N
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(store.locked(names))
-            todo, reused, complete = _begin_all(store, base, plans, overwrite)
+            todo, reused, complete, to_score = _begin_all(store, base, plans, overwrite)
+            to_run = {n: sum(1 for u in todo if u.finetune == n) for n in names}
+            to_run.update({p.spec.name: len(p.units) for p in to_score})
         except BaseException as exc:  # another run holds the lock, other settings, a full disk
             log.event("refused", error=f"{type(exc).__name__}: {exc}", finetunes=names, pid=os.getpid())
             if isinstance(exc, OSError):
@@ -262,14 +333,15 @@ def run_job(job: JobSpec, *, address: str | None = None, workers: int | None = N
                                                    for n, k in partial.items()))
         ran: list[_Dispatch] = []
         try:
-            if todo:
-                _run_units(store, todo, progress, address=address, workers=workers, placement=placement, out=ran)
+            if todo or to_score:
+                _run_units(store, todo, to_score, progress, address=address, workers=workers,
+                           placement=placement, out=ran)
             progress.close()
             manifests = {}
             for plan in plans:
                 name = plan.spec.name
                 manifests[name] = store.manifest(name) if name in complete else store.finalize(name, summary={
-                    "blocks_run": sum(1 for u in todo if u.finetune == name),
+                    "blocks_run": to_run[name],
                     "blocks_reused": len(reused[name]), "seconds": round(time.time() - t0, 3)})
         except BaseException as exc:
             log.event("end", status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
@@ -277,16 +349,30 @@ def run_job(job: JobSpec, *, address: str | None = None, workers: int | None = N
             if isinstance(exc, OSError):
                 raise _store_error(store, exc) from None
             raise
-        log.event("end", status="ok" if todo else "nothing to do", **_end_fields(t0, names, ran, reused))
-    return JobResult(manifests, blocks_run={n: sum(1 for u in todo if u.finetune == n) for n in names},
+        log.event("end", status="ok" if any(to_run.values()) else "nothing to do",
+                  **_end_fields(t0, names, ran, reused))
+    return JobResult(manifests, blocks_run=to_run,
                      blocks_reused={n: len(us) for n, us in reused.items()}, already_complete=complete,
-                     job_id=log.job_id)
+                     job_id=log.job_id, timings=_timings(t0, ran))
+
+
+def _timings(t0: float, ran: list[_Dispatch]) -> dict:
+    """Where run_job's wall time went: start-up (validation, planning, Ray, actors importing
+    torch: a fixed cost, seconds whatever the model size) until the first actor got work, then
+    the passes (scoring, if any, and selection) from first dispatch to last result."""
+    out = {"seconds": round(time.time() - t0, 3)}
+    if ran and ran[0].first_submit is not None:
+        out["startup_seconds"] = round(ran[0].first_submit - t0, 3)
+    for d in ran:
+        if d.first_submit is not None and d.last_result is not None:
+            out[f"{'scoring' if d.method == 'score' else 'selection'}_seconds"] = round(d.last_result - d.first_submit, 3)
+    return out
 
 
 def _end_fields(t0: float, names, ran: list[_Dispatch], reused: dict) -> dict:
-    d = ran[0] if ran else None
+    d = next((x for x in ran if x.method == "run"), None)
     run = d.blocks_run if d else {}
-    return {"seconds": round(time.time() - t0, 3), "driver_peak_rss": peak_rss(),
+    return {**_timings(t0, ran), "driver_peak_rss": peak_rss(),
             "finetunes": {n: {"blocks_run": run.get(n, 0), "blocks_reused": len(reused.get(n, []))}
                           for n in names},
             "workers": d.workers if d else {}, "retries": d.retries if d else [],

@@ -32,6 +32,8 @@ from ken_dist.jobspec import PLACEMENTS
 from ken_dist.runtime.actors import make_actor
 
 WATCH_S = 1.0
+STARTUP_WATCH_S = 0.1      # while actors of a new pool are starting: give each work as soon as it is up
+STARTUP_S = 60.0           # ... for at most this long (an actor waiting for a node does not need 10 Hz)
 RESTART_GRACE_S = 20.0     # a crashed worker restarts (imports torch) well within this
 NO_WORKER_TIMEOUT_S = 600.0
 _WAITING = ("DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING")
@@ -79,7 +81,7 @@ class ActorPool:
         self.slots: list[Slot] = []
         self.replaced = 0
         self._last_watch = 0.0
-        self._no_alive_since = time.monotonic()
+        self._no_alive_since = self._started = time.monotonic()
         self._table = _actor_table_reader()
         for gpu in kinds:
             self._add(gpu)
@@ -101,6 +103,11 @@ class ActorPool:
     def ready(self) -> list[Slot]:
         return [s for s in self.live() if s.state == "ALIVE"]
 
+    def poll_interval(self) -> float:
+        """Seconds between actor-state polls: short while the pool's actors are coming up."""
+        starting = time.monotonic() - self._started < STARTUP_S and len(self.ready()) < len(self.live())
+        return STARTUP_WATCH_S if starting else WATCH_S
+
     def retire(self, slot: Slot, reason: str) -> None:
         """Kill an actor for good (its pending units fail and are re-dispatched); replace it."""
         if slot.killed:
@@ -118,7 +125,7 @@ class ActorPool:
     def watch(self) -> None:
         """Poll actor states (at most every WATCH_S); retire actors stuck away from ALIVE."""
         now = time.monotonic()
-        if self._table is None or now - self._last_watch < WATCH_S:
+        if self._table is None or now - self._last_watch < self.poll_interval():
             return
         self._last_watch = now
         try:

@@ -1,0 +1,177 @@
+"""One keep budget per fine-tune (strategies of scope "model"): the histogram allocation of
+ken_dist/budget.py, and the two-pass pipeline (scoring pass, budgets in the manifest, resume)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ken_dist import select
+from ken_dist.budget import BINS, allocate, score_bins, score_histogram, total_budget
+from ken_dist.checkpoint import read_rows
+from ken_dist.jobspec import FineTuneEntry, JobSpec
+from ken_dist.kernel import block_scores
+from ken_dist.kernel.strategies import block_top_mask
+from ken_dist.plan import PruneParams, plan_finetune
+from ken_dist.store import Store
+from tiny_models import make_finetune, make_tiny_llama
+
+ray = pytest.importorskip("ray")
+
+
+def _blocks(seed: int, n_blocks: int = 7):
+    """Score blocks of varied size and scale, with ties, zeros (of both signs) and negatives."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n_blocks):
+        shape = (int(rng.integers(1, 40)), int(rng.integers(1, 50)))
+        s = rng.standard_normal(shape) * 10.0 ** rng.integers(-8, 2)
+        s[rng.random(shape) < 0.2] = 0.0
+        s[rng.random(shape) < 0.05] = -0.0
+        s[rng.random(shape) < 0.1] = s.flat[0]        # ties
+        out[("t", i, i + 1)] = s
+    return out
+
+
+def test_score_bins_follow_the_order_of_the_scores():
+    rng = np.random.default_rng(0)
+    s = np.concatenate([rng.standard_normal(5000) * 10.0 ** rng.integers(-30, 30, 5000),
+                        [0.0, -0.0, 1e-300, -1e-300, 3e38, -3e38, 1e300]])
+    s.sort()
+    bins = score_bins(s).astype(np.int64)
+    assert np.all(np.diff(bins) >= 0)
+    assert score_bins(np.array([0.0]))[0] == score_bins(np.array([-0.0]))[0]
+    assert score_bins(np.array([1.0]))[0] > score_bins(np.array([0.0]))[0] > score_bins(np.array([-1.0]))[0]
+    bins, counts = score_histogram(np.array([[1.0, 1.0, 2.0], [0.0, -0.0, 5.0]]))
+    assert bins.dtype == np.uint16 and counts.tolist() == [2, 2, 1, 1] and np.all(np.diff(bins) > 0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("frac", [0.0, 0.01, 0.25, 0.5, 0.999, 1.0])
+def test_allocation_is_the_global_top_total_up_to_the_boundary_bin(seed, frac):
+    blocks = _blocks(seed)
+    size = sum(s.size for s in blocks.values())
+    total = int(round(frac * size))
+    budgets, summary = allocate({k: score_histogram(s) for k, s in blocks.items()}, total)
+    assert sum(budgets.values()) == total == summary["total"] and summary["elements"] == size
+    kept = {k: block_top_mask(s, budgets[k]) for k, s in blocks.items()}
+    if summary["boundary_bin"] is None:
+        assert all(m.all() == (total == size) and m.any() == (total > 0) for m in kept.values())
+        return
+    boundary = summary["boundary_bin"]
+    taken = 0
+    for k, s in blocks.items():
+        b = score_bins(s).reshape(s.shape)
+        assert kept[k][b > boundary].all()            # everything above the boundary bin is kept
+        assert not kept[k][b < boundary].any()        # nothing below it
+        taken += int(kept[k][b == boundary].sum())
+    assert taken == summary["from_boundary"] > 0
+
+
+def test_boundary_bin_is_shared_in_proportion():
+    """Two blocks with all their scores in one bin, 3:1: a budget of 8 splits 6:2."""
+    hists = {("a", 0, 1): (np.array([7], np.uint16), np.array([30])),
+             ("b", 0, 1): (np.array([7], np.uint16), np.array([10]))}
+    assert allocate(hists, 8)[0] == {("a", 0, 1): 6, ("b", 0, 1): 2}
+    assert allocate(hists, 3)[0] == {("a", 0, 1): 2, ("b", 0, 1): 1}   # 2.25 : 0.75, remainder to b
+    assert allocate({}, 5) == ({}, {"total": 0, "elements": 0, "boundary_bin": None, "from_boundary": 0})
+    assert BINS == 65536
+
+
+def test_total_budget_from_keep_or_k():
+    assert total_budget(1000, 0.25, None, []) == 250
+    assert total_budget(0, None, 3, [(4, 10), (1, 2)]) == 4 * 3 + 1 * 2
+
+
+# ------------------------------------------------------------------------------ pipeline
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pair")
+    base = make_tiny_llama(d / "base", dtype=torch.bfloat16, seed=1)
+    ft = make_finetune(base, d / "ft", seed=2, model="llama", head_class=True)
+    return base, ft
+
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+def _job(pair, store, strategy="lowrank-delta-model", keep=0.25):
+    return JobSpec(base=pair[0], store=str(store), block_bytes=3000, ignore_missing=(r"^lm_head\.",),
+                   finetunes=(FineTuneEntry("task", pair[1], None, PruneParams(strategy=strategy, keep=keep)),))
+
+
+def _independent_budgets(job):
+    """Budgets recomputed here from the blocks' scores, without the driver."""
+    base = job.open_base()
+    spec = job.open_finetunes()[0]
+    plan = plan_finetune(base, spec, block_bytes=job.block_bytes, ignore_missing=job.ignore_missing)
+    units = [u for u in plan.units if u.action == "prune"]
+    hists = {u.key: score_histogram(block_scores(spec.params.strategy, read_rows(u.ft_info, u.row_start, u.row_end),
+                                                 read_rows(u.base_info, u.row_start, u.row_end))) for u in units}
+    elements = sum(u.elements for u in units)
+    return units, allocate(hists, round(spec.params.keep * elements))[0], elements
+
+
+@pytest.mark.parametrize("strategy", ["lowrank-delta-model", "magnitude-model"])
+def test_pipeline_spends_one_budget_and_resumes_with_it(tmp_path, pair, strategy):
+    from ken_dist.runtime import run_job
+
+    job = _job(pair, tmp_path / "store", strategy)
+    log = io.StringIO()
+    run_job(job, workers=2, stream=log)
+    assert "scoring pass" in log.getvalue()
+    units, budgets, elements = _independent_budgets(job)
+    assert len(units) > 3
+    store = Store(job.store)
+    manifest = store.manifest("task")
+    assert manifest["complete"] and manifest["budget"]["total"] == round(0.25 * elements) == sum(budgets.values())
+    assert store.budgets("task") == budgets
+    counts = [b for b in budgets.values()]
+    assert len(set(counts)) > 1  # the budget moved between blocks
+    # every block's stored mask is its budget's largest scores
+    from ken_dist.loader import open_subnetwork
+    with open_subnetwork(job.store, "task") as sub:
+        for u in units:
+            ft = read_rows(u.ft_info, u.row_start, u.row_end)
+            base = read_rows(u.base_info, u.row_start, u.row_end)
+            got = sub.get_tensor(u.tensor).reshape(u.ft_info.row_geometry)[u.row_start:u.row_end]
+            mask = select(strategy, ft, base, budget=budgets[u.key])
+            assert torch.equal(got, torch.where(mask, ft, base).to(got.dtype)), u.key
+
+    # resume: drop the last committed block from the journal; only it runs, without a new scoring pass
+    journal = os.path.join(job.store, "finetunes", "task", "journal.jsonl")
+    lines = open(journal).read().splitlines()
+    dropped = json.loads(lines[-1])
+    with open(journal, "w") as f:
+        f.write("\n".join(lines[:-1]) + "\n")
+    manifest["complete"] = False
+    with open(os.path.join(job.store, "finetunes", "task", "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    log = io.StringIO()
+    result = run_job(job, workers=2, stream=log)
+    assert "scoring pass" not in log.getvalue()
+    assert result.blocks_run == {"task": 1} and result["task"]["complete"]
+    assert json.loads(open(journal).read().splitlines()[-1])["budget"] == dropped["budget"]
+    again = run_job(job, workers=2, stream=io.StringIO())
+    assert again.already_complete == {"task"}
+
+
+def test_changed_block_plan_is_scored_again(tmp_path, pair):
+    from dataclasses import replace
+
+    from ken_dist.runtime import run_job
+
+    job = _job(pair, tmp_path / "store")
+    run_job(job, workers=2, quiet=True)
+    first = Store(job.store).budgets("task")
+    job2 = replace(job, block_bytes=100_000)  # one block per tensor
+    log = io.StringIO()
+    run_job(job2, workers=2, stream=log)
+    assert "scoring pass" in log.getvalue()
+    second = Store(job.store).budgets("task")
+    assert set(second) != set(first) and sum(second.values()) == sum(first.values())
+    assert _independent_budgets(job2)[1] == second
