@@ -1,6 +1,6 @@
 """End to end on one generated checkpoint, side by side: kernel alone vs the Ray pipeline.
 
-    python benchmarks/e2e.py                                  # ~540 MB bf16 pair, a few minutes
+    python benchmarks/e2e.py                                  # 477M-parameter bf16 pair (954 MB each), ~5 min
     python benchmarks/e2e.py --preset 7b --workers 2 --skip-kernel --workdir /big/disk
     python benchmarks/e2e.py --profile                        # + py-spy of every selection actor
 
@@ -40,7 +40,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMB
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_SHAPE = dict(hidden=2048, intermediate=5632, layers=4, vocab=16000, heads=16, kv_heads=16)
+DEFAULT_SHAPE = dict(hidden=2048, intermediate=5632, layers=8, vocab=16000, heads=16, kv_heads=16)
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -207,12 +207,15 @@ class Sampler(threading.Thread):
             except subprocess.TimeoutExpired:
                 spy.terminate()
         groups = {"driver": [], "actors": [], "ray": []}
+        cpu = {"driver": 0.0, "actors": 0.0, "ray": 0.0}
         for pid, p in self.peak.items():
             kind = "driver" if pid == self.root else "actors" if "SelectionActor" in p["cmd"] else "ray"
             groups[kind].append(p["hwm"])
+            cpu[kind] += self.cpu.get(pid, 0.0)
         return {"peak_driver": max(groups["driver"], default=0), "peak_actors": sorted(groups["actors"]),
                 "peak_ray_max": max(groups["ray"], default=0), "peak_sum": self.sum_peak,
-                "cpu_ours": ours, "cpu_others": max(0.0, machine - ours)}
+                "cpu_ours": ours, "cpu_others": max(0.0, machine - ours),
+                "cpu_driver": cpu["driver"], "cpu_actors": cpu["actors"], "cpu_ray": cpu["ray"]}
 
 
 def run_child(args, mode: str, extra: list[str], profile_dir: str | None = None) -> dict:
@@ -429,6 +432,9 @@ def report(res: dict) -> None:
         print(f"scaling 1 -> 2 workers: run_job {a['run_job'] / b['run_job']:.2f}x (target >= 1.8); "
               f"CPU per row at 2 workers / at 1: {b['actor_cpu'] / a['actor_cpu']:.3f} "
               f"(1.000 = the workers do not slow each other)")
+    for w, r in pipes.items():
+        print(f"CPU s of the whole run, {w} worker(s): driver process {r['cpu_driver']:.1f} (ray.init included), "
+              f"selection actors {r['cpu_actors']:.1f}, Ray's own processes {r['cpu_ray']:.1f}")
     for w, r in pipes.items():
         print(f"peak RSS, {w} worker(s): driver {_gib(r['peak_driver'])}, actors "
               f"{', '.join(_gib(x) for x in r['peak_actors'])}, largest other Ray process {_gib(r['peak_ray_max'])}, "
