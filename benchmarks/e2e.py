@@ -5,12 +5,16 @@
     python benchmarks/e2e.py --profile                        # + py-spy of every selection actor
 
 What it measures, all on the same generated fine-tune (benchmarks/make_checkpoint.py's generator):
-- kernel: `select` (KEN) on exactly the pipeline's row blocks, in-process, one thread; reads untimed.
+- kernel: `select` (KEN) on exactly the pipeline's row blocks, in-process, one thread; reads untimed;
+  then again in W processes at once (each on its share of the blocks, no Ray): the speed W cores of
+  this machine give to the kernel alone, the pipeline's real ceiling (cores share caches, memory
+  bandwidth and, on VMs, clocks: two kernels at once can each run slower than one alone).
 - pipeline: `run_job` at each --workers count on a private local Ray (ray.init and shutdown timed
   apart from the job), each run from a cold page cache for the checkpoint's files.
 - overhead: pipeline wall at W workers against kernel wall / W (target <= 1.3 at 2 workers), and,
   load-independent, the actors' CPU seconds against the kernel's CPU seconds.
-- scaling: run_job wall at 1 worker / at 2 workers (target >= 1.8 on 2 cores).
+- scaling: run_job wall at 1 worker / at 2 workers (target >= 1.8 on 2 cores), beside the same
+  ratio for the kernel alone.
 - reading: the fine-tune's bytes per pipeline second vs `cat` of the same files, cold (evicted with
   posix_fadvise(DONTNEED), which drops just these files and works without root) and warm.
 - memory: peak RSS (VmHWM, sampled from /proc every 0.2 s) of the driver, each selection actor
@@ -66,6 +70,15 @@ def child_kernel(args) -> dict:
     base = job.open_base()
     plan = plan_finetune(base, job.open_finetunes()[0], block_bytes=job.block_bytes)
     units = [u for u in plan.units if u.action == "prune"]
+    if args.part:  # "i/N": this process's share, balanced by entries (largest first to the lightest)
+        i, n = map(int, args.part.split("/"))
+        loads, mine = [0] * n, []
+        for u in units:
+            j = loads.index(min(loads))
+            loads[j] += u.elements
+            if j == i:
+                mine.append(u)
+        units = mine
     select("ken", torch.randn(4, 64), keep=0.25)  # load the compiled kernel first
     wall = cpu = 0.0
     rows = elements = 0
@@ -218,6 +231,19 @@ class Sampler(threading.Thread):
                 "cpu_driver": cpu["driver"], "cpu_actors": cpu["actors"], "cpu_ray": cpu["ray"]}
 
 
+def run_kernel_parallel(args, n: int) -> dict:
+    """The kernel in n processes at once, each on its share of the blocks: what n cores of this
+    machine give to the kernel alone (caches, memory bandwidth and clocks are shared)."""
+    base = [sys.executable, os.path.abspath(__file__), "--child", "kernel", "--base", args.base, "--ft", args.ft,
+            "--keep", str(args.keep), "--block-bytes", str(args.block_bytes)]
+    procs = [subprocess.Popen(base + ["--part", f"{i}/{n}"], stdout=subprocess.PIPE, text=True) for i in range(n)]
+    outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit("parallel kernel child failed")
+    return {"processes": n, "wall": max(o["wall"] for o in outs), "cpu": sum(o["cpu"] for o in outs),
+            "rows": sum(o["rows"] for o in outs)}
+
+
 def run_child(args, mode: str, extra: list[str], profile_dir: str | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--base", args.base, "--ft", args.ft,
            "--keep", str(args.keep), "--block-bytes", str(args.block_bytes), *extra]
@@ -315,6 +341,7 @@ def main(argv=None) -> int:
     p.add_argument("--base", help=argparse.SUPPRESS)
     p.add_argument("--ft", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
+    p.add_argument("--part", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.child:
@@ -361,6 +388,10 @@ def main(argv=None) -> int:
         print(f"kernel: {k['rows']:,} rows in {k['wall']:.1f} s wall / {k['cpu']:.1f} s CPU "
               f"(machine: {k['cpu_others']:.0f} CPU s used by others meanwhile)", flush=True)
     workers = [int(w) for w in str(args.workers).split(",") if w]
+    if not args.skip_kernel and max(workers) > 1:
+        res["kernel_parallel"] = kp = run_kernel_parallel(args, max(workers))
+        print(f"kernel in {kp['processes']} processes at once: {kp['wall']:.1f} s wall (the slowest), "
+              f"{kp['cpu']:.1f} s CPU", flush=True)
     res["pipeline"] = {}
     for i, w in enumerate(workers):
         store = os.path.join(args.workdir, f"store-w{w}")
@@ -402,8 +433,11 @@ def report(res: dict) -> None:
     def line(label, sec, cpu, others):
         print(f"{label:36s}{sec:8.1f}{rows / sec:9.0f}{res['ft_bytes'] / sec / 1e6:8.1f}{cpu:11.1f}{others:14.0f}")
 
+    kp = res.get("kernel_parallel")
     if k:
         line("kernel only (in-process, 1 thread)", k["wall"], k["cpu"], k["cpu_others"])
+    if kp:
+        line(f"kernel only, {kp['processes']} processes at once", kp["wall"], kp["cpu"], float("nan"))
     for w, r in pipes.items():
         line(f"pipeline {w}w: run_job", r["run_job"], r["actor_cpu"], float("nan"))
         line(f"pipeline {w}w: + ray.init, shutdown", r["ray_init"] + r["run_job"] + r["ray_shutdown"],
@@ -426,12 +460,22 @@ def report(res: dict) -> None:
                 msg += f", selection phase {r['selection'] / ideal:.2f}x"
             msg += (f", with ray init+shutdown {(r['run_job'] + r['ray_init'] + r['ray_shutdown']) / ideal:.2f}x; "
                     f"actor CPU / kernel CPU {r['actor_cpu'] / k['cpu']:.3f} (per-block cost beyond the kernel)")
+            if kp and kp["processes"] == w:
+                msg += (f"\n    vs the kernel in {w} processes at once (this machine's own {w}-core speed): run_job "
+                        f"{r['run_job'] / kp['wall']:.2f}x, selection phase "
+                        f"{(r.get('selection') or r['run_job']) / kp['wall']:.2f}x")
         print(msg)
     if 1 in pipes and 2 in pipes:
         a, b = pipes[1], pipes[2]
-        print(f"scaling 1 -> 2 workers: run_job {a['run_job'] / b['run_job']:.2f}x (target >= 1.8); "
-              f"CPU per row at 2 workers / at 1: {b['actor_cpu'] / a['actor_cpu']:.3f} "
-              f"(1.000 = the workers do not slow each other)")
+        msg = (f"scaling 1 -> 2 workers: run_job {a['run_job'] / b['run_job']:.2f}x (target >= 1.8)")
+        if a.get("selection") and b.get("selection"):
+            msg += f", selection phase {a['selection'] / b['selection']:.2f}x"
+        msg += (f"; CPU per row at 2 workers / at 1: {b['actor_cpu'] / a['actor_cpu']:.3f} "
+                f"(1.000 = the workers do not slow each other)")
+        if k and kp and kp["processes"] == 2:
+            msg += (f"\n    the kernel alone, 1 process -> 2 at once: {k['wall'] / kp['wall']:.2f}x "
+                    f"(CPU per row {kp['cpu'] / k['cpu']:.3f}): the ceiling this machine sets")
+        print(msg)
     for w, r in pipes.items():
         print(f"CPU s of the whole run, {w} worker(s): driver process {r['cpu_driver']:.1f} (ray.init included), "
               f"selection actors {r['cpu_actors']:.1f}, Ray's own processes {r['cpu_ray']:.1f}")
