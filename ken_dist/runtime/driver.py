@@ -231,8 +231,9 @@ def _begin_all(store: Store, base, plans: list[FineTunePlan], overwrite: bool):
 
 def _score_and_budget(store: Store, plans: list[FineTunePlan], pool: ActorPool, progress: Progress,
                       out: list) -> list:
-    """Scoring pass of the model-budget fine-tunes on the pool, then each block's budget recorded
-    in the store (ken_dist/budget.py); returns their units, budgets attached."""
+    """Scoring pass of the model-budget fine-tunes on the pool (its _Dispatch appended to `out`),
+    then each block's budget recorded in the store (ken_dist/budget.py); returns their units,
+    budgets attached."""
     units = [u for p in plans for u in p.units if u.action == "prune"]
     progress.note(f"scoring pass ({', '.join(p.spec.name for p in plans)}: one keep budget per fine-tune): "
                   f"{len(units)} block(s)")
@@ -245,7 +246,7 @@ def _score_and_budget(store: Store, plans: list[FineTunePlan], pool: ActorPool, 
         scoring.run()
     finally:
         scoring.cancel()
-    out = []
+    budgeted = []
     for plan in plans:
         name, params = plan.spec.name, plan.spec.params
         prune = [u for u in plan.units if u.action == "prune"]
@@ -255,8 +256,8 @@ def _score_and_budget(store: Store, plans: list[FineTunePlan], pool: ActorPool, 
         store.set_budgets(name, budgets, summary)
         progress.note(f"{name}: keeping {summary['total']:,} of {summary['elements']:,} entries across "
                       f"{len(prune)} block(s) (scored in {time.time() - t0:.1f} s)")
-        out.extend(replace(u, budget=budgets.get(u.key)) for u in plan.units)
-    return out
+        budgeted.extend(replace(u, budget=budgets.get(u.key)) for u in plan.units)
+    return budgeted
 
 
 def _store_error(store: Store, exc: OSError) -> KenError:
