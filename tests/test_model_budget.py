@@ -175,3 +175,18 @@ def test_changed_block_plan_is_scored_again(tmp_path, pair):
     second = Store(job.store).budgets("task")
     assert set(second) != set(first) and sum(second.values()) == sum(first.values())
     assert _independent_budgets(job2)[1] == second
+
+
+def test_k_gives_the_same_total_as_k_per_row(tmp_path, pair):
+    """`k` with a model budget: the fine-tune keeps sum over rows of min(k, n) entries, anywhere."""
+    from ken_dist.runtime import run_job
+
+    job = JobSpec(base=pair[0], store=str(tmp_path / "store"), block_bytes=3000, ignore_missing=(r"^lm_head\.",),
+                  finetunes=(FineTuneEntry("task", pair[1], None, PruneParams(strategy="magnitude-model", k=3)),))
+    run_job(job, workers=2, quiet=True)
+    manifest = Store(job.store).manifest("task")
+    pruned = [t for t in manifest["tensors"].values() if t["action"] == "prune"]
+    want = sum(t["rows"] * min(3, t["row_len"]) for t in pruned)
+    assert manifest["budget"]["total"] == want == sum(t["kept"] for t in pruned)
+    assert any(b["kept"] != (b["row_end"] - b["row_start"]) * min(3, t["row_len"])
+               for t in pruned for b in t["blocks"])  # not k per row: the budget moved
