@@ -41,10 +41,11 @@ def score_histogram(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return bins.astype(np.uint16), counts[bins].astype(np.int64)
 
 
-def total_budget(elements: int, keep: float | None, k: int | None, rows_and_lengths) -> int:
-    """Entries to keep in the fine-tune: round(keep * elements), or min(k, n) per row summed."""
+def total_budget(rows_and_lengths, keep: float | None, k: int | None) -> int:
+    """Entries to keep in the fine-tune, from its blocks' (rows, row length): round(keep x all
+    entries), or min(k, n) per row summed."""
     if keep is not None:
-        return int(round(keep * elements))
+        return int(round(keep * sum(rows * n for rows, n in rows_and_lengths)))
     return sum(rows * min(k, n) for rows, n in rows_and_lengths)
 
 

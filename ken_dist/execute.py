@@ -56,14 +56,13 @@ def _read_block(unit: WorkUnit):
 
 def score_unit(unit: WorkUnit) -> dict:
     """Scoring pass of a model-budget strategy (ken_dist/budget.py): the block's score histogram."""
-    t0 = time.perf_counter()
     values, base = _read_block(unit)
     try:
         scores = block_scores(unit.params.strategy, values, base)
     except NonFiniteRowError as exc:
         raise _nonfinite(unit, exc) from None
     bins, counts = score_histogram(scores)
-    return {"bins": bins, "counts": counts, "seconds": time.perf_counter() - t0}
+    return {"bins": bins, "counts": counts}
 
 
 def process_unit(unit: WorkUnit, store: Store, device: str | None = None) -> dict:

@@ -83,8 +83,8 @@ def test_boundary_bin_is_shared_in_proportion():
 
 
 def test_total_budget_from_keep_or_k():
-    assert total_budget(1000, 0.25, None, []) == 250
-    assert total_budget(0, None, 3, [(4, 10), (1, 2)]) == 4 * 3 + 1 * 2
+    assert total_budget([(10, 100)], 0.25, None) == 250
+    assert total_budget([(4, 10), (1, 2)], None, 3) == 4 * 3 + 1 * 2
 
 
 # ------------------------------------------------------------------------------ pipeline

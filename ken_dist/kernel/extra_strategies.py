@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ken_dist.kernel.strategies import block_top_mask, register
+from ken_dist.kernel.strategies import abs_delta, block_top_mask, register, top_k_mask
 
 
 LOWRANK_RANK = 4  # chosen on seed 0 of benchmarks/quality (1, 4, 8, 32 tried), checked on seeds 1-2
@@ -91,12 +91,9 @@ def ken_delta(rows, base, k, *, seed, row_offset, compat, device):
 @register("lowrank-delta", needs_base=True, scope="block")
 def lowrank_delta(rows, base, k, *, seed, row_offset, compat, device):
     """Top-k per row of delta * (rank-4 part of the block's delta): denoised magnitude (beyond the paper)."""
-    from ken_dist.kernel.strategies import top_k_mask
-
-    d = np.subtract(rows, base, dtype=np.float64)
-    if d.shape[0] < 2:  # one row: its own rank-1 part, delta * delta = magnitude squared
-        return top_k_mask(np.abs(d), k)
-    return top_k_mask(d * lowrank_part(d), k)
+    if rows.shape[0] < 2:  # one row: its own rank-1 part, delta * delta = magnitude squared
+        return top_k_mask(abs_delta(rows, base), k)
+    return top_k_mask(lowrank_scores(rows, base), k)
 
 
 def lowrank_scores(rows, base) -> np.ndarray:
@@ -121,4 +118,4 @@ def lowrank_delta_model(rows, base):
 @register("magnitude-model", needs_base=True, scope="model")
 def magnitude_model(rows, base):
     """One budget for the whole fine-tune, entries ranked by |fine-tuned - base| (global magnitude)."""
-    return np.abs(np.subtract(rows, base, dtype=np.float64))
+    return abs_delta(rows, base)

@@ -90,10 +90,15 @@ def block_top_mask(scores: np.ndarray, total: int) -> np.ndarray:
     return mask.reshape(scores.shape)
 
 
+def abs_delta(rows, base) -> np.ndarray:
+    """|fine-tuned - base| in float64 (exact for float32 inputs)."""
+    return np.abs(np.subtract(rows, base, dtype=np.float64))
+
+
 @register("magnitude", needs_base=True)
 def magnitude(rows, base, k, *, seed, row_offset, compat, device):
     """Top-k of |fine-tuned - base| per row (task-vector magnitude)."""
-    return top_k_mask(np.abs(rows.astype(np.float64) - base.astype(np.float64)), k)
+    return top_k_mask(abs_delta(rows, base), k)
 
 
 @register("random")

@@ -250,8 +250,7 @@ def _score_and_budget(store: Store, plans: list[FineTunePlan], pool: ActorPool, 
     for plan in plans:
         name, params = plan.spec.name, plan.spec.params
         prune = [u for u in plan.units if u.action == "prune"]
-        total = total_budget(sum(u.elements for u in prune), params.keep, params.k,
-                             [(u.rows, u.ft_info.row_geometry[1]) for u in prune])
+        total = total_budget([(u.rows, u.ft_info.row_geometry[1]) for u in prune], params.keep, params.k)
         budgets, summary = allocate({u.key: scoring.scores[(name, *u.key)] for u in prune}, total)
         store.set_budgets(name, budgets, summary)
         progress.note(f"{name}: keeping {summary['total']:,} of {summary['elements']:,} entries across "
@@ -346,15 +345,16 @@ def run_job(job: JobSpec, *, address: str | None = None, workers: int | None = N
                     "blocks_reused": len(reused[name]), "seconds": round(time.time() - t0, 3)})
         except BaseException as exc:
             log.event("end", status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                      error=f"{type(exc).__name__}: {exc}", **_end_fields(t0, names, ran, reused))
+                      error=f"{type(exc).__name__}: {exc}", **_end_fields(_timings(t0, ran), names, ran, reused))
             if isinstance(exc, OSError):
                 raise _store_error(store, exc) from None
             raise
+        timings = _timings(t0, ran)
         log.event("end", status="ok" if any(to_run.values()) else "nothing to do",
-                  **_end_fields(t0, names, ran, reused))
+                  **_end_fields(timings, names, ran, reused))
     return JobResult(manifests, blocks_run=to_run,
                      blocks_reused={n: len(us) for n, us in reused.items()}, already_complete=complete,
-                     job_id=log.job_id, timings=_timings(t0, ran))
+                     job_id=log.job_id, timings=timings)
 
 
 def _timings(t0: float, ran: list[_Dispatch]) -> dict:
@@ -370,10 +370,10 @@ def _timings(t0: float, ran: list[_Dispatch]) -> dict:
     return out
 
 
-def _end_fields(t0: float, names, ran: list[_Dispatch], reused: dict) -> dict:
+def _end_fields(timings: dict, names, ran: list[_Dispatch], reused: dict) -> dict:
     d = next((x for x in ran if x.method == "run"), None)
     run = d.blocks_run if d else {}
-    return {**_timings(t0, ran), "driver_peak_rss": peak_rss(),
+    return {**timings, "driver_peak_rss": peak_rss(),
             "finetunes": {n: {"blocks_run": run.get(n, 0), "blocks_reused": len(reused.get(n, []))}
                           for n in names},
             "workers": d.workers if d else {}, "retries": d.retries if d else [],
