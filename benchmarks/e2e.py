@@ -450,7 +450,7 @@ def report(res: dict) -> None:
         msg = (f"{w} worker(s): actors busy {r['actor_seconds'] / w:.1f} s of run_job's {r['run_job']:.1f} s each "
                f"(startup, tail, gaps: {idle:.1f} s); cores the actors got: {r['actor_cpu'] / r['run_job']:.2f} of {w}")
         if r.get("startup") is not None:
-            msg += (f"\n    run_job = start-up {r['startup']:.1f} s (validate, plan, actors start and import torch: "
+            msg += (f"\n    run_job = start-up {r['startup']:.1f} s (validate, plan, actors start: "
                     f"a fixed cost) + selection {r['selection']:.1f} s (first block dispatched to last committed)"
                     f" + finalize {r['run_job'] - r['startup'] - r['selection']:.1f} s")
         if k:

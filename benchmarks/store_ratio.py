@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ken_dist.loader import Subnetwork  # noqa: E402,F401  (import cost paid before timing)
-from ken_dist.parts import TORCH_DTYPES, apply_block, info_bound_bytes  # noqa: E402
+from ken_dist.dtypes import torch_dtype  # noqa: E402
+from ken_dist.parts import apply_block, info_bound_bytes  # noqa: E402
 from ken_dist.store import Store  # noqa: E402
 
 
@@ -29,10 +30,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--cols", type=int, default=4096)
-    ap.add_argument("--dtype", default="BF16", choices=sorted(TORCH_DTYPES))
+    ap.add_argument("--dtype", default="BF16", choices=["BF16", "F16", "F32", "F64"])
     ap.add_argument("--keep", type=float, nargs="+", default=[0.01, 0.1, 0.25, 0.5])
     args = ap.parse_args(argv)
-    dtype = TORCH_DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
     gen = torch.Generator().manual_seed(0)
     shape = (args.rows, args.cols)
     itemsize = torch.empty(0, dtype=dtype).element_size()

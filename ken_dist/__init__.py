@@ -1,10 +1,28 @@
-"""ken_dist: KEN pruning of fine-tuned transformer checkpoints, distributed on Ray."""
+"""ken_dist: KEN pruning of fine-tuned transformer checkpoints, distributed on Ray.
+
+The public names below are imported on first use, so that importing a submodule (a CPU
+selection actor imports ken_dist.runtime.actors) does not pull in torch and transformers."""
 from ken_dist.errors import KenError
-from ken_dist.kernel import STRATEGIES, ken_select, register, select
-from ken_dist.inject import apply, swap
-from ken_dist.loader import inspect_store, materialize, open_subnetwork
-from ken_dist.model_load import load_model
 
 __version__ = "0.1.0"
-__all__ = ["KenError", "ken_select", "select", "register", "STRATEGIES", "__version__",
-           "open_subnetwork", "load_model", "apply", "swap", "materialize", "inspect_store"]
+_LAZY = {
+    "ken_select": "ken_dist.kernel", "select": "ken_dist.kernel", "register": "ken_dist.kernel",
+    "STRATEGIES": "ken_dist.kernel", "apply": "ken_dist.inject", "swap": "ken_dist.inject",
+    "inspect_store": "ken_dist.loader", "materialize": "ken_dist.loader",
+    "open_subnetwork": "ken_dist.loader", "load_model": "ken_dist.model_load",
+}
+__all__ = ["KenError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ken_dist' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -16,9 +16,9 @@ import math
 import os
 from dataclasses import dataclass, field
 
-import torch
-from safetensors import safe_open
+import numpy as np
 
+from ken_dist.dtypes import storage_dtype, torch_dtype  # noqa: F401  (torch_dtype: part of this API)
 from ken_dist.errors import KenError
 # Matching lives in its own module (one job each) but is part of this module's contract.
 from ken_dist.match import PRESETS, TensorMatch, match_checkpoints, parse_prefix_map
@@ -26,21 +26,6 @@ from ken_dist.safetensors_header import (CORRUPT_FIX, DTYPE_BITS, FLOAT_DTYPES, 
                                          read_header)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_TORCH_DTYPE_NAMES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
-    "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16",
-    "BF16": "bfloat16", "F32": "float32", "F64": "float64", "C64": "complex64",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
-}
-
-
-def torch_dtype(dtype: str) -> torch.dtype:
-    """The torch dtype for a safetensors dtype string ("BF16" -> torch.bfloat16)."""
-    name = _TORCH_DTYPE_NAMES.get(dtype)
-    if name is None or not hasattr(torch, name):
-        raise KenError(f"dtype {dtype} has no torch equivalent in torch {torch.__version__}")
-    return getattr(torch, name)
-
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -290,60 +275,89 @@ def _build(source: str, root: str, revision: str | None, files: list[str]) -> Ch
 
 # ----------------------------------------------------------------------------- reading
 
-def _open_slice(info: TensorInfo, what: str):
-    try:
-        handle = safe_open(info.file, framework="pt")
-    except Exception as e:
-        raise KenError(f"{info.file}: cannot open to read {what} of tensor {info.name!r} "
-                       f"({e}); the file changed or broke since it was inventoried; "
-                       f"{CORRUPT_FIX}") from e
-    return handle
+READ_CHUNK_BYTES = 256 * 2**20  # one pread at most (Linux caps a single read near 2 GiB)
 
 
-def _checked_slice(f, info: TensorInfo):
-    """The tensor's slice handle, after checking the file still holds it as the plan saw it."""
+def _data_start(info: TensorInfo, what: str) -> int:
+    """Offset of the file's data section, after checking the file still holds the tensor where,
+    and as, the plan saw it (a file replaced during a job must not feed wrong bytes)."""
     try:
-        sl = f.get_slice(info.name)
-    except Exception as e:
+        header = read_header(info.file)
+    except KenError as e:
+        raise KenError(f"{info.file}: cannot read {what} of tensor {info.name!r}: the file changed or broke "
+                       f"since it was inventoried ({e}); restart the job") from None
+    entry = next((e for e in header.entries if e.name == info.name), None)
+    if entry is None:
         raise KenError(f"{info.file}: tensor {info.name!r} is no longer in the file; the "
-                       f"file changed during the job; restart it") from e
-    shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-    if shape != info.shape or dtype != info.dtype:
-        raise KenError(f"{info.file}: tensor {info.name!r} is now {dtype} {list(shape)}, but "
-                       f"was {info.dtype} {list(info.shape)} when the checkpoint was opened; "
-                       f"the file changed during the job; restart it")
-    return sl
+                       f"file changed during the job; restart it")
+    if (entry.shape, entry.dtype, entry.data_offsets) != (info.shape, info.dtype, info.data_offsets):
+        raise KenError(f"{info.file}: tensor {info.name!r} is now {entry.dtype} {list(entry.shape)} at bytes "
+                       f"{list(entry.data_offsets)}, but was {info.dtype} {list(info.shape)} at "
+                       f"{list(info.data_offsets)} when the checkpoint was opened; the file changed during "
+                       f"the job; restart it")
+    return header.data_start
 
 
-def read_rows(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) as a 2-D tensor [stop-start, row_len] in the ORIGINAL dtype.
+def _pread_into(path: str, buf: np.ndarray, offset: int) -> None:
+    """Fill the uint8 array `buf` with the file's bytes from `offset` (KenError if the file ends)."""
+    view = memoryview(buf)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise KenError(f"{path}: cannot open to read ({e.strerror or e}); check the file and its permissions") from e
+    try:
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done: done + READ_CHUNK_BYTES]], offset + done)
+            if got == 0:
+                raise KenError(f"{path}: file ended {len(view) - done} bytes early; {CORRUPT_FIX}")
+            done += got
+    finally:
+        os.close(fd)
 
-    Reads only those rows' bytes: safe_open memory-maps the file and get_slice copies just
-    the requested range of the first dimension."""
+
+def read_rows_array(info: TensorInfo, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) as a numpy array [stop-start, row_len] of the tensor's storage bits
+    (ken_dist.dtypes: the numpy dtype where one exists, bf16/fp8 as same-size unsigned ints).
+
+    Reads exactly those rows' bytes with pread, at the offsets of the header (re-read and
+    checked each call); needs no torch, which is what keeps CPU actors light."""
     rows, row_len = info.row_geometry
     if not (0 <= start <= stop <= rows):
         raise KenError(f"{info.file}: tensor {info.name!r}: rows [{start}, {stop}) are outside "
                        f"its {rows} rows (shape {list(info.shape)})")
-    if start == stop:
-        return torch.empty((0, row_len), dtype=torch_dtype(info.dtype))
-    with _open_slice(info, f"rows [{start}, {stop})") as f:
-        sl = _checked_slice(f, info)
-        if len(info.shape) == 0:
-            t = f.get_tensor(info.name)
-        elif len(info.shape) == 1:
-            t = sl[:]
-        else:
-            t = sl[start:stop]
-    return t.reshape(stop - start, row_len)
+    out = np.empty((stop - start, row_len), dtype=storage_dtype(info.dtype))
+    if out.size:
+        data_start = _data_start(info, f"rows [{start}, {stop})")
+        _pread_into(info.file, out.reshape(-1).view(np.uint8),
+                    data_start + info.data_offsets[0] + start * row_len * info.itemsize)
+    return out
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """The whole tensor, original dtype and shape (for tensors stored whole)."""
-    with _open_slice(info, "all") as f:
-        _checked_slice(f, info)
-        return f.get_tensor(info.name)
+def _as_torch(bits: np.ndarray, dtype: str):
+    import torch
+
+    t = torch.from_numpy(bits.view(np.int16) if bits.dtype == np.uint16 else bits)
+    return t.view(torch_dtype(dtype)) if t.dtype != torch_dtype(dtype) else t
 
 
-__all__ = ["TensorInfo", "Checkpoint", "open_checkpoint", "read_rows", "read_tensor",
+def read_rows(info: TensorInfo, start: int, stop: int):
+    """Rows [start, stop) as a 2-D torch tensor [stop-start, row_len] in the ORIGINAL dtype
+    (read_rows_array's bytes, viewed as the tensor's dtype)."""
+    return _as_torch(read_rows_array(info, start, stop), info.dtype)
+
+
+def read_tensor_array(info: TensorInfo) -> np.ndarray:
+    """The whole tensor's storage bits, in its shape (for tensors stored whole)."""
+    return read_rows_array(info, 0, info.row_geometry[0]).reshape(info.shape)
+
+
+def read_tensor(info: TensorInfo):
+    """The whole tensor as a torch tensor, original dtype and shape."""
+    return _as_torch(read_tensor_array(info), info.dtype)
+
+
+__all__ = ["TensorInfo", "Checkpoint", "open_checkpoint", "read_rows", "read_tensor", "read_rows_array",
+           "read_tensor_array",
            "TensorMatch", "match_checkpoints", "parse_prefix_map", "PRESETS", "torch_dtype",
            "hf_cache_dir"]

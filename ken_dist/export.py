@@ -17,7 +17,8 @@ import shutil
 import struct
 
 from ken_dist.errors import KenError
-from ken_dist.parts import raw_bytes, torch_dtype
+from ken_dist.dtypes import itemsize, torch_dtype
+from ken_dist.parts import raw_bytes
 from ken_dist.store_io import fsync_path
 
 _MARKER = ".ken-materialize-in-progress"
@@ -25,17 +26,13 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5
                     ".onnx", ".gguf", ".index.json")
 
 
-def _itemsize(dtype: str) -> int:
-    import torch
-    return torch.empty(0, dtype=torch_dtype(dtype)).element_size()
-
 
 def plan_shards(tensors: dict, max_shard_bytes: int) -> list[list[str]]:
     """Tensor names per shard, in manifest order, each shard <= max_shard_bytes unless one tensor
     alone is larger (it then gets a shard of its own)."""
     shards, cur, size = [], [], 0
     for name, t in tensors.items():
-        nbytes = math.prod(t["shape"]) * _itemsize(t["dtype"])
+        nbytes = math.prod(t["shape"]) * itemsize(t["dtype"])
         if cur and size + nbytes > max_shard_bytes:
             shards.append(cur)
             cur, size = [], 0
@@ -49,11 +46,11 @@ def plan_shards(tensors: dict, max_shard_bytes: int) -> list[list[str]]:
 def _header(tensors: dict, names: list[str]) -> tuple[bytes, list[str]]:
     """The safetensors header for `names` (widest dtypes first, as safetensors orders them, so
     every tensor starts aligned to its item size) and the data order."""
-    order = sorted(names, key=lambda n: (-_itemsize(tensors[n]["dtype"]), n))
+    order = sorted(names, key=lambda n: (-itemsize(tensors[n]["dtype"]), n))
     doc, off = {"__metadata__": {"format": "pt"}}, 0
     for n in order:
         t = tensors[n]
-        nbytes = math.prod(t["shape"]) * _itemsize(t["dtype"])
+        nbytes = math.prod(t["shape"]) * itemsize(t["dtype"])
         doc[n] = {"dtype": t["dtype"], "shape": list(t["shape"]), "data_offsets": [off, off + nbytes]}
         off += nbytes
     raw = json.dumps(doc, separators=(",", ":")).encode()

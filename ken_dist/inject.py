@@ -32,7 +32,8 @@ import torch
 
 from ken_dist.errors import KenError
 from ken_dist.loader import Subnetwork, open_subnetwork
-from ken_dist.parts import kept_index, put_kept, take_kept, torch_dtype
+from ken_dist.dtypes import torch_dtype
+from ken_dist.parts import kept_index, put_kept, take_kept
 
 __all__ = ["apply", "swap", "resolve_names"]
 

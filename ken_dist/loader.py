@@ -27,7 +27,8 @@ import torch
 from ken_dist.checkpoint import Checkpoint, open_checkpoint, read_rows
 from ken_dist.errors import KenError
 from ken_dist.export import materialize
-from ken_dist.parts import block_rows, decode_whole, put_kept, torch_dtype
+from ken_dist.dtypes import itemsize, torch_dtype
+from ken_dist.parts import block_rows, decode_whole, put_kept
 from ken_dist.store import FORMAT_VERSION, Store
 
 __all__ = ["open_subnetwork", "Subnetwork", "materialize", "inspect_store", "base_files"]
@@ -227,13 +228,13 @@ class Subnetwork:
         of rows [a, b) of a pruned tensor, reading only the parts whose blocks overlap them."""
         t = self.entry(name)
         b = t["rows"] if b is None else b
-        itemsize = torch.empty(0, dtype=torch_dtype(t["dtype"])).element_size()
+        size = itemsize(t["dtype"])
         for block in t["blocks"]:
             if block["row_end"] <= a or block["row_start"] >= b:
                 continue
             table = self.store.read_part(block, name, verify=self.verify)
             try:
-                yield from block_rows(table, t["row_len"], itemsize, block["row_start"], block["row_end"], a, b)
+                yield from block_rows(table, t["row_len"], size, block["row_start"], block["row_end"], a, b)
             except ValueError as e:
                 raise KenError(f"part file {self.store.resolve(block['file'])} of tensor {name!r} is "
                                f"inconsistent ({e}); delete it and rerun the prune command") from None
@@ -276,7 +277,7 @@ def inspect_store(store) -> dict:
         for name, t in m["tensors"].items():
             blocks = t["blocks"] if done is None else [
                 done[k] for k in ((name, b["row_start"], b["row_end"]) for b in t["blocks"]) if k in done]
-            itemsize = torch.empty(0, dtype=torch_dtype(t["dtype"])).element_size()
+            size = itemsize(t["dtype"])
             numel = t["rows"] * t["row_len"]
             kept = sum(b.get("kept", 0) for b in blocks)
             nbytes = sum(b.get("bytes", 0) for b in blocks)
@@ -289,12 +290,12 @@ def inspect_store(store) -> dict:
                 "action": t["action"], "dtype": t["dtype"], "shape": t["shape"], "params": numel,
                 "kept": kept, "kept_fraction": kept / numel if numel else 0.0, "bytes": nbytes,
                 "bound_bytes": round(bound, 1), "ratio": nbytes / bound if bound else None,
-                "dense_bytes": numel * itemsize, "vs_dense": nbytes / (numel * itemsize) if numel else None,
+                "dense_bytes": numel * size, "vs_dense": nbytes / (numel * size) if numel else None,
                 "kept_per_row": {"min": row_min, "mean": kept / rows_done if rows_done else 0.0, "max": row_max},
                 "blocks_done": len(blocks), "blocks_planned": len(t["blocks"]),
             }
             for k, v in (("kept", kept), ("params", numel), ("bytes", nbytes), ("bound_bytes", bound),
-                         ("dense_bytes", numel * itemsize)):
+                         ("dense_bytes", numel * size)):
                 tot[k] += v
         pruned = [t for t in tensors.values() if t["action"] == "prune"]
         p_bytes, p_bound = sum(t["bytes"] for t in pruned), sum(t["bound_bytes"] for t in pruned)

@@ -20,21 +20,8 @@ import math
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from ken_dist.errors import KenError
-
-# safetensors dtype string -> torch dtype. The store keeps the checkpoint's own spelling.
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
-    "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F32": torch.float32, "F64": torch.float64,
-}
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
-                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _attr):
-        TORCH_DTYPES[_name] = getattr(torch, _attr)
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+from ken_dist.dtypes import is_torch_tensor, storage_bits
 
 WHOLE_CHUNK_BYTES = 16 * 2**20
 _WHOLE_CHUNKS_PER_GROUP = 4
@@ -51,24 +38,16 @@ BLOCK_COLUMNS = ("row", "mask", "values")
 WHOLE_COLUMNS = ("offset", "data")
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return TORCH_DTYPES[name]
-    except KeyError:
-        raise KenError(f"unsupported dtype {name!r}; known: {', '.join(sorted(TORCH_DTYPES))}") from None
+def raw_bytes(values) -> np.ndarray:
+    """The bytes of a torch tensor or numpy array as a flat uint8 numpy view (no copy when
+    already contiguous)."""
+    if is_torch_tensor(values):
+        values = storage_bits(values)[0]
+    return np.ascontiguousarray(values).reshape(-1).view(np.uint8)
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return DTYPE_NAMES[dtype]
-    except KeyError:
-        raise KenError(f"unsupported torch dtype {dtype}; known: {', '.join(map(str, DTYPE_NAMES))}") from None
-
-
-def raw_bytes(t: torch.Tensor) -> np.ndarray:
-    """The tensor's bytes as a flat uint8 numpy view (no copy when already contiguous)."""
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy()
+def _numpy(x) -> np.ndarray:
+    return storage_bits(x)[0] if is_torch_tensor(x) else np.asarray(x)
 
 
 def _binary(offsets: np.ndarray, data: np.ndarray) -> pa.Array:
@@ -81,17 +60,19 @@ def _binary(offsets: np.ndarray, data: np.ndarray) -> pa.Array:
 
 def info_bound_bytes(kept_per_row: np.ndarray, n: int, itemsize: int) -> float:
     """sum over rows of kept*itemsize + log2 C(n, kept)/8: what any encoding must spend."""
-    k = torch.as_tensor(np.asarray(kept_per_row), dtype=torch.float64)
-    lg = torch.lgamma
-    log2c = (lg(torch.tensor(n + 1.0, dtype=torch.float64)) - lg(k + 1) - lg(n - k + 1)) / math.log(2)
-    return float((k * itemsize + log2c.clamp_min(0) / 8).sum())
+    kept, rows = np.unique(np.asarray(kept_per_row, dtype=np.int64), return_counts=True)  # few distinct
+    log2c = np.array([(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+                      for k in kept.tolist()], dtype=np.float64).reshape(-1)
+    return float((rows * (kept * itemsize + np.maximum(log2c, 0) / 8)).sum())
 
 
-def encode_block(row_start: int, mask: torch.Tensor, values: torch.Tensor) -> tuple[pa.Table, dict]:
-    """(table, stats) for rows [row_start, row_start + r) given [r, n] mask and values."""
-    m = mask.detach().cpu().numpy().astype(bool, copy=False)
+def encode_block(row_start: int, mask, values) -> tuple[pa.Table, dict]:
+    """(table, stats) for rows [row_start, row_start + r) given [r, n] mask and values (numpy
+    arrays, values in their storage bits, or torch tensors)."""
+    m = _numpy(mask).astype(bool, copy=False)
+    values = _numpy(values)
     r, n = m.shape
-    itemsize = values.element_size()
+    itemsize = values.itemsize
     packed = np.packbits(m, axis=1, bitorder="little").reshape(-1)
     nbytes_row = (n + 7) // 8
     kept = m.sum(axis=1, dtype=np.int64)
@@ -180,13 +161,12 @@ def block_rows(table: pa.Table, n: int, itemsize: int, row_start: int, row_end: 
         raise ValueError(f"holds rows {row_start}..{pos - 1}, expected {row_start}..{row_end - 1}")
 
 
-_SAME_SIZE_INT = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32),
-                  8: (torch.int64, np.int64)}
+_SAME_SIZE_INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
-def _as_ints(t: torch.Tensor) -> np.ndarray:
+def _as_ints(t) -> np.ndarray:
     """A flat numpy view of a contiguous CPU tensor's bits (bf16 has no numpy dtype; int16 does)."""
-    return t.view(_SAME_SIZE_INT[t.element_size()][0]).numpy().reshape(-1)
+    return raw_bytes(t).view(_SAME_SIZE_INT[t.element_size()])
 
 
 def kept_index(keep: np.ndarray) -> np.ndarray:
@@ -194,13 +174,15 @@ def kept_index(keep: np.ndarray) -> np.ndarray:
     return keep if keep.dtype.kind in "iu" else np.flatnonzero(keep)
 
 
-def put_kept(target: torch.Tensor, keep: np.ndarray, values, dtype: torch.dtype | None = None) -> int:
+def put_kept(target, keep: np.ndarray, values, dtype=None) -> int:
     """target[keep] = values in place. target: a contiguous [m, n] tensor on any device; keep:
     [m, n] bool numpy (or its kept_index); values: the kept entries in index order, as a tensor
     or as raw bytes (uint8 numpy) of `dtype` (default target's). On CPU with matching dtype the
     scatter runs on numpy flat indices over the bits, about 8x faster than torch's bool-mask
     indexing and without copying the values; otherwise values are converted and scattered with
     one index_copy_ on the target's device. Returns the entries written."""
+    import torch
+
     idx = kept_index(keep)
     if not idx.size:
         return 0
@@ -208,7 +190,7 @@ def put_kept(target: torch.Tensor, keep: np.ndarray, values, dtype: torch.dtype 
     flat = target.reshape(-1)
     if isinstance(values, np.ndarray):
         if target.device.type == "cpu" and dtype == target.dtype:
-            _as_ints(flat)[idx] = values.view(_SAME_SIZE_INT[target.element_size()][1])
+            _as_ints(flat)[idx] = values.view(_SAME_SIZE_INT[target.element_size()])
             return int(idx.size)
         values = torch.frombuffer(bytearray(values), dtype=dtype)
     if target.device.type == "cpu" and values.device.type == "cpu" and values.dtype == target.dtype:
@@ -218,12 +200,14 @@ def put_kept(target: torch.Tensor, keep: np.ndarray, values, dtype: torch.dtype 
     return int(idx.size)
 
 
-def take_kept(source: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
+def take_kept(source, keep: np.ndarray):
     """source[keep] for a contiguous [m, n] CPU tensor (numpy flat indices, see put_kept)."""
+    import torch
+
     return torch.from_numpy(_as_ints(source.contiguous())[kept_index(keep)]).view(source.dtype)
 
 
-def apply_block(table: pa.Table, target: torch.Tensor, row_start: int, row_end: int,
+def apply_block(table: pa.Table, target, row_start: int, row_end: int,
                 target_row0: int = 0) -> int:
     """Overwrite kept entries of `target` in place; target row i is tensor row target_row0 + i.
 
@@ -238,8 +222,8 @@ def apply_block(table: pa.Table, target: torch.Tensor, row_start: int, row_end: 
     return written
 
 
-def write_whole_parquet(path: str, values: torch.Tensor) -> None:
-    """Write a tensor's raw bytes to `path` in WHOLE_CHUNK_BYTES rows, one row group at a time."""
+def write_whole_parquet(path: str, values) -> None:
+    """Write a tensor's (or storage-bits array's) raw bytes to `path` in WHOLE_CHUNK_BYTES rows, one row group at a time."""
     data = raw_bytes(values)
     total = data.size
     starts = list(range(0, total, WHOLE_CHUNK_BYTES)) or [0]
@@ -259,8 +243,10 @@ def write_whole_parquet(path: str, values: torch.Tensor) -> None:
                                          "data": _binary(offs, data[lo:hi])}))
 
 
-def decode_whole(table: pa.Table, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+def decode_whole(table: pa.Table, dtype, shape: list[int]):
     """The tensor stored by write_whole_parquet, exact dtype and shape (ValueError if inconsistent)."""
+    import torch
+
     if tuple(table.column_names) != WHOLE_COLUMNS:
         raise ValueError(f"columns {table.column_names}, expected {list(WHOLE_COLUMNS)}")
     numel = math.prod(shape)

@@ -21,12 +21,13 @@ import os
 import shutil
 import socket
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
+from ken_dist.dtypes import is_torch_tensor, itemsize, storage_bits
 from ken_dist.errors import KenError
-from ken_dist.parts import PARQUET_OPTIONS, dtype_name, encode_block, torch_dtype, write_whole_parquet
+from ken_dist.parts import PARQUET_OPTIONS, encode_block, write_whole_parquet
 from ken_dist.store_io import (atomic_json, atomic_write, escape_name, fsync_path, last_byte, now, publish,
                                sha256_file, tmp_path)
 
@@ -89,7 +90,7 @@ def _normalize_plan(tensors: dict) -> dict:
         missing = [k for k in _PLAN_KEYS if k not in t]
         if missing:
             raise KenError(f"plan for tensor {name!r} lacks {missing}; each entry needs {list(_PLAN_KEYS)}")
-        torch_dtype(t["dtype"])
+        itemsize(t["dtype"])  # a known dtype
         if t["action"] not in ("prune", "whole"):
             raise KenError(f"tensor {name!r}: action must be 'prune' or 'whole', got {t['action']!r}")
         rows, row_len = int(t["rows"]), int(t["row_len"])
@@ -112,6 +113,20 @@ def _normalize_plan(tensors: dict) -> dict:
                      blocks=[{"row_start": a, "row_end": b} for a, b in sorted(blocks)])
         plan[name] = entry
     return plan
+
+
+def _bits(tensor: str, values, dtype: str | None) -> tuple[np.ndarray, str]:
+    """(storage bits, dtype name) of what a writer was given: a torch tensor or numpy bits + name."""
+    if is_torch_tensor(values):
+        return storage_bits(values)
+    if dtype is None:
+        raise KenError(f"tensor {tensor!r}: numpy values need dtype= (their safetensors name, e.g. 'BF16': "
+                       "bf16 bits travel as uint16)")
+    values = np.asarray(values)
+    if values.itemsize != itemsize(dtype):
+        raise KenError(f"tensor {tensor!r}: {values.dtype} values cannot hold dtype {dtype} "
+                       f"({itemsize(dtype)} bytes per element)")
+    return values, dtype
 
 
 class Store:
@@ -345,21 +360,24 @@ class Store:
             raise KenError(f"store {self.root}: fine-tune {finetune!r} was not begun; call Store.begin first")
 
     def write_block(self, finetune: str, tensor: str, row_start: int, row_end: int,
-                    mask: torch.Tensor, values: torch.Tensor) -> dict:
+                    mask, values, dtype: str | None = None) -> dict:
         """Write rows [row_start, row_end) of a pruned tensor as one part; returns its record.
 
-        Safe in worker processes: touches only its own part file. Deterministic: the same block
-        written twice gives the same bytes (and sha256)."""
+        mask: bool, shaped like values. values: a torch tensor, or a numpy array of storage bits
+        (ken_dist.dtypes) with `dtype` its safetensors name. Safe in worker processes: touches
+        only its own part file. Deterministic: the same block written twice gives the same bytes
+        (and sha256)."""
         self._begun(finetune)
         r = int(row_end) - int(row_start)
         if r <= 0 or row_start < 0:
             raise KenError(f"tensor {tensor!r}: bad row range [{row_start}, {row_end})")
-        dtype = dtype_name(values.dtype)
-        if values.numel() % r:
-            raise KenError(f"tensor {tensor!r} rows [{row_start}, {row_end}): {values.numel()} values "
+        values, dtype = _bits(tensor, values, dtype)
+        if values.size % r:
+            raise KenError(f"tensor {tensor!r} rows [{row_start}, {row_end}): {values.size} values "
                            f"do not split into {r} rows")
         values = values.reshape(r, -1)
-        if mask.dtype != torch.bool or mask.numel() != values.numel():
+        mask = storage_bits(mask)[0] if is_torch_tensor(mask) else np.asarray(mask)
+        if mask.dtype != np.bool_ or mask.size != values.size:
             raise KenError(f"tensor {tensor!r} rows [{row_start}, {row_end}): mask must be a bool tensor "
                            f"shaped like values {list(values.shape)}, got {mask.dtype} {list(mask.shape)}")
         table, stats = encode_block(int(row_start), mask.reshape(values.shape), values)
@@ -375,10 +393,11 @@ class Store:
                 "dtype": dtype, "row_len": int(values.shape[1]), "kept_row_min": stats["kept_row_min"],
                 "kept_row_max": stats["kept_row_max"], "bound_bytes": stats["bound_bytes"]}
 
-    def write_whole(self, finetune: str, tensor: str, values: torch.Tensor) -> dict:
-        """Store a tensor as it is (raw bytes, chunked); returns its record, block [0, rows)."""
+    def write_whole(self, finetune: str, tensor: str, values, dtype: str | None = None) -> dict:
+        """Store a tensor as it is (raw bytes, chunked); returns its record, block [0, rows).
+        values: a torch tensor or a numpy storage-bits array with `dtype` (as in write_block)."""
         self._begun(finetune)
-        dtype = dtype_name(values.dtype)
+        values, dtype = _bits(tensor, values, dtype)
         rows, _ = row_geometry(values.shape)
         rel = self._part_rel(finetune, tensor, "whole.parquet")
         path = self.resolve(rel)
@@ -394,8 +413,8 @@ class Store:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        nbytes = values.numel() * values.element_size()
-        return {"tensor": tensor, "row_start": 0, "row_end": rows, "file": rel, "kept": values.numel(),
+        nbytes = values.nbytes
+        return {"tensor": tensor, "row_start": 0, "row_end": rows, "file": rel, "kept": int(values.size),
                 "bytes": size, "sha256": digest, "dtype": dtype, "shape": list(values.shape),
                 "bound_bytes": float(nbytes)}
 
@@ -482,7 +501,7 @@ class Store:
             t["kept"] = sum(b["kept"] for b in blocks)
             t["bytes"] = sum(b["bytes"] for b in blocks)
             t["bound_bytes"] = sum(b.get("bound_bytes", 0.0) for b in blocks)
-            dense = t["rows"] * t["row_len"] * torch.empty(0, dtype=torch_dtype(t["dtype"])).element_size()
+            dense = t["rows"] * t["row_len"] * itemsize(t["dtype"])
             for k, v in (("kept", t["kept"]), ("bytes", t["bytes"]), ("bound_bytes", t["bound_bytes"]),
                          ("dense_bytes", dense)):
                 totals[k] += v

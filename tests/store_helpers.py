@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from ken_dist.loader import base_files
-from ken_dist.parts import dtype_name
+from ken_dist.dtypes import dtype_name
 from ken_dist.store import Store, row_geometry
 
 PARAMS = {"k": None, "keep": 0.4, "strategy": "ken", "compat": "index"}

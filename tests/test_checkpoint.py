@@ -89,7 +89,7 @@ def test_inventory_reads_only_headers(models, monkeypatch):
         f.read = lambda n=-1: read.append(len(b := real_read(n))) or b
         return f
 
-    monkeypatch.setattr(ckpt_mod, "safe_open", lambda *a, **k: opened.append(a))
+    monkeypatch.setattr(ckpt_mod, "_pread_into", lambda *a, **k: opened.append(a))
     monkeypatch.setattr(hdr, "open", counting_open, raising=False)
     ck = open_checkpoint(models["llama_bf16"])
     assert ck.tensors and opened == []
@@ -286,46 +286,17 @@ def test_identity_is_cheap_and_changes_with_checkpoint(models, tmp_path):
 # ------------------------------------------------------------------------------ reading
 
 class _Recorder:
-    """Wraps safe_open to record what each read asks for."""
+    """Wraps checkpoint._pread_into to record the byte ranges each read asks for."""
 
     def __init__(self, monkeypatch):
         self.calls = []
-        real = ckpt_mod.safe_open
-        rec = self
+        real = ckpt_mod._pread_into
 
-        class Slice:
-            def __init__(self, sl):
-                self.sl = sl
+        def recording(path, buf, offset):
+            self.calls.append((path, offset, buf.size))
+            return real(path, buf, offset)
 
-            def get_shape(self):
-                return self.sl.get_shape()
-
-            def get_dtype(self):
-                return self.sl.get_dtype()
-
-            def __getitem__(self, idx):
-                rec.calls.append(("slice", idx))
-                return self.sl[idx]
-
-        class Handle:
-            def __init__(self, *a, **k):
-                self.h = real(*a, **k)
-
-            def __enter__(self):
-                self.f = self.h.__enter__()
-                return self
-
-            def __exit__(self, *exc):
-                return self.h.__exit__(*exc)
-
-            def get_slice(self, name):
-                return Slice(self.f.get_slice(name))
-
-            def get_tensor(self, name):
-                rec.calls.append(("tensor", name))
-                return self.f.get_tensor(name)
-
-        monkeypatch.setattr(ckpt_mod, "safe_open", Handle)
+        monkeypatch.setattr(ckpt_mod, "_pread_into", recording)
 
 
 @pytest.mark.parametrize("key", ["llama", "llama_bf16"])
@@ -340,7 +311,10 @@ def test_read_rows_exact_and_only_those_rows(models, monkeypatch, key):
         assert torch.equal(rows.view(torch.int16 if full.dtype == torch.bfloat16 else torch.int32),
                            full[a:b].view(torch.int16 if full.dtype == torch.bfloat16
                                           else torch.int32))  # bit-equal
-    assert rec.calls == [("slice", slice(a, b)) for a, b in [(0, 32), (3, 4), (5, 17), (31, 32)]]
+    start = next(h.data_start for h in ck.headers if h.path == info.file) + info.data_offsets[0]
+    row_bytes = 64 * info.itemsize
+    assert rec.calls == [(info.file, start + a * row_bytes, (b - a) * row_bytes)
+                         for a, b in [(0, 32), (3, 4), (5, 17), (31, 32)]]  # those rows' bytes, nothing else
     with pytest.raises(KenError, match=r"rows \[30, 33\) are outside its 32 rows"):
         read_rows(info, 30, 33)
 

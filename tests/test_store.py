@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ken_dist import parts
+from ken_dist.dtypes import dtype_name
 from ken_dist.errors import KenError
 from ken_dist.parts import apply_block, decode_whole, info_bound_bytes
 from ken_dist.store import Store
@@ -52,7 +53,7 @@ def test_block_round_trip_is_bit_exact(tmp_path, toy, dtype):
     mask[0] = False
     mask[1] = True
     rec = store.write_block("ft", "w", 10, 15, mask, values)
-    assert rec["kept"] == int(mask.sum()) and rec["dtype"] == parts.dtype_name(dtype)
+    assert rec["kept"] == int(mask.sum()) and rec["dtype"] == dtype_name(dtype)
     got = reread(store, rec, values)
     assert same_bits(got[mask], values[mask]) and not got[~mask].view(torch.uint8).any()
 

@@ -83,9 +83,9 @@ def _delta(rows: np.ndarray, base: np.ndarray) -> np.ndarray:
 @register("ken-delta", needs_base=True)
 def ken_delta(rows, base, k, *, seed, row_offset, compat, device):
     """KEN's KDE rule applied to the row of differences fine-tuned - base (exactly k per row)."""
-    from ken_dist.kernel import ken_select
+    from ken_dist.kernel import ken_mask
 
-    return ken_select(_delta(rows, base), k, compat="index", device=device).cpu().numpy()
+    return ken_mask(_delta(rows, base), k, compat="index", device=device)
 
 
 @register("lowrank-delta", needs_base=True, scope="block")

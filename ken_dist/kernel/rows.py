@@ -8,8 +8,8 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
-import torch
 
+from ken_dist.dtypes import is_torch_tensor
 from ken_dist.errors import KenError, NonFiniteRowError
 
 
@@ -35,12 +35,14 @@ def resolve_k(n: int, k=None, keep=None) -> int:
     return min(n, max(1, round(keep * n)))
 
 
-def as_float32_rows(rows, name: str = "rows") -> np.ndarray | torch.Tensor:
+def as_float32_rows(rows, name: str = "rows"):
     """Widen a [r, n] (or [n]) float tensor/array to float32, keeping its kind (numpy or torch).
 
     bf16 and fp16 widen exactly, so selection on the widened rows is selection on the originals.
     """
-    if isinstance(rows, torch.Tensor):
+    if is_torch_tensor(rows):
+        import torch
+
         if not rows.is_floating_point():
             raise KenError(f"{name}: dtype {rows.dtype} is not a float type; integer and bool "
                            "tensors are never pruned (store them whole)")
@@ -61,7 +63,9 @@ def as_float32_rows(rows, name: str = "rows") -> np.ndarray | torch.Tensor:
 
 def check_finite(rows2d) -> None:
     """Raise NonFiniteRowError naming the first row with NaN or infinity."""
-    if isinstance(rows2d, torch.Tensor):
+    if is_torch_tensor(rows2d):
+        import torch
+
         bad = (~torch.isfinite(rows2d)).any(dim=1)
         if bool(bad.any()):
             row = int(torch.nonzero(bad)[0, 0])

@@ -358,8 +358,8 @@ def run_job(job: JobSpec, *, address: str | None = None, workers: int | None = N
 
 
 def _timings(t0: float, ran: list[_Dispatch]) -> dict:
-    """Where run_job's wall time went: start-up (validation, planning, Ray, actors importing
-    torch: a fixed cost, seconds whatever the model size) until the first actor got work, then
+    """Where run_job's wall time went: start-up (validation, planning, Ray, actors starting: a
+    fixed cost, about a second whatever the model size) until the first actor got work, then
     the passes (scoring, if any, and selection) from first dispatch to last result."""
     out = {"seconds": round(time.time() - t0, 3)}
     if ran and ran[0].first_submit is not None:

@@ -34,7 +34,7 @@ from ken_dist.runtime.actors import make_actor
 WATCH_S = 1.0
 STARTUP_WATCH_S = 0.1      # while actors of a new pool are starting: give each work as soon as it is up
 STARTUP_S = 60.0           # ... for at most this long (an actor waiting for a node does not need 10 Hz)
-RESTART_GRACE_S = 20.0     # a crashed worker restarts (imports torch) well within this
+RESTART_GRACE_S = 20.0     # a crashed worker restarts (imports ken_dist) well within this
 NO_WORKER_TIMEOUT_S = 600.0
 _WAITING = ("DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING")
 
