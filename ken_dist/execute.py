@@ -94,9 +94,10 @@ def score_unit(unit: WorkUnit) -> dict:
 
 def process_unit(unit: WorkUnit, store: Store, device: str | None = None) -> dict:
     """Select and store one block on `device` (None/"cpu": numpy; "cuda...": torch on the GPU;
-    "torch": the GPU code path on the CPU, for tests); returns the store's block record plus timings: wall seconds
-    (total, read, select) and cpu_seconds, this process's CPU time for the unit, which stays
-    meaningful when other work shares the cores (benchmarks/e2e.py compares it with the kernel's)."""
+    "torch": the GPU code path on the CPU, for tests). Returns the store's block record plus
+    timings: wall seconds (total, read, select) and cpu_seconds, this process's CPU time for the
+    unit, which stays meaningful when other work shares the cores (benchmarks/e2e.py compares it
+    with the kernel's)."""
     t0, c0 = time.perf_counter(), time.process_time()
     if unit.action == "whole":
         record = store.write_whole(unit.finetune, unit.tensor, read_tensor_array(unit.ft_info), unit.ft_info.dtype)
