@@ -124,3 +124,14 @@ def test_a_wrong_token_or_no_cluster_is_a_clear_error(head, job_file, monkeypatc
     assert "cannot reach the Ray Jobs API" in capsys.readouterr().err
     assert cli_main(["job", "status", "no-such-job", "--address", head]) == 2
     assert "no such Ray job" in capsys.readouterr().err
+
+
+def test_a_port_holding_401_is_not_taken_for_a_refused_token():
+    """Found in CI: an unreachable head on port 40113 was reported as a token refusal."""
+    from ken_dist.runtime.submit import _client_error
+
+    address = "http://127.0.0.1:40113"
+    down = _client_error(address, ConnectionError(f"Failed to connect to Ray at address: {address}."))
+    assert "cannot reach the Ray Jobs API" in str(down)
+    refused = _client_error(address, RuntimeError("Request failed with status code 401: Unauthorized"))
+    assert "token authentication" in str(refused)

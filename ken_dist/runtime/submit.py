@@ -14,6 +14,7 @@ RAY_AUTH_TOKEN variable, the file named by RAY_AUTH_TOKEN_PATH, ~/.ray/auth_toke
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 import time
@@ -70,7 +71,8 @@ def client(address: str | None, token_file: str | None = None):
 
 def _client_error(address: str, exc: Exception) -> KenError:
     text = str(exc)
-    if "Authentication" in text or "401" in text or "403" in text:
+    status = re.search(r"\b(401|403)\b", text.replace(address, ""))  # not a port number that holds "401"
+    if "Authentication" in text or status:
         return KenError(f"the Ray cluster at {address} refused the request ({text.splitlines()[0]}); it uses "
                         "token authentication: copy its token (on the head: `ray get-auth-token`) to "
                         "~/.ray/auth_token, or pass --token-file FILE, or set RAY_AUTH_TOKEN")
