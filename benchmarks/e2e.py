@@ -289,7 +289,7 @@ def cached_fraction(files: list[str]) -> float | None:
 
 # ----------------------------------------------------------------------------- profile summary
 PROFILE_BUCKETS = [  # first match wins, in this order
-    ("kernel: sort_order (numpy)", "sort_order"), ("kernel: bandwidths/grids (numpy)", "bandwidths"),
+    ("kernel: sort_order (radix)", "sort_order"), ("kernel: bandwidths/grids (numpy)", "bandwidths"),
     ("kernel: bandwidths/grids (numpy)", "grids ("), ("kernel: widen + finite check", "as_float32_rows"),
     ("kernel: widen + finite check", "check_finite"), ("kernel: numba select_block", "ken_masks"),
     ("kernel: other", "ken_select"), ("store: encode (mask/values)", "encode_block"),

@@ -177,3 +177,23 @@ def test_baseline_strategies():
         select("magnitude", ft, k=3)
     with pytest.raises(KenError, match="unknown strategy 'nope'"):
         select("nope", ft, k=3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 600), rows=st.integers(1, 4), seed=st.integers(0, 2**31),
+       pool=st.sampled_from(["normal", "few", "specials"]))
+def test_sort_order_is_value_then_index(n, rows, seed, pool):
+    """The radix sort against np.lexsort: ties in index order, -0.0 with 0.0, infinities and
+    subnormals in place, constant and one-entry rows."""
+    rng = np.random.default_rng(seed)
+    if pool == "normal":
+        v = rng.standard_normal((rows, n)).astype(np.float32) * np.float32(0.02)
+    elif pool == "few":
+        v = rng.choice(np.array([-1.5, -0.0, 0.0, 2.0, 1e-3], np.float32), (rows, n))
+    else:
+        v = rng.choice(np.array([-np.inf, np.inf, -0.0, 0.0, 1e-45, -1e-45, 3.4e38, -3.4e38, 1.0], np.float32),
+                       (rows, n))
+    got = ken.sort_order(v)
+    for i in range(rows):
+        want = np.lexsort((np.arange(n), v[i] + np.float32(0.0)))  # + 0.0 turns -0.0 into 0.0
+        assert np.array_equal(got[i], want)

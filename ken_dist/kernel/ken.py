@@ -34,24 +34,8 @@ def grids(rows: np.ndarray, k: int) -> np.ndarray:
 
 
 def sort_order(rows: np.ndarray) -> np.ndarray:
-    """Each row's indices sorted by (value, index), -0.0 equal to 0.0, as one uint64 sort.
-
-    The float32 bits become an order-preserving unsigned key (negatives: all bits flipped;
-    positives: sign bit set), shifted above the index so that equal values keep index order.
-    Built in place: the sort dominates the temporaries, not the key construction."""
-    bits = rows.view(np.uint32).copy()
-    bits[bits == 0x80000000] = 0  # -0.0 sorts with +0.0
-    flip = (bits.view(np.int32) >> 31).view(np.uint32)  # all ones for negatives
-    flip |= np.uint32(0x80000000)
-    bits ^= flip
-    del flip
-    keys = bits.astype(np.uint64)
-    del bits
-    keys <<= np.uint64(32)
-    keys |= np.arange(rows.shape[1], dtype=np.uint64)[None, :]
-    keys.sort(axis=1)
-    keys &= np.uint64(0xFFFFFFFF)
-    return keys.view(np.int64)
+    """Each row's indices sorted by (value, index), -0.0 equal to 0.0 (ken_cpu.radix_sort_order)."""
+    return ken_cpu.radix_sort_order(np.ascontiguousarray(rows, dtype=np.float32))
 
 
 def ken_masks(rows: np.ndarray, k: int, reference: bool) -> np.ndarray:
