@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ken_dist.dtypes import storage_dtype, torch_dtype  # noqa: F401  (torch_dtype: part of this API)
+from ken_dist.dtypes import from_storage_bits, storage_dtype, torch_dtype  # noqa: F401  (torch_dtype: part of this API)
 from ken_dist.errors import KenError
 # Matching lives in its own module (one job each) but is part of this module's contract.
 from ken_dist.match import PRESETS, TensorMatch, match_checkpoints, parse_prefix_map
@@ -334,17 +334,10 @@ def read_rows_array(info: TensorInfo, start: int, stop: int) -> np.ndarray:
     return out
 
 
-def _as_torch(bits: np.ndarray, dtype: str):
-    import torch
-
-    t = torch.from_numpy(bits.view(np.int16) if bits.dtype == np.uint16 else bits)
-    return t.view(torch_dtype(dtype)) if t.dtype != torch_dtype(dtype) else t
-
-
 def read_rows(info: TensorInfo, start: int, stop: int):
     """Rows [start, stop) as a 2-D torch tensor [stop-start, row_len] in the ORIGINAL dtype
     (read_rows_array's bytes, viewed as the tensor's dtype)."""
-    return _as_torch(read_rows_array(info, start, stop), info.dtype)
+    return from_storage_bits(read_rows_array(info, start, stop), info.dtype)
 
 
 def read_tensor_array(info: TensorInfo) -> np.ndarray:
@@ -354,7 +347,7 @@ def read_tensor_array(info: TensorInfo) -> np.ndarray:
 
 def read_tensor(info: TensorInfo):
     """The whole tensor as a torch tensor, original dtype and shape."""
-    return _as_torch(read_tensor_array(info), info.dtype)
+    return from_storage_bits(read_tensor_array(info), info.dtype)
 
 
 __all__ = ["TensorInfo", "Checkpoint", "open_checkpoint", "read_rows", "read_tensor", "read_rows_array",

@@ -9,6 +9,7 @@ the store writes the bits untouched. Only the functions handing out torch dtypes
 from __future__ import annotations
 
 import sys
+from functools import lru_cache
 
 import numpy as np
 
@@ -85,6 +86,21 @@ def storage_bits(t) -> tuple[np.ndarray, str]:
     return arr.view(storage_dtype(name)), name
 
 
+def as_numpy(x) -> np.ndarray:
+    """A torch tensor's storage bits (storage_bits), or the numpy array itself."""
+    return storage_bits(x)[0] if is_torch_tensor(x) else np.asarray(x)
+
+
+def from_storage_bits(bits: np.ndarray, name: str):
+    """The torch tensor of dtype `name` over a storage-bits array, no copy (storage_bits' inverse)."""
+    import torch
+
+    want = torch_dtype(name)
+    t = torch.from_numpy(bits.view(np.int16) if bits.dtype == np.uint16 else bits)
+    return t if t.dtype == want else t.view(want)
+
+
+@lru_cache(maxsize=None)
 def _fp8_table(exp_bits: int, man_bits: int, bias: int, ieee_special: bool) -> np.ndarray:
     """float32 value of each of the 256 fp8 codes (E4M3FN: no inf, S.1111.111 is NaN; E5M2: IEEE)."""
     codes = np.arange(256)
@@ -98,7 +114,9 @@ def _fp8_table(exp_bits: int, man_bits: int, bias: int, ieee_special: bool) -> n
         value = np.where(exp == top, np.where(man == 0, np.inf, np.nan), value)
     else:
         value = np.where((exp == top) & (man == (1 << man_bits) - 1), np.nan, value)
-    return (sign * value).astype(np.float32)
+    table = (sign * value).astype(np.float32)
+    table.setflags(write=False)  # cached and shared by every call
+    return table
 
 
 _FP8 = {"F8_E4M3": lambda: _fp8_table(4, 3, 7, False), "F8_E5M2": lambda: _fp8_table(5, 2, 15, True)}

@@ -26,7 +26,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5
                     ".onnx", ".gguf", ".index.json")
 
 
-
 def plan_shards(tensors: dict, max_shard_bytes: int) -> list[list[str]]:
     """Tensor names per shard, in manifest order, each shard <= max_shard_bytes unless one tensor
     alone is larger (it then gets a shard of its own)."""

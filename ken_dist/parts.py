@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ken_dist.dtypes import is_torch_tensor, storage_bits
+from ken_dist.dtypes import as_numpy
 
 WHOLE_CHUNK_BYTES = 16 * 2**20
 _WHOLE_CHUNKS_PER_GROUP = 4
@@ -41,13 +41,7 @@ WHOLE_COLUMNS = ("offset", "data")
 def raw_bytes(values) -> np.ndarray:
     """The bytes of a torch tensor or numpy array as a flat uint8 numpy view (no copy when
     already contiguous)."""
-    if is_torch_tensor(values):
-        values = storage_bits(values)[0]
-    return np.ascontiguousarray(values).reshape(-1).view(np.uint8)
-
-
-def _numpy(x) -> np.ndarray:
-    return storage_bits(x)[0] if is_torch_tensor(x) else np.asarray(x)
+    return np.ascontiguousarray(as_numpy(values)).reshape(-1).view(np.uint8)
 
 
 def _binary(offsets: np.ndarray, data: np.ndarray) -> pa.Array:
@@ -69,8 +63,8 @@ def info_bound_bytes(kept_per_row: np.ndarray, n: int, itemsize: int) -> float:
 def encode_block(row_start: int, mask, values) -> tuple[pa.Table, dict]:
     """(table, stats) for rows [row_start, row_start + r) given [r, n] mask and values (numpy
     arrays, values in their storage bits, or torch tensors)."""
-    m = _numpy(mask).astype(bool, copy=False)
-    values = _numpy(values)
+    m = as_numpy(mask).astype(bool, copy=False)
+    values = as_numpy(values)
     r, n = m.shape
     itemsize = values.itemsize
     packed = np.packbits(m, axis=1, bitorder="little").reshape(-1)

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ken_dist.dtypes import is_torch_tensor, itemsize, storage_bits
+from ken_dist.dtypes import as_numpy, is_torch_tensor, itemsize, storage_bits
 from ken_dist.errors import KenError
 from ken_dist.parts import PARQUET_OPTIONS, encode_block, write_whole_parquet
 from ken_dist.store_io import (atomic_json, atomic_write, escape_name, fsync_path, last_byte, now, publish,
@@ -376,7 +376,7 @@ class Store:
             raise KenError(f"tensor {tensor!r} rows [{row_start}, {row_end}): {values.size} values "
                            f"do not split into {r} rows")
         values = values.reshape(r, -1)
-        mask = storage_bits(mask)[0] if is_torch_tensor(mask) else np.asarray(mask)
+        mask = as_numpy(mask)
         if mask.dtype != np.bool_ or mask.size != values.size:
             raise KenError(f"tensor {tensor!r} rows [{row_start}, {row_end}): mask must be a bool tensor "
                            f"shaped like values {list(values.shape)}, got {mask.dtype} {list(mask.shape)}")
