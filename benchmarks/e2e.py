@@ -19,7 +19,7 @@ What it measures, all on the same generated fine-tune (benchmarks/make_checkpoin
   posix_fadvise(DONTNEED), which drops just these files and works without root) and warm.
 - memory: peak RSS (VmHWM, sampled from /proc every 0.2 s) of the driver, each selection actor
   and Ray's own processes, and the peak of their sum.
-- store: bytes vs the information bound (ken_dist.loader.inspect_store).
+- store: bytes vs the information bound (ken_dist.subnetwork.view.inspect_store).
 - machine load: CPU seconds burnt by processes that are not ours during each run (/proc/stat minus
   our process tree), so that a missed target on a shared machine is visible as such.
 
@@ -50,8 +50,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 # ----------------------------------------------------------------------------- children
 def _job(args, store: str):
-    from ken_dist.jobspec import FineTuneEntry, JobSpec
-    from ken_dist.plan import PruneParams
+    from ken_dist.job.plan import PruneParams
+    from ken_dist.job.spec import FineTuneEntry, JobSpec
 
     return JobSpec(base=args.base, store=store, block_bytes=args.block_bytes,
                    finetunes=(FineTuneEntry("ft", args.ft, None, PruneParams(keep=args.keep)),))
@@ -61,9 +61,9 @@ def child_kernel(args) -> dict:
     """select() on every planned block, in this process, one thread; reads are not timed."""
     import torch
 
-    from ken_dist.checkpoint import read_rows
+    from ken_dist.checkpoints.reads import read_rows
+    from ken_dist.job.plan import plan_finetune
     from ken_dist.kernel import STRATEGIES, select
-    from ken_dist.plan import plan_finetune
 
     torch.set_num_threads(1)
     job = _job(args, "/nonexistent")
@@ -323,16 +323,16 @@ def _gib(x: float) -> str:
 
 
 def main(argv=None) -> int:
-    from ken_dist.cli import parse_bytes
+    from ken_dist.cli.commands import byte_size
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="/tmp/ken-e2e")
-    p.add_argument("--preset", help="a shape from ken_dist.synthetic.PRESETS instead of the default")
+    p.add_argument("--preset", help="a shape from ken_dist.testing.synthetic.PRESETS instead of the default")
     for flag in ("hidden", "intermediate", "layers", "vocab", "heads", "kv-heads"):
         p.add_argument(f"--{flag}", type=int, dest=flag.replace("-", "_"))
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--keep", type=float, default=0.25)
-    p.add_argument("--block-bytes", type=parse_bytes, default=None, help="work unit size (default: ken_dist's)")
+    p.add_argument("--block-bytes", type=byte_size, default=None, help="work unit size (default: ken_dist's)")
     p.add_argument("--workers", default="1,2", help="comma list of worker counts to run (default 1,2)")
     p.add_argument("--skip-kernel", action="store_true", help="no in-process kernel pass")
     p.add_argument("--profile", action="store_true", help="py-spy every selection actor of the last run")
@@ -350,8 +350,8 @@ def main(argv=None) -> int:
         print(json.dumps(out))
         return 0
 
-    from ken_dist.plan import DEFAULT_BLOCK_BYTES
-    from ken_dist.synthetic import PRESETS, LlamaShape, write_pair
+    from ken_dist.job.plan import DEFAULT_BLOCK_BYTES
+    from ken_dist.testing.synthetic import PRESETS, LlamaShape, write_pair
 
     args.block_bytes = args.block_bytes or DEFAULT_BLOCK_BYTES
     fields = dict(PRESETS[args.preset].__dict__) if args.preset else dict(DEFAULT_SHAPE)
@@ -402,7 +402,7 @@ def main(argv=None) -> int:
             shutil.rmtree(prof, ignore_errors=True)
             os.makedirs(prof)
         r = run_child(args, "pipeline", ["--workers", str(w), "--store", store], prof)
-        from ken_dist.loader import inspect_store
+        from ken_dist.subnetwork.inspect import inspect_store
 
         tot = inspect_store(store)["finetunes"]["ft"]["totals"]
         r["store"] = {k: tot[k] for k in ("bytes", "bound_bytes", "dense_bytes", "ratio", "vs_dense")}

@@ -63,7 +63,7 @@ def worker_devices(store: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--preset", help="ken_dist.synthetic.PRESETS name (default: 7b on cuda, a tiny shape on cpu)")
+    p.add_argument("--preset", help="ken_dist.testing.synthetic.PRESETS name (default: 7b on cuda, a tiny shape on cpu)")
     p.add_argument("--workdir", default="/tmp/ken-gpu-pipeline")
     p.add_argument("--keep", type=float, default=0.25)
     p.add_argument("--cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
@@ -75,12 +75,14 @@ def main(argv=None) -> int:
     import torch
 
     from ken_dist import ken_select
-    from ken_dist.checkpoint import open_checkpoint, read_tensor
-    from ken_dist.jobspec import FineTuneEntry, JobSpec
-    from ken_dist.loader import inspect_store, open_subnetwork
-    from ken_dist.plan import PruneParams
+    from ken_dist.checkpoints.inventory import open_checkpoint
+    from ken_dist.checkpoints.reads import read_tensor
+    from ken_dist.job.plan import PruneParams
+    from ken_dist.job.spec import FineTuneEntry, JobSpec
     from ken_dist.runtime import run_job
-    from ken_dist.synthetic import PRESETS, LlamaShape, write_pair
+    from ken_dist.subnetwork.inspect import inspect_store
+    from ken_dist.subnetwork.view import open_subnetwork
+    from ken_dist.testing.synthetic import PRESETS, LlamaShape, write_pair
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no CUDA device; use --device cpu to dry-run here")

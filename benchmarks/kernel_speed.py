@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import oracle  # noqa: E402
 
 from ken_dist import ken_select  # noqa: E402
-from ken_dist.kernel.ken import sort_order  # noqa: E402
+from ken_dist.kernel.ken_cpu import sort_order  # noqa: E402
 
 SHAPES = [(4096, 2048), (4096, 512), (768, 384), (14336, 4096)]
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ken_dist.cli import parse_bytes
-from ken_dist.synthetic import PRESETS, LlamaShape, write_checkpoint, write_pair
+from ken_dist.cli.commands import byte_size
+from ken_dist.testing.synthetic import PRESETS, LlamaShape, write_checkpoint, write_pair
 
 ITEM = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     for flag in ("hidden", "intermediate", "layers", "vocab", "heads", "kv-heads"):
         p.add_argument(f"--{flag}", type=int, dest=flag.replace("-", "_"))
     p.add_argument("--dtype", choices=sorted(ITEM), default="bf16")
-    p.add_argument("--shard-bytes", type=parse_bytes, default=5 * 10**9, help="max bytes per shard (default 5GB)")
+    p.add_argument("--shard-bytes", type=byte_size, default=5 * 10**9, help="max bytes per shard (default 5GB)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="generator threads (default 1; writes stay ordered)")
     p.add_argument("--only", choices=("pair", "base", "finetune"), default="pair",

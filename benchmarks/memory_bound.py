@@ -3,7 +3,7 @@
     python benchmarks/memory_bound.py                        # 3.8 GB bf16 fine-tune + base, cap 2 GiB
     python benchmarks/memory_bound.py --layers 2 --cap 1.5GiB --block-bytes 32MiB --keep-files
 
-Generates a Llama-shaped bf16 base / fine-tune pair with ken_dist.synthetic (streamed to disk:
+Generates a Llama-shaped bf16 base / fine-tune pair with ken_dist.testing.synthetic (streamed to disk:
 generating it takes little memory), then runs `ken-dist prune` on a private local Ray inside a
 memory cgroup capped well below the checkpoint size (cgroup v1 memory.limit_in_bytes or v2
 memory.max; needs root, else the cap is skipped and only measured). Every process of the job
@@ -29,9 +29,9 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ken_dist.cli import parse_bytes  # noqa: E402
-from ken_dist.joblog import read_job_log  # noqa: E402
-from ken_dist.synthetic import LlamaShape, write_pair  # noqa: E402
+from ken_dist.cli.commands import byte_size  # noqa: E402
+from ken_dist.job.log import read_job_log  # noqa: E402
+from ken_dist.testing.synthetic import LlamaShape, write_pair  # noqa: E402
 
 TAG = "KEN_BENCH_TAG"
 
@@ -146,9 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--block-bytes", type=parse_bytes, default=64 * 2**20)
+    ap.add_argument("--block-bytes", type=byte_size, default=64 * 2**20)
     ap.add_argument("--keep", type=float, default=0.25)
-    ap.add_argument("--cap", type=parse_bytes, default=2 * 2**30, help="memory cap of the whole job")
+    ap.add_argument("--cap", type=byte_size, default=2 * 2**30, help="memory cap of the whole job")
     ap.add_argument("--keep-files", action="store_true")
     args = ap.parse_args(argv)
 

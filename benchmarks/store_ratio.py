@@ -20,10 +20,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ken_dist.loader import Subnetwork  # noqa: E402,F401  (import cost paid before timing)
-from ken_dist.dtypes import torch_dtype  # noqa: E402
-from ken_dist.parts import apply_block, info_bound_bytes  # noqa: E402
-from ken_dist.store import Store  # noqa: E402
+from ken_dist.checkpoints.dtypes import torch_dtype  # noqa: E402
+from ken_dist.store.parts import apply_block, info_bound_bytes  # noqa: E402
+from ken_dist.store.protocol import Store  # noqa: E402
+from ken_dist.subnetwork.view import Subnetwork  # noqa: E402,F401  (import cost paid before timing)
 
 
 def main(argv=None) -> None:

@@ -25,7 +25,7 @@ def child(strategy: str, rows: int, n: int, chunked: bool) -> dict:
 
     import torch
 
-    from ken_dist.execute import SELECT_CHUNK_ELEMENTS
+    from ken_dist.job.execute import SELECT_CHUNK_ELEMENTS
     from ken_dist.kernel import STRATEGIES, select
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ also pays for any weight pages a memory map has not read yet):
 "warm": every file in the page cache (median of --repeats). "cold": the files the operation
 reads are first dropped from the page cache with posix_fadvise(DONTNEED) (this process's own
 files only; pages a live model maps stay). The swapped model is checked bit for bit against
-the dense load. Fine-tune a is ken_dist.synthetic's; b is the same base perturbed with another
+the dense load. Fine-tune a is ken_dist.testing.synthetic's; b is the same base perturbed with another
 seed. Both are pruned into one store with run_job on a private local Ray; everything is written
 under a temporary directory that is removed at the end.
 
@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ken_dist  # noqa: E402
-from ken_dist.jobspec import FineTuneEntry, JobSpec  # noqa: E402
-from ken_dist.plan import PruneParams  # noqa: E402
+from ken_dist.job.plan import PruneParams  # noqa: E402
+from ken_dist.job.spec import FineTuneEntry, JobSpec  # noqa: E402
 from ken_dist.runtime import run_job  # noqa: E402
-from ken_dist.synthetic import LlamaShape, write_pair  # noqa: E402
+from ken_dist.testing.synthetic import LlamaShape, write_pair  # noqa: E402
 
 
 def second_finetune(base: Path, out: Path, seed: int) -> Path:

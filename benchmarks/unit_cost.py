@@ -20,13 +20,13 @@ import time
 
 import torch
 
-from ken_dist.checkpoint import read_rows
-from ken_dist.execute import process_unit
-from ken_dist.jobspec import FineTuneEntry, JobSpec
+from ken_dist.checkpoints.reads import read_rows
+from ken_dist.job.execute import process_unit
+from ken_dist.job.plan import PruneParams
+from ken_dist.job.spec import FineTuneEntry, JobSpec
 from ken_dist.kernel import select
-from ken_dist.plan import PruneParams
 from ken_dist.runtime.driver import plan_job
-from ken_dist.store import Store
+from ken_dist.store.protocol import Store
 
 
 def main(argv=None) -> int:

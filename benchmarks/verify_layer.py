@@ -15,7 +15,8 @@ import time
 import torch
 
 from ken_dist import ken_select, open_subnetwork
-from ken_dist.checkpoint import open_checkpoint, read_tensor
+from ken_dist.checkpoints.inventory import open_checkpoint
+from ken_dist.checkpoints.reads import read_tensor
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,7 @@
     python benchmarks/viz_speed.py                         # 2 layers of hidden 4096 / intermediate 14336
     python benchmarks/viz_speed.py --layers 1 --workdir /tmp/vizbench --delta
 
-The pair is generated with ken_dist.synthetic (bf16, 7 matrices per layer: q/o 4096x4096,
+The pair is generated with ken_dist.testing.synthetic (bf16, 7 matrices per layer: q/o 4096x4096,
 k/v 1024x4096 (8 KV heads), gate/up 14336x4096, down 4096x14336), pruned with KEN at --keep by
 run_job on a private local Ray, then `ken-dist viz` is run as a user would (a subprocess) on
 every layer matrix; the wall time of that command is what is reported. Generated files and the
@@ -31,10 +31,10 @@ def main(argv=None) -> int:
     ap.add_argument("--delta", action="store_true", help="also time --delta (reads the base)")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from ken_dist.jobspec import FineTuneEntry, JobSpec
-    from ken_dist.plan import PruneParams
+    from ken_dist.job.plan import PruneParams
+    from ken_dist.job.spec import FineTuneEntry, JobSpec
     from ken_dist.runtime import run_job
-    from ken_dist.synthetic import LlamaShape, write_pair
+    from ken_dist.testing.synthetic import LlamaShape, write_pair
 
     root = Path(args.workdir)
     shape = LlamaShape(hidden=4096, intermediate=14336, layers=args.layers, vocab=1024, heads=32, kv_heads=8)

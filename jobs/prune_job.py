@@ -2,7 +2,7 @@
 
 With `ray job submit --working-dir .` the repository is the job's working directory; this puts
 it on sys.path and runs `ken-dist prune --job JOB.yaml [...]`, so a stock Ray image with the
-dependencies (pip: numpy scipy numba torch safetensors pyarrow pyyaml transformers) is enough.
+dependencies of pyproject.toml installed is enough.
 Where ken-dist is installed, `ken-dist prune --job JOB.yaml` is the same thing.
 """
 import os

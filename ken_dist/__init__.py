@@ -7,9 +7,9 @@ from ken_dist.errors import KenError
 __version__ = "0.1.0"
 _LAZY = {
     "ken_select": "ken_dist.kernel", "select": "ken_dist.kernel", "register": "ken_dist.kernel",
-    "STRATEGIES": "ken_dist.kernel", "apply": "ken_dist.inject", "swap": "ken_dist.inject",
-    "inspect_store": "ken_dist.loader", "materialize": "ken_dist.loader",
-    "open_subnetwork": "ken_dist.loader", "load_model": "ken_dist.model_load",
+    "STRATEGIES": "ken_dist.kernel", "apply": "ken_dist.subnetwork.inject", "swap": "ken_dist.subnetwork.inject",
+    "inspect_store": "ken_dist.subnetwork.inspect", "materialize": "ken_dist.subnetwork.materialize",
+    "open_subnetwork": "ken_dist.subnetwork.view", "load_model": "ken_dist.subnetwork.load_model",
 }
 __all__ = ["KenError", "__version__", *_LAZY]
 

@@ -12,7 +12,6 @@ import signal
 import time
 import uuid
 
-
 TAG_VAR = "KEN_TEST_TAG"
 
 
@@ -65,7 +64,7 @@ def kill_tagged(tag: str) -> None:
 
 
 def journal_keys(store_path, finetune: str) -> list[tuple]:
-    from ken_dist.store import Store
+    from ken_dist.store.protocol import Store
 
     return [(r["tensor"], r["row_start"], r["row_end"]) for r in Store(store_path).journal(finetune)]
 
@@ -73,9 +72,9 @@ def journal_keys(store_path, finetune: str) -> list[tuple]:
 def serial_reference(job) -> None:
     """An uninterrupted run of `job` without Ray: the same plan, units run one by one in this
     process through execute.process_unit, committed and finalized as the driver does."""
-    from ken_dist.execute import process_unit
+    from ken_dist.job.execute import process_unit
     from ken_dist.runtime.driver import plan_job
-    from ken_dist.store import Store
+    from ken_dist.store.protocol import Store
 
     base, plans = plan_job(job)
     with Store(job.store, create=True) as store:
@@ -93,8 +92,8 @@ def assert_same_store(a, b, finetune: str) -> None:
 
     import torch
 
-    from ken_dist.loader import open_subnetwork
-    from ken_dist.store import Store
+    from ken_dist.store.protocol import Store
+    from ken_dist.subnetwork.view import open_subnetwork
 
     with open_subnetwork(a, finetune) as sa, open_subnetwork(b, finetune) as sb:
         assert sorted(sa.keys()) == sorted(sb.keys())

@@ -10,9 +10,10 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from ken_dist.loader import base_files
-from ken_dist.dtypes import dtype_name
-from ken_dist.store import Store, row_geometry
+from ken_dist.checkpoints.dtypes import dtype_name
+from ken_dist.checkpoints.geometry import row_geometry
+from ken_dist.checkpoints.inventory import open_checkpoint
+from ken_dist.store.protocol import Store
 
 PARAMS = {"k": None, "keep": 0.4, "strategy": "ken", "compat": "index"}
 
@@ -49,7 +50,8 @@ def make_checkpoints(root, tensors: dict[str, tuple[tuple, torch.dtype]], seed: 
 
 
 def identity(path) -> dict:
-    root, files, _ = base_files(path)
+    ckpt = open_checkpoint(path)
+    root, files = ckpt.root, ckpt.identity()["files"]
     return {"source": str(path), "root": root, "revision": None, "files": files}
 
 

@@ -1,4 +1,4 @@
-"""ken_dist.checkpoint: header-only inventory, offline HF cache resolution, corrupt-header
+"""ken_dist.checkpoints.inventory: header-only inventory, offline HF cache resolution, corrupt-header
 errors, row reads that touch only their rows, and base/fine-tune matching."""
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny_models import make_finetune, make_hf_cache, make_tiny_bert, make_tiny_llama
 
-import ken_dist.checkpoint as ckpt_mod
-from ken_dist.checkpoint import (PRESETS, Checkpoint, TensorInfo, match_checkpoints,
-                                 open_checkpoint, parse_prefix_map, read_rows, read_tensor)
+import ken_dist.checkpoints.reads as ckpt_mod
+from ken_dist.checkpoints.inventory import Checkpoint, TensorInfo, open_checkpoint
+from ken_dist.checkpoints.reads import read_rows, read_tensor
 from ken_dist.errors import KenError
-from tiny_models import (make_finetune, make_hf_cache, make_tiny_bert, make_tiny_llama)
+from ken_dist.job.match import PRESETS, match_checkpoints, parse_prefix_map
 
 FIX = "re-download or re-save it"
 
@@ -80,7 +81,7 @@ def test_inventory_sharded_bf16_matches_index(models):
 def test_inventory_reads_only_headers(models, monkeypatch):
     import builtins
 
-    import ken_dist.safetensors_header as hdr
+    import ken_dist.checkpoints.header as hdr
     opened, read = [], []
 
     def counting_open(path, mode="r", *a, **k):

@@ -12,19 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import make_finetune, make_tiny_llama
 
 from ken_dist import ken_select
-from ken_dist.checkpoint import open_checkpoint, read_tensor
+from ken_dist.checkpoints.inventory import open_checkpoint
+from ken_dist.checkpoints.reads import read_tensor
 from ken_dist.cli import main as cli_main
 from ken_dist.errors import KenError
-from ken_dist.execute import process_unit
-from ken_dist.jobspec import FineTuneEntry, JobSpec
-from ken_dist.joblog import read_job_log
-from ken_dist.loader import open_subnetwork
-from ken_dist.plan import PruneParams
+from ken_dist.job.execute import process_unit
+from ken_dist.job.log import read_job_log
+from ken_dist.job.plan import PruneParams
+from ken_dist.job.spec import FineTuneEntry, JobSpec
 from ken_dist.runtime.driver import plan_job
-from ken_dist.store import Store
-from tiny_models import make_finetune, make_tiny_llama
+from ken_dist.store.protocol import Store
+from ken_dist.subnetwork.view import open_subnetwork
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 KEEP = 0.25
@@ -90,7 +91,7 @@ def test_many_finetunes_in_one_job_loaded_by_name(models, two_ft_store, capsys):
 
 
 def test_base_is_opened_once_for_all_finetunes(models, monkeypatch, tmp_path):
-    import ken_dist.checkpoint as ck
+    import ken_dist.checkpoints.inventory as ck
 
     seen = []
     real = ck.read_header

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ken_dist import jobspec
-from ken_dist.cli import build_parser
+from ken_dist.cli.commands import build_parser
+from ken_dist.job import spec as jobspec
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = "/mnt/shared"

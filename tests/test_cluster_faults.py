@@ -8,22 +8,23 @@ import signal
 import threading
 import time
 
+import fault_hooks
 import pytest
 import torch
-
 from cluster_helpers import TAG_VAR, journal_keys, kill_tagged, new_tag, tagged_pids
-import fault_hooks
+
 from ken_dist import ken_select
-from ken_dist.checkpoint import open_checkpoint, read_tensor
-from ken_dist.jobspec import FineTuneEntry, JobSpec
-from ken_dist.joblog import read_job_log
-from ken_dist.loader import open_subnetwork
-from ken_dist.plan import PruneParams
+from ken_dist.checkpoints.inventory import open_checkpoint
+from ken_dist.checkpoints.reads import read_tensor
+from ken_dist.job.log import read_job_log
+from ken_dist.job.plan import PruneParams
+from ken_dist.job.spec import FineTuneEntry, JobSpec
 from ken_dist.runtime import pool as pool_module
 from ken_dist.runtime import run_job
 from ken_dist.runtime.pool import plan_slots
-from ken_dist.store import Store
-from ken_dist.synthetic import LlamaShape, write_pair
+from ken_dist.store.protocol import Store
+from ken_dist.subnetwork.view import open_subnetwork
+from ken_dist.testing.synthetic import LlamaShape, write_pair
 
 ray = pytest.importorskip("ray")
 TESTS = os.path.dirname(os.path.abspath(__file__))

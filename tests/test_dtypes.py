@@ -5,8 +5,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ken_dist import dtypes
-from ken_dist.checkpoint import open_checkpoint, read_rows, read_rows_array, read_tensor, read_tensor_array
+from ken_dist.checkpoints import dtypes
+from ken_dist.checkpoints.inventory import open_checkpoint
+from ken_dist.checkpoints.reads import (
+    read_rows,
+    read_rows_array,
+    read_tensor,
+    read_tensor_array,
+)
 from ken_dist.errors import KenError
 
 FP8 = [n for n in ("F8_E4M3", "F8_E5M2") if hasattr(torch, dtypes._TORCH_NAMES[n])]

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ken_dist import KenError, STRATEGIES, ken_select, select
+from ken_dist import STRATEGIES, KenError, ken_select, select
 from ken_dist.kernel import block_scores
-from ken_dist.kernel.extra_strategies import LOWRANK_RANK, lowrank_part
-from ken_dist.kernel.strategies import block_top_mask, top_k_mask
+from ken_dist.kernel.strategies.delta import LOWRANK_RANK, lowrank_part
+from ken_dist.kernel.strategies.registry import block_top_mask, top_k_mask
 
 EXTRA = [name for name in STRATEGIES if name not in ("ken", "magnitude", "random")]
 PER_BLOCK = [name for name in EXTRA if STRATEGIES[name].scope != "model"]   # k or keep is enough

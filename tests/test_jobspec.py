@@ -2,7 +2,7 @@
 import pytest
 
 from ken_dist.errors import KenError
-from ken_dist.jobspec import load_job_file
+from ken_dist.job.spec import load_job_file
 
 GOOD = {"base": "/m/base", "store": "/s", "keep": 0.25, "finetunes": ["/m/ft"]}
 

@@ -1,14 +1,16 @@
 """The CPU selection path against the golden rows, the literal oracle, and the spec's properties."""
 import numpy as np
+import oracle
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from row_families import KINDS
+from row_families import row as _row
 
-import oracle
-from row_families import KINDS, row as _row
 from ken_dist import KenError, ken_select, select
 from ken_dist.errors import NonFiniteRowError
-from ken_dist.kernel import ken, ken_cpu
+from ken_dist.kernel import ken_cpu, ken_numba
 
 
 def test_golden_index_sets_and_reference_masks(golden):
@@ -29,11 +31,11 @@ def test_golden_pick_order(golden):
         if not expected.size or k >= v.size:
             continue
         rows = v[None, :]
-        h = ken.bandwidths(rows)[0]
-        g = ken.grids(rows, k)[0]
-        order = ken.sort_order(rows)[0]
-        dens = ken_cpu._rounded_density(v, v[order].astype(np.float64), g, h)
-        picked = ken_cpu.greedy_match(v[order], order, g, ken_cpu._visit_order(dens))
+        h = ken_cpu.bandwidths(rows)[0]
+        g = ken_cpu.grids(rows, k)[0]
+        order = ken_cpu.sort_order(rows)[0]
+        dens = ken_numba._rounded_density(v, v[order].astype(np.float64), g, h)
+        picked = ken_numba.greedy_match(v[order], order, g, ken_numba._visit_order(dens))
         assert np.array_equal(picked, expected), case["i"]
 
 
@@ -72,11 +74,11 @@ def test_fast_density_equals_brute_force_on_long_rows(kind, seed, k):
     """Rows long enough for the Hermite expansion: its rounded densities equal the literal sum's."""
     rng = np.random.default_rng(seed)
     v = _row(kind, 1500, rng).astype(np.float32)[None, :]
-    h = ken.bandwidths(v)[0]
-    g = ken.grids(v, k)[0]
-    order = ken.sort_order(v)[0]
-    fast = ken_cpu._rounded_density(v[0], v[0][order].astype(np.float64), g, h)
-    brute = np.array([np.rint(ken_cpu.exact_density(v[0], np.float64(x), h)) for x in g])
+    h = ken_cpu.bandwidths(v)[0]
+    g = ken_cpu.grids(v, k)[0]
+    order = ken_cpu.sort_order(v)[0]
+    fast = ken_numba._rounded_density(v[0], v[0][order].astype(np.float64), g, h)
+    brute = np.array([np.rint(ken_numba.exact_density(v[0], np.float64(x), h)) for x in g])
     assert np.array_equal(fast, brute)
 
 
@@ -193,7 +195,7 @@ def test_sort_order_is_value_then_index(n, rows, seed, pool):
     else:
         v = rng.choice(np.array([-np.inf, np.inf, -0.0, 0.0, 1e-45, -1e-45, 3.4e38, -3.4e38, 1.0], np.float32),
                        (rows, n))
-    got = ken.sort_order(v)
+    got = ken_cpu.sort_order(v)
     for i in range(rows):
         want = np.lexsort((np.arange(n), v[i] + np.float32(0.0)))  # + 0.0 turns -0.0 into 0.0
         assert np.array_equal(got[i], want)

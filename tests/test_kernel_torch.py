@@ -6,11 +6,19 @@ import collections
 import numpy as np
 import pytest
 import torch
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from row_families import KINDS
+from row_families import row as _row
 
 from ken_dist import ken_select
-from ken_dist.kernel import ken, ken_cpu, ken_torch, ken_torch_density, ken_torch_greedy
-from row_families import KINDS, row as _row
+from ken_dist.kernel import (
+    ken_cpu,
+    ken_numba,
+    ken_torch,
+    ken_torch_density,
+    ken_torch_greedy,
+)
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (torch.cuda.is_available() is false)")
@@ -89,17 +97,17 @@ def test_bandwidths_and_grids_equal_numpy():
     blocks.append((1000 + rng.standard_normal((2, 50)) * 1e-4).astype(np.float32))
     for rows in blocks:
         t = torch.from_numpy(rows)
-        assert np.array_equal(ken_torch.bandwidths(t).numpy(), ken.bandwidths(rows))
+        assert np.array_equal(ken_torch.bandwidths(t).numpy(), ken_cpu.bandwidths(rows))
         for k in sorted({1, 2, 3, rows.shape[1] - 1, 1000, 4095}):
             got = ken_torch.grids(t, k).numpy()
-            assert np.array_equal(got.view(np.uint32), ken.grids(rows, k).view(np.uint32)), (rows.shape, k)
+            assert np.array_equal(got.view(np.uint32), ken_cpu.grids(rows, k).view(np.uint32)), (rows.shape, k)
             if rows.shape[0] == 1 and k > 1:
                 assert np.array_equal(got[0], np.linspace(rows[0].min(), rows[0].max(), k))
 
 
 # ----------------------------------------------------------------------------- density
 def _literal_rounded(v, g, h):
-    return np.array([np.rint(ken_cpu.exact_density(v, np.float64(x), h)) for x in g])
+    return np.array([np.rint(ken_numba.exact_density(v, np.float64(x), h)) for x in g])
 
 
 @pytest.mark.parametrize("terms", [16, 3])

@@ -12,15 +12,15 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import make_finetune, make_hf_cache, make_tiny_bert, make_tiny_llama
 
 import ken_dist
 from ken_dist import KenError, load_model, materialize, open_subnetwork
 from ken_dist.cli import main as cli_main
-from ken_dist.inject import resolve_names
-from ken_dist.jobspec import FineTuneEntry, JobSpec
-from ken_dist.plan import PruneParams
-from ken_dist.store import Store
-from tiny_models import make_finetune, make_hf_cache, make_tiny_bert, make_tiny_llama
+from ken_dist.job.plan import PruneParams
+from ken_dist.job.spec import FineTuneEntry, JobSpec
+from ken_dist.store.protocol import Store
+from ken_dist.subnetwork.inject import resolve_names
 
 ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
@@ -225,7 +225,7 @@ class Reads:
     checkpoint._pread_into)."""
 
     def __init__(self, monkeypatch):
-        import ken_dist.checkpoint as ckpt
+        import ken_dist.checkpoints.reads as ckpt
         self.parts, self.base_bytes = [], 0
         real_read_part, real_pread = Store.read_part, ckpt._pread_into
         reads = self

@@ -6,11 +6,22 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
+from store_helpers import (
+    PARAMS,
+    expected,
+    identity,
+    make_checkpoints,
+    plan_for,
+    prune_into,
+    same_bits,
+    write_all,
+)
 
 from ken_dist.errors import KenError
-from ken_dist.loader import inspect_store, materialize, open_subnetwork
-from ken_dist.store import Store
-from store_helpers import PARAMS, expected, identity, make_checkpoints, plan_for, prune_into, same_bits, write_all
+from ken_dist.store.protocol import Store
+from ken_dist.subnetwork.inspect import inspect_store
+from ken_dist.subnetwork.materialize import materialize
+from ken_dist.subnetwork.view import open_subnetwork
 
 TENSORS = {
     "layers.0.attn.q.weight": ((6, 10), torch.bfloat16),

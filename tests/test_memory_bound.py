@@ -8,13 +8,13 @@ import textwrap
 
 import pytest
 
-from ken_dist import execute
 from ken_dist.errors import KenError
-from ken_dist.jobspec import FineTuneEntry, JobSpec
-from ken_dist.plan import PruneParams
+from ken_dist.job import execute
+from ken_dist.job.plan import PruneParams
+from ken_dist.job.spec import FineTuneEntry, JobSpec
 from ken_dist.runtime.driver import plan_job
-from ken_dist.store import Store
-from ken_dist.synthetic import LlamaShape, write_pair
+from ken_dist.store.protocol import Store
+from ken_dist.testing.synthetic import LlamaShape, write_pair
 
 SHAPE = LlamaShape(hidden=64, intermediate=96, layers=1, vocab=80, heads=4, kv_heads=2)
 
@@ -50,9 +50,10 @@ def test_the_gpu_code_path_writes_the_same_parts(pair, tmp_path, strategy):
 
 
 def test_a_nan_row_is_named_by_its_tensor_row_across_chunks(pair, tmp_path, monkeypatch):
-    from safetensors.torch import load_file, save_file
     import os
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     bad = tmp_path / "bad"
     shutil.copytree(pair[1], bad)
@@ -70,11 +71,11 @@ def test_a_32_mib_unit_costs_a_worker_well_under_its_unchunked_peak(tmp_path):
     cost ~650 MiB above the imports when handed to the kernel at once; chunked, ~200 MiB."""
     code = textwrap.dedent(f"""
         import sys
-        from ken_dist.execute import process_unit
-        from ken_dist.jobspec import FineTuneEntry, JobSpec
-        from ken_dist.plan import PruneParams
+        from ken_dist.job.execute import process_unit
+        from ken_dist.job.spec import FineTuneEntry, JobSpec
+        from ken_dist.job.plan import PruneParams
         from ken_dist.runtime.driver import plan_job
-        from ken_dist.store import Store
+        from ken_dist.store.protocol import Store
 
         def kib(field):
             return int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
@@ -113,7 +114,7 @@ def test_a_32_mib_unit_costs_a_worker_well_under_its_unchunked_peak(tmp_path):
 
 def _torch_input_parts(pair, store, strategy) -> dict:
     """What process_unit writes, written instead from torch tensors through the public select()."""
-    from ken_dist.checkpoint import read_rows, read_tensor
+    from ken_dist.checkpoints.reads import read_rows, read_tensor
     from ken_dist.kernel import STRATEGIES, select
 
     job = JobSpec(base=pair[0], store=str(store), block_bytes=4096,
@@ -142,12 +143,12 @@ def test_cpu_actors_never_import_torch(pair, tmp_path):
     tensors through the public select()."""
     code = textwrap.dedent(f"""
         import json, sys
-        from ken_dist.execute import process_unit, score_unit
-        from ken_dist.jobspec import FineTuneEntry, JobSpec
-        from ken_dist.plan import PruneParams
+        from ken_dist.job.execute import process_unit, score_unit
+        from ken_dist.job.spec import FineTuneEntry, JobSpec
+        from ken_dist.job.plan import PruneParams
         from ken_dist.runtime.actors import SelectionActor
         from ken_dist.runtime.driver import plan_job
-        from ken_dist.store import Store
+        from ken_dist.store.protocol import Store
 
         out = {{}}
         for strategy in ("ken", "magnitude", "lowrank-delta-block"):

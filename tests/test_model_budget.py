@@ -9,16 +9,22 @@ import os
 import numpy as np
 import pytest
 import torch
+from tiny_models import make_finetune, make_tiny_llama
 
 from ken_dist import select
-from ken_dist.budget import BINS, allocate, score_bins, score_histogram, total_budget
-from ken_dist.checkpoint import read_rows
-from ken_dist.jobspec import FineTuneEntry, JobSpec
+from ken_dist.checkpoints.reads import read_rows
+from ken_dist.job.plan import PruneParams, plan_finetune
+from ken_dist.job.spec import FineTuneEntry, JobSpec
 from ken_dist.kernel import block_scores
-from ken_dist.kernel.strategies import block_top_mask
-from ken_dist.plan import PruneParams, plan_finetune
-from ken_dist.store import Store
-from tiny_models import make_finetune, make_tiny_llama
+from ken_dist.kernel.strategies.budget import (
+    BINS,
+    allocate,
+    score_bins,
+    score_histogram,
+    total_budget,
+)
+from ken_dist.kernel.strategies.registry import block_top_mask
+from ken_dist.store.protocol import Store
 
 ray = pytest.importorskip("ray")
 
@@ -133,7 +139,7 @@ def test_pipeline_spends_one_budget_and_resumes_with_it(tmp_path, pair, strategy
     counts = [b for b in budgets.values()]
     assert len(set(counts)) > 1  # the budget moved between blocks
     # every block's stored mask is its budget's largest scores
-    from ken_dist.loader import open_subnetwork
+    from ken_dist.subnetwork.view import open_subnetwork
     with open_subnetwork(job.store, "task") as sub:
         for u in units:
             ft = read_rows(u.ft_info, u.row_start, u.row_end)

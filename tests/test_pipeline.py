@@ -3,12 +3,14 @@ run in memory (bit for bit) and with the in-memory pruned model (logits)."""
 
 import pytest
 import torch
+from tiny_models import make_finetune, make_tiny_bert, make_tiny_llama
 
 from ken_dist import ken_select
-from ken_dist.checkpoint import open_checkpoint, read_tensor
+from ken_dist.checkpoints.inventory import open_checkpoint
+from ken_dist.checkpoints.reads import read_tensor
 from ken_dist.cli import main as cli_main
-from ken_dist.loader import inspect_store, open_subnetwork
-from tiny_models import make_finetune, make_tiny_bert, make_tiny_llama
+from ken_dist.subnetwork.inspect import inspect_store
+from ken_dist.subnetwork.view import open_subnetwork
 
 ray = pytest.importorskip("ray")
 

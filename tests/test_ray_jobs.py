@@ -16,13 +16,14 @@ import urllib.request
 
 import pytest
 import torch
-
 from cluster_helpers import TAG_VAR, kill_tagged, new_tag, wait_gone
-from ken_dist import ken_select
-from ken_dist.checkpoint import open_checkpoint, read_tensor
-from ken_dist.cli import main as cli_main
-from ken_dist.loader import open_subnetwork
 from tiny_models import make_finetune, make_tiny_llama
+
+from ken_dist import ken_select
+from ken_dist.checkpoints.inventory import open_checkpoint
+from ken_dist.checkpoints.reads import read_tensor
+from ken_dist.cli import main as cli_main
+from ken_dist.subnetwork.view import open_subnetwork
 
 QPROJ = "model.layers.0.self_attn.q_proj.weight"
 

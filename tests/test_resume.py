@@ -10,13 +10,21 @@ import sys
 import time
 
 import pytest
+from cluster_helpers import (
+    TAG_VAR,
+    assert_same_store,
+    journal_keys,
+    kill_tagged,
+    new_tag,
+    serial_reference,
+    tagged_pids,
+    wait_gone,
+)
 
-from cluster_helpers import (TAG_VAR, assert_same_store, journal_keys, kill_tagged, new_tag, serial_reference,
-                             tagged_pids, wait_gone)
-from ken_dist.jobspec import FineTuneEntry, JobSpec
-from ken_dist.joblog import read_job_log
-from ken_dist.plan import PruneParams
-from ken_dist.synthetic import LlamaShape, write_pair
+from ken_dist.job.log import read_job_log
+from ken_dist.job.plan import PruneParams
+from ken_dist.job.spec import FineTuneEntry, JobSpec
+from ken_dist.testing.synthetic import LlamaShape, write_pair
 
 SHAPE = LlamaShape(hidden=128, intermediate=344, layers=2, vocab=512, heads=4, kv_heads=2)
 BLOCK_BYTES = 2048

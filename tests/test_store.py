@@ -8,15 +8,24 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from store_helpers import (
+    PARAMS,
+    identity,
+    make_checkpoints,
+    plan_for,
+    random_bits,
+    same_bits,
+    write_all,
+)
 
-from ken_dist import parts
-from ken_dist.dtypes import dtype_name
+from ken_dist.checkpoints.dtypes import dtype_name
 from ken_dist.errors import KenError
-from ken_dist.parts import apply_block, decode_whole, info_bound_bytes
-from ken_dist.store import Store
-from ken_dist.store_io import escape_name, unescape_name
-from store_helpers import PARAMS, identity, make_checkpoints, plan_for, random_bits, same_bits, write_all
+from ken_dist.store import parts
+from ken_dist.store.fs import escape_name, unescape_name
+from ken_dist.store.parts import apply_block, decode_whole, info_bound_bytes
+from ken_dist.store.protocol import Store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -160,7 +169,7 @@ def test_commit_survives_sigkill_and_the_lock_dies_with_the_process(toy):
     script = textwrap.dedent(f"""
         import os, signal, sys, torch
         sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
-        from ken_dist.store import Store
+        from ken_dist.store.protocol import Store
         from store_helpers import PARAMS, identity, make_checkpoints, plan_for
         base, ft, bdir, fdir = make_checkpoints({os.path.join(os.path.dirname(toy['store']), 'killed')!r}, {{"w": ((6, 10), torch.bfloat16)}})
         s = Store({toy['store']!r}, create=True)

@@ -9,9 +9,17 @@ import sys
 import pytest
 import torch
 
-from ken_dist.checkpoint import open_checkpoint, read_rows, read_tensor
+from ken_dist.checkpoints.inventory import open_checkpoint
+from ken_dist.checkpoints.reads import read_rows, read_tensor
 from ken_dist.errors import KenError
-from ken_dist.synthetic import PRESETS, ROW_GROUP, LlamaShape, tensor_rows, write_checkpoint, write_pair
+from ken_dist.testing.synthetic import (
+    PRESETS,
+    ROW_GROUP,
+    LlamaShape,
+    tensor_rows,
+    write_checkpoint,
+    write_pair,
+)
 
 SHAPE = LlamaShape(hidden=128, intermediate=344, layers=2, vocab=200, heads=4, kv_heads=2)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -115,8 +115,8 @@ KEEP = 0.3
 
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
-    from ken_dist.jobspec import FineTuneEntry, JobSpec
-    from ken_dist.plan import PruneParams
+    from ken_dist.job.plan import PruneParams
+    from ken_dist.job.spec import FineTuneEntry, JobSpec
     from ken_dist.runtime import run_job
 
     root = tmp_path_factory.mktemp("viz")
@@ -212,7 +212,7 @@ def test_render_writes_figures_index_and_stats(pruned, tmp_path):
 
 
 def test_cli_viz(pruned, tmp_path, capsys):
-    from ken_dist.cli import main
+    from ken_dist.cli.commands import main
 
     out = tmp_path / "cli"
     assert main(["viz", pruned["store"], "--finetune", "ken", "--tensor", r"mlp", "--out", str(out), "--quiet"]) == 0

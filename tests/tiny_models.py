@@ -28,7 +28,7 @@ import shutil
 
 import torch
 
-from ken_dist.model_load import quiet_transformers
+from ken_dist.subnetwork.load_model import quiet_transformers
 
 LLAMA = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, vocab_size=128,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

@@ -108,7 +108,11 @@ def finetune(seed: int) -> Path:
     if (out / "model.safetensors").exists() and (out / "train.json").exists():
         return out
     import torch
-    from transformers import AutoTokenizer, BertForSequenceClassification, get_linear_schedule_with_warmup
+    from transformers import (
+        AutoTokenizer,
+        BertForSequenceClassification,
+        get_linear_schedule_with_warmup,
+    )
 
     set_threads()
     base = base_model_dir()

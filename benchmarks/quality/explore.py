@@ -40,7 +40,7 @@ def rule(name):
 
 
 def topk(scores: np.ndarray, k: int) -> np.ndarray:
-    from ken_dist.kernel.strategies import top_k_mask
+    from ken_dist.kernel.strategies.registry import top_k_mask
     return top_k_mask(scores, k)
 
 
@@ -97,14 +97,14 @@ def _tmag(ft, base, k):
 
 @rule("tlowrank")
 def _tlowrank(ft, base, k):
-    from ken_dist.kernel.extra_strategies import lowrank_part
+    from ken_dist.kernel.strategies.delta import lowrank_part
     d = ft.astype(np.float64) - base
     return _tensor_topk(d * lowrank_part(d), k)
 
 
 for _r in (1, 2, 8, 16, 64):
     def _tlr(ft, base, k, _r=_r):
-        from ken_dist.kernel.extra_strategies import lowrank_part
+        from ken_dist.kernel.strategies.delta import lowrank_part
         d = ft.astype(np.float64) - base
         return _tensor_topk(d * lowrank_part(d, _r), k)
     EXTRA_RULES[f"tlowrank{_r}"] = _tlr
@@ -112,7 +112,7 @@ for _r in (1, 2, 8, 16, 64):
 
 @rule("tblend")
 def _tblend(ft, base, k):
-    from ken_dist.kernel.extra_strategies import lowrank_part
+    from ken_dist.kernel.strategies.delta import lowrank_part
     d = ft.astype(np.float64) - base
     return _tensor_topk(d * (lowrank_part(d) + 0.5 * d), k)
 
@@ -168,7 +168,8 @@ def global_state(kind: str, keep: float, seed: int) -> dict:
     """ONE budget (keep x all pruned entries) over the whole model, in memory, entries ranked by
     |delta| ('gmag') or sqrt(max(delta * rank-4 part, 0)) ('glowrank')."""
     from safetensors.torch import load_file
-    from ken_dist.kernel.extra_strategies import lowrank_part
+
+    from ken_dist.kernel.strategies.delta import lowrank_part
 
     ft = load_file(str(common.finetune_dir(seed) / "model.safetensors"))
     base = load_file(str(common.base_model_dir() / "model.safetensors"))

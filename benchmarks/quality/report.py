@@ -5,7 +5,6 @@ import json
 from collections import defaultdict
 
 import numpy as np
-
 from common import RESULTS
 
 REFS = ("full fine-tune", "base + head")
@@ -46,7 +45,7 @@ def write_report(cells: list[dict]) -> None:
     keeps = sorted({k for (s, k, _) in groups if k is not None})
     lines = [f"# Quality benchmark results (seeds: {', '.join(map(str, seeds))})", "",
              "all-MiniLM-L6-v2 fine-tuned for sentence polarity (Pang & Lee, 3000 train / 1000 test), pruned "
-             "through run_job into a Parquet store and rebuilt with ken_dist.loader. Accuracy and weighted F1 in %, "
+             "through run_job into a Parquet store and rebuilt with ken_dist.subnetwork.view. Accuracy and weighted F1 in %, "
              "mean over seeds with (min-max) when there is more than one. Stored bytes: all part files of the "
              "fine-tune in the store (the whole-stored classifier included); dense = the fine-tune's fp32 "
              "safetensors.", "", "## Accuracy (%) by strategy and keep fraction", ""]

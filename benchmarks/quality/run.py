@@ -8,7 +8,7 @@ Base: all-MiniLM-L6-v2 (BertModel, 22.7M parameters, fp32). Task: sentence polar
 4000 sentences, fixed 3000/1000 split). Fine-tune: BertForSequenceClassification, 3 epochs, max
 length 64, torch CPU on 2 threads (common.py). Each (strategy, keep) cell goes through the real
 pipeline: `run_job` prunes the fine-tune into a Parquet store on a private local Ray, then
-`ken_dist.loader.open_subnetwork` rebuilds every tensor (base + kept entries) and the rebuilt
+`ken_dist.subnetwork.view.open_subnetwork` rebuilds every tensor (base + kept entries) and the rebuilt
 model is scored on the 1000 test sentences. References: the full fine-tune, and "base + head"
 (every encoder tensor back at its pre-trained value, the trained classifier kept): what any
 pruning converges to as keep -> 0.
@@ -118,8 +118,8 @@ def base_with_head(ft_dir: Path, base_dir: Path) -> dict:
 def prune_cells(seed: int, ft_dir: Path, base_dir: Path, todo: list[tuple[str, float, str | None]],
                 workers: int) -> tuple[Path, float]:
     """One run_job for every missing (strategy, keep, preset) of this seed; returns (store, seconds)."""
-    from ken_dist.jobspec import FineTuneEntry, JobSpec
-    from ken_dist.plan import PruneParams
+    from ken_dist.job.plan import PruneParams
+    from ken_dist.job.spec import FineTuneEntry, JobSpec
     from ken_dist.runtime import run_job
 
     store = CACHE / "stores" / f"s{seed}"
@@ -147,8 +147,8 @@ def store_bytes(manifest: dict) -> dict:
 
 
 def rebuild(store: Path, name: str, base_dir: Path) -> tuple[dict, dict]:
-    """Every tensor of the stored fine-tune through ken_dist.loader (base + kept entries), and its manifest."""
-    from ken_dist.loader import open_subnetwork
+    """Every tensor of the stored fine-tune through ken_dist.subnetwork.view (base + kept entries), and its manifest."""
+    from ken_dist.subnetwork.view import open_subnetwork
 
     with open_subnetwork(store, name, base=str(base_dir)) as sub:
         state = {k: sub.get_tensor(k) for k in sub.keys()}

@@ -1,6 +1,6 @@
 """The torch path of the KEN row-selection rule (shared/spec/ken-selection.md): any device, exact.
 
-Same masks as the numba CPU path (ken.py / ken_cpu.py), bit for bit, from torch ops only, batched
+Same masks as the numba CPU path (ken_cpu.py / ken_numba.py), bit for bit, from torch ops only, batched
 over rows so that one call keeps a GPU busy. The steps and where their exactness comes from:
 
 1. Bandwidth: numpy's float32 `np.std` re-done in torch with numpy's own summation order
@@ -139,12 +139,12 @@ def bandwidths(x: torch.Tensor) -> torch.Tensor:
 
 
 def degenerate_rows(h: torch.Tensor) -> torch.Tensor:
-    """Rows with no density (s = 0 and friends), as ken.ken_masks decides them."""
+    """Rows with no density (s = 0 and friends), as ken_cpu.ken_masks decides them."""
     return ~((h > 0) & (2 * h * h > 0) & torch.isfinite(1 / h))
 
 
 def grids(x: torch.Tensor, k: int) -> torch.Tensor:
-    """numpy.linspace(min, max, k) of every row in float32, numpy's arithmetic (see ken.grids)."""
+    """numpy.linspace(min, max, k) of every row in float32, numpy's arithmetic (see ken_cpu.grids)."""
     r = x.shape[0]
     lo = x.amin(dim=1)
     hi = x.amax(dim=1)
@@ -214,7 +214,7 @@ def ken_masks(rows: torch.Tensor, k: int, reference: bool) -> torch.Tensor:
 
 
 def value_mask(x: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
-    """The published code's mapping back by value (ken.value_mask): every entry equal to a picked
+    """The published code's mapping back by value (ken_cpu.value_mask): every entry equal to a picked
     value is kept, and entries equal to 0.0 count as not kept."""
     r, n = x.shape
     sv, order = torch.sort(x, dim=1, stable=True)

@@ -147,7 +147,7 @@ def _expansion(x64: torch.Tensor, lo: torch.Tensor, g64: torch.Tensor, h: torch.
 
 
 def _literal_density(x: torch.Tensor, rows: torch.Tensor, pts: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The spec's float64 formula at (row, point) pairs, in ken_cpu.exact_density's operation
+    """The spec's float64 formula at (row, point) pairs, in ken_numba.exact_density's operation
     order per term; the sum over the row is torch's (pairwise/tree), not a left-to-right loop."""
     n = x.shape[1]
     out = torch.empty(rows.shape[0], dtype=torch.float64, device=x.device)

@@ -9,7 +9,7 @@ import numbers
 
 import numpy as np
 
-from ken_dist.dtypes import is_torch_tensor
+from ken_dist.checkpoints.dtypes import is_torch_tensor
 from ken_dist.errors import KenError, NonFiniteRowError
 
 

@@ -7,9 +7,9 @@ import os
 
 import ray
 
-from ken_dist.execute import process_unit, score_unit
-from ken_dist.joblog import peak_rss
-from ken_dist.store import Store
+from ken_dist.job.execute import process_unit, score_unit
+from ken_dist.job.log import peak_rss
+from ken_dist.store.protocol import Store
 
 
 class SelectionActor:

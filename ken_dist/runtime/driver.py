@@ -19,15 +19,15 @@ from dataclasses import replace
 
 import ray
 
-from ken_dist.budget import allocate, total_budget
 from ken_dist.errors import KenError
-from ken_dist.jobspec import JobSpec
-from ken_dist.joblog import JobLog, peak_rss
+from ken_dist.job.log import JobLog, peak_rss
+from ken_dist.job.plan import FineTunePlan, WorkUnit, plan_finetune
+from ken_dist.job.progress import Progress
+from ken_dist.job.spec import JobSpec
 from ken_dist.kernel import STRATEGIES
-from ken_dist.plan import FineTunePlan, WorkUnit, plan_finetune
-from ken_dist.progress import Progress
+from ken_dist.kernel.strategies.budget import allocate, total_budget
 from ken_dist.runtime.pool import ActorPool, Slot, plan_slots
-from ken_dist.store import Store
+from ken_dist.store.protocol import Store
 
 IN_FLIGHT_PER_ACTOR = 2
 UNIT_ATTEMPTS = 4  # a unit whose worker died this many times (past Ray's own retries) fails the job

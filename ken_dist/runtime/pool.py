@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import ray
 
 from ken_dist.errors import KenError
-from ken_dist.jobspec import PLACEMENTS
+from ken_dist.job.spec import PLACEMENTS
 from ken_dist.runtime.actors import make_actor
 
 WATCH_S = 1.0

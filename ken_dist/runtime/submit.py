@@ -102,7 +102,7 @@ def submit(job_file: str, address: str | None, *, working_dir: str | None = None
            submission_id: str | None = None, token_file: str | None = None,
            extra_args: list[str] | tuple = (), runtime_env: dict | None = None) -> str:
     """Validate JOB_FILE here, upload its directory (or working_dir) and start the job; returns its id."""
-    from ken_dist.jobspec import load_job_file
+    from ken_dist.job.spec import load_job_file
 
     load_job_file(job_file)  # a typo fails here, not on the cluster
     path = Path(job_file).resolve()

@@ -16,8 +16,13 @@ Statistics (ken_dist.viz.stats) are pure numpy and importable without matplotlib
 from __future__ import annotations
 
 from ken_dist.viz.read import MatrixView, load_matrix, select_tensors
-from ken_dist.viz.stats import (degree_counts, expected_pmf, neighbour_counts, neighbour_summary,
-                                observed_histogram)
+from ken_dist.viz.stats import (
+    degree_counts,
+    expected_pmf,
+    neighbour_counts,
+    neighbour_summary,
+    observed_histogram,
+)
 
 __all__ = ["MatrixView", "load_matrix", "select_tensors", "degree_counts", "expected_pmf", "neighbour_counts",
            "neighbour_summary", "observed_histogram", "plot_matrix", "plot_neighbours", "plot_layers", "render"]

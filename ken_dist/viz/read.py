@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ken_dist.checkpoint import open_checkpoint, read_rows
+from ken_dist.checkpoints.dtypes import torch_dtype
+from ken_dist.checkpoints.inventory import open_checkpoint
+from ken_dist.checkpoints.reads import read_rows
 from ken_dist.errors import KenError
-from ken_dist.loader import Subnetwork, open_subnetwork
-from ken_dist.dtypes import torch_dtype
-from ken_dist.parts import BLOCK_COLUMNS, _binary_parts
+from ken_dist.store.parts import BLOCK_COLUMNS, _binary_parts
+from ken_dist.subnetwork.view import Subnetwork, open_subnetwork
 from ken_dist.viz import stats as S
 
 DEFAULT_MAX_PIXELS = 1024

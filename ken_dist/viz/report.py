@@ -19,9 +19,14 @@ import time
 from collections import defaultdict
 
 from ken_dist.errors import KenError
-from ken_dist.loader import open_subnetwork
+from ken_dist.subnetwork.view import open_subnetwork
 from ken_dist.viz import figures
-from ken_dist.viz.read import DEFAULT_MAX_PIXELS, MatrixView, load_matrix, select_tensors
+from ken_dist.viz.read import (
+    DEFAULT_MAX_PIXELS,
+    MatrixView,
+    load_matrix,
+    select_tensors,
+)
 
 
 def _file_name(name: str) -> str:

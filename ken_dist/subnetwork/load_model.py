@@ -15,10 +15,10 @@ from __future__ import annotations
 import contextlib
 import os
 
-from ken_dist.checkpoint import open_checkpoint
+from ken_dist.checkpoints.inventory import open_checkpoint
 from ken_dist.errors import KenError
-from ken_dist.inject import apply, resolve_names
-from ken_dist.loader import Subnetwork, open_subnetwork
+from ken_dist.subnetwork.inject import apply, resolve_names
+from ken_dist.subnetwork.view import Subnetwork, open_subnetwork
 
 __all__ = ["load_model", "finetune_root"]
 

@@ -9,10 +9,10 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ken_dist.checkpoint import Checkpoint, open_checkpoint
-from ken_dist.errors import KenError
-from ken_dist.match import PRESETS
-from ken_dist.plan import DEFAULT_BLOCK_BYTES, FineTuneSpec, PruneParams
+from ken_dist.checkpoints.inventory import Checkpoint, open_checkpoint
+from ken_dist.errors import InputError
+from ken_dist.job.match import PRESETS
+from ken_dist.job.plan import DEFAULT_BLOCK_BYTES, FineTuneSpec, PruneParams
 
 PLACEMENTS = ("mixed", "gpu", "cpu")  # actor placement policies, see ken_dist.runtime.pool
 
@@ -43,22 +43,22 @@ class JobSpec:
 
     def __post_init__(self):
         if not self.finetunes:
-            raise KenError("the job has no fine-tunes: give at least one FINETUNE (or `finetunes:` in the job file)")
+            raise InputError("the job has no fine-tunes: give at least one FINETUNE (or `finetunes:` in the job file)")
         seen = set()
         for ft in self.finetunes:
             if not ft.name:
-                raise KenError(f"fine-tune {ft.source!r} has an empty name; set `name`")
+                raise InputError(f"fine-tune {ft.source!r} has an empty name; set `name`")
             if ft.name in seen:
-                raise KenError(f"two fine-tunes are named {ft.name!r}; give each a distinct `name` "
+                raise InputError(f"two fine-tunes are named {ft.name!r}; give each a distinct `name` "
                                "(--name on the CLI, `name:` in a job file)")
             seen.add(ft.name)
             ft.params.validate(f"fine-tune {ft.name!r}")
         if not isinstance(self.block_bytes, int) or self.block_bytes <= 0:
-            raise KenError(f"block_bytes must be a positive integer, got {self.block_bytes!r}")
+            raise InputError(f"block_bytes must be a positive integer, got {self.block_bytes!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
-            raise KenError(f"workers must be a positive integer, got {self.workers!r}")
+            raise InputError(f"workers must be a positive integer, got {self.workers!r}")
         if self.placement not in PLACEMENTS:
-            raise KenError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+            raise InputError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
 
     def open_base(self) -> Checkpoint:
         return open_checkpoint(self.base, self.base_revision)
@@ -83,9 +83,9 @@ _PARAM_TYPES = {"strategy": (str,), "compat": (str,), "seed": (int,), "k": (int,
 
 
 def _check_type(where: str, key: str, value, types: tuple, what: str) -> None:
-    """KenError naming the field unless value is one of types (bool is never an int here)."""
+    """InputError naming the field unless value is one of types (bool is never an int here)."""
     if isinstance(value, bool) or not isinstance(value, types):
-        raise KenError(f"{where}: `{key}` must be {what}, got {value!r} ({type(value).__name__})")
+        raise InputError(f"{where}: `{key}` must be {what}, got {value!r} ({type(value).__name__})")
 
 
 def _params(where: str, data: dict, defaults: dict) -> PruneParams:
@@ -100,7 +100,7 @@ def _params(where: str, data: dict, defaults: dict) -> PruneParams:
     if "keep" in data and "k" not in data:
         merged.pop("k", None)
     if merged.get("k") is None and merged.get("keep") is None:
-        raise KenError(f"{where}: no `k` or `keep`; set one for this fine-tune or at the top of the job file")
+        raise InputError(f"{where}: no `k` or `keep`; set one for this fine-tune or at the top of the job file")
     params = PruneParams(**merged)
     params.validate(where)
     return params
@@ -111,12 +111,12 @@ def _regexes(where: str, key: str, value) -> tuple[str, ...] | None:
         return None
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
-        raise KenError(f"{where}: `{key}` must be a regex or a list of regexes, got {value!r}")
+        raise InputError(f"{where}: `{key}` must be a regex or a list of regexes, got {value!r}")
     for v in items:
         try:
             re.compile(v)
         except re.error as exc:
-            raise KenError(f"{where}: `{key}` holds an invalid regex {v!r}: {exc}") from None
+            raise InputError(f"{where}: `{key}` holds an invalid regex {v!r}: {exc}") from None
     return tuple(items)
 
 
@@ -127,18 +127,44 @@ def _optional_str(where: str, data: dict, key: str) -> str | None:
     return value
 
 
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([kKmMgGtT])(i?)[bB]?|[bB])?\s*")
+_SCALE = {"K": 1, "M": 2, "G": 3, "T": 4}
+
+
+def parse_bytes(text) -> int:
+    """A byte size: '67108864', '64MiB' (binary), '1.5GB' (decimal), '512 B' -> bytes.
+
+    The one parser of sizes (CLI flags, job files, benchmarks). A fraction is allowed only with a
+    unit and must come to a whole number of bytes, so '1.5' is refused instead of becoming 1."""
+    m = _SIZE.fullmatch(str(text))
+    if not m:
+        raise InputError(f"not a byte size: {text!r}; write a whole number of bytes (67108864) or a number "
+                         f"with a unit (64MiB, 1.5GB)")
+    number, unit, binary = m.group(1), (m.group(2) or "").upper(), m.group(3)
+    if not unit:
+        if "." in number:
+            raise InputError(f"byte size {text!r} has a fraction but no unit; write whole bytes or add a unit "
+                             f"(e.g. 1.5MiB)")
+        value = int(number)
+    else:
+        exact = float(number) * (1024 if binary else 1000) ** _SCALE[unit]
+        value = round(exact)
+        if abs(exact - value) > 1e-6 * max(1.0, exact):
+            raise InputError(f"byte size {text!r} is not a whole number of bytes ({exact:g}); use a smaller unit")
+    if value <= 0:
+        raise InputError(f"byte size must be positive: {text!r}")
+    return value
+
+
 def _block_bytes(where: str, value) -> int:
     if isinstance(value, str):
-        import argparse
-
-        from ken_dist.cli import parse_bytes
         try:
             return parse_bytes(value)
-        except argparse.ArgumentTypeError as exc:
-            raise KenError(f"{where}: `block_bytes`: {exc}") from None
+        except InputError as exc:
+            raise InputError(f"{where}: `block_bytes`: {exc}") from None
     _check_type(where, "block_bytes", value, (int,), "a positive integer or a size like '64MiB'")
     if value <= 0:
-        raise KenError(f"{where}: `block_bytes` must be positive, got {value}")
+        raise InputError(f"{where}: `block_bytes` must be positive, got {value}")
     return value
 
 
@@ -147,15 +173,15 @@ def _finetune(path: Path, i: int, item, defaults: dict) -> FineTuneEntry:
     if isinstance(item, str):
         item = {"source": item}
     if not isinstance(item, dict):
-        raise KenError(f"{where}: expected a mapping (name, source, k/keep, strategy) or a path, got {item!r}")
+        raise InputError(f"{where}: expected a mapping (name, source, k/keep, strategy) or a path, got {item!r}")
     bad = sorted(set(item) - _FT_FIELDS)
     if bad:
-        raise KenError(f"{where}: unknown field(s) {', '.join(bad)}; known: {', '.join(sorted(_FT_FIELDS))}")
+        raise InputError(f"{where}: unknown field(s) {', '.join(bad)}; known: {', '.join(sorted(_FT_FIELDS))}")
     if "source" in item and "path" in item:
-        raise KenError(f"{where}: give `source` or `path` (the same thing), not both")
+        raise InputError(f"{where}: give `source` or `path` (the same thing), not both")
     source = item.get("source", item.get("path"))
     if not source:
-        raise KenError(f"{where}: missing `source` (a local path or HF repo id)")
+        raise InputError(f"{where}: missing `source` (a local path or HF repo id)")
     _check_type(where, "source", source, (str,), "a path or HF repo id")
     name = item.get("name")
     if name is not None:
@@ -164,7 +190,7 @@ def _finetune(path: Path, i: int, item, defaults: dict) -> FineTuneEntry:
     try:
         params = _params(where, item, defaults)
     except TypeError as exc:
-        raise KenError(f"{where}: {exc}") from None
+        raise InputError(f"{where}: {exc}") from None
     return FineTuneEntry(str(name or default_name(source)), str(source), _optional_str(where, item, "revision"),
                          params)
 
@@ -172,7 +198,7 @@ def _finetune(path: Path, i: int, item, defaults: dict) -> FineTuneEntry:
 def load_job_file(path: str | Path) -> JobSpec:
     """Load and validate a YAML job file (jobs/example_job.yaml documents every field).
 
-    Every error is a KenError naming the file and the field. Relative paths in the file are
+    Every error is a InputError naming the file and the field. Relative paths in the file are
     relative to the directory ken-dist runs in (inside a Ray Job: its working directory), so
     jobs on a cluster should use absolute paths on shared storage."""
     import yaml
@@ -181,21 +207,21 @@ def load_job_file(path: str | Path) -> JobSpec:
     try:
         data = yaml.safe_load(path.read_text())
     except (FileNotFoundError, IsADirectoryError):
-        raise KenError(f"job file {path} does not exist (or is a directory)") from None
+        raise InputError(f"job file {path} does not exist (or is a directory)") from None
     except yaml.YAMLError as exc:
-        raise KenError(f"job file {path} is not valid YAML: {exc}") from None
+        raise InputError(f"job file {path} is not valid YAML: {exc}") from None
     except UnicodeDecodeError:
-        raise KenError(f"job file {path} is not UTF-8 text; is it really the YAML job file?") from None
+        raise InputError(f"job file {path} is not UTF-8 text; is it really the YAML job file?") from None
     if not isinstance(data, dict):
-        raise KenError(f"job file {path}: expected a mapping with base, finetunes, store")
+        raise InputError(f"job file {path}: expected a mapping with base, finetunes, store")
     where = f"job file {path}"
     unknown = sorted(set(data) - _JOB_FIELDS)
     if unknown:
-        raise KenError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}; "
+        raise InputError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}; "
                        f"known: {', '.join(sorted(_JOB_FIELDS))}")
     for required in ("base", "finetunes", "store"):
         if required not in data or data[required] in (None, ""):
-            raise KenError(f"{where}: missing field `{required}`")
+            raise InputError(f"{where}: missing field `{required}`")
     for key in ("base", "store"):
         _check_type(where, key, data[key], (str,), "a path" + (" or HF repo id" if key == "base" else ""))
     defaults = {key: data[key] for key in _PARAM_FIELDS if key in data}
@@ -204,29 +230,29 @@ def load_job_file(path: str | Path) -> JobSpec:
             _check_type(where, key, value, _PARAM_TYPES[key], "an integer" if key in ("k", "seed") else
                         "a fraction in (0, 1]" if key == "keep" else "a string")
     if not isinstance(data["finetunes"], list) or not data["finetunes"]:
-        raise KenError(f"{where}: `finetunes` must be a non-empty list")
+        raise InputError(f"{where}: `finetunes` must be a non-empty list")
     entries = [_finetune(path, i, item, defaults) for i, item in enumerate(data["finetunes"])]
     cluster = data.get("cluster") or {}
     if not isinstance(cluster, dict) or set(cluster) - _CLUSTER_FIELDS:
-        raise KenError(f"{where}: `cluster` takes only {', '.join(sorted(_CLUSTER_FIELDS))}, got {cluster!r}")
+        raise InputError(f"{where}: `cluster` takes only {', '.join(sorted(_CLUSTER_FIELDS))}, got {cluster!r}")
     for key in ("address", "workers", "placement"):
         if key in cluster and key in data:
-            raise KenError(f"{where}: `{key}` is given both at the top and under `cluster`; keep one")
+            raise InputError(f"{where}: `{key}` is given both at the top and under `cluster`; keep one")
     settings = {key: cluster.get(key, data.get(key)) for key in ("address", "workers", "placement")}
     if settings["address"] is not None:
         _check_type(where, "cluster.address", settings["address"], (str,), "a Ray address ('auto', 'ray://...')")
     if settings["workers"] is not None:
         _check_type(where, "cluster.workers", settings["workers"], (int,), "a positive integer")
     if settings["placement"] is not None and settings["placement"] not in PLACEMENTS:
-        raise KenError(f"{where}: `cluster.placement` must be one of {', '.join(PLACEMENTS)}, "
+        raise InputError(f"{where}: `cluster.placement` must be one of {', '.join(PLACEMENTS)}, "
                        f"got {settings['placement']!r}")
     preset = _optional_str(where, data, "preset")
     if preset is not None and preset not in PRESETS:
-        raise KenError(f"{where}: `preset` must be one of {', '.join(PRESETS)}, got {preset!r}")
+        raise InputError(f"{where}: `preset` must be one of {', '.join(PRESETS)}, got {preset!r}")
     prefix_map = data.get("prefix_map")
     if prefix_map is not None and (not isinstance(prefix_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in prefix_map.items())):
-        raise KenError(f"{where}: `prefix_map` must map fine-tune prefixes to base prefixes "
+        raise InputError(f"{where}: `prefix_map` must map fine-tune prefixes to base prefixes "
                        f"(e.g. {{'bert.': ''}}), got {prefix_map!r}")
     options = dict(
         base_revision=_optional_str(where, data, "base_revision"),
@@ -237,5 +263,5 @@ def load_job_file(path: str | Path) -> JobSpec:
         address=settings["address"], workers=settings["workers"], placement=settings["placement"] or "mixed")
     try:
         return JobSpec(base=data["base"], finetunes=tuple(entries), store=data["store"], **options)
-    except KenError as exc:
-        raise KenError(f"{where}: {exc}") from None
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None

@@ -13,8 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from ken_dist.checkpoints.header import DTYPE_BITS
 from ken_dist.errors import KenError
-from ken_dist.safetensors_header import DTYPE_BITS
 
 # safetensors dtype -> numpy dtype of its storage bits (exact where numpy has the type)
 STORAGE = {

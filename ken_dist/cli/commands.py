@@ -7,6 +7,7 @@ import re
 import sys
 import time
 
+from ken_dist.cli.summary import human_bytes, print_summary, ratio_text
 from ken_dist.errors import KenError
 
 EPILOG = """examples:
@@ -22,17 +23,14 @@ EPILOG = """examples:
 Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 to keep a private local Ray on 127.0.0.1."""
 
 
-def parse_bytes(text: str) -> int:
-    """'67108864', '64MiB', '1.5GB' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (try 67108864 or 64MiB)")
-    number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
-    scale = {"": 1, "K": 1, "M": 2, "G": 3, "T": 4}[unit]
-    value = int(number * (1024 if binary or not unit else 1000) ** scale) if unit else int(number)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"byte size must be positive: {text!r}")
-    return value
+def byte_size(text: str) -> int:
+    """argparse type for sizes: ken_dist.job.spec.parse_bytes, its message as argparse's."""
+    from ken_dist.job.spec import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except KenError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_prefix(text: str) -> tuple[str, str]:
@@ -43,17 +41,9 @@ def parse_prefix(text: str) -> tuple[str, str]:
     return ft, base
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
 def _job_from_args(args):
-    from ken_dist.jobspec import FineTuneEntry, JobSpec, default_name, load_job_file
-    from ken_dist.plan import PruneParams
+    from ken_dist.job.plan import PruneParams
+    from ken_dist.job.spec import FineTuneEntry, JobSpec, default_name, load_job_file
 
     if args.job:
         if args.base or args.finetunes:
@@ -80,26 +70,6 @@ def _job_from_args(args):
                    block_bytes=args.block_bytes, address=args.address, workers=args.workers)
 
 
-def _ratio(value) -> str:
-    return f"{value:.3f}" if value is not None else "n/a"
-
-
-def print_summary(store_path: str, names: list[str], seconds: float, stream=None) -> None:
-    from ken_dist.loader import inspect_store
-
-    stream = stream or sys.stdout
-    report = inspect_store(store_path)
-    for name in names:
-        ft = report["finetunes"][name]
-        print(f"fine-tune {name!r}: {ft['tensors_pruned']} tensors pruned, {ft['tensors_whole']} stored whole; "
-              f"kept {ft['kept_params']:,} of {ft['pruned_params']:,} pruned weights "
-              f"({100 * ft['kept_params'] / max(1, ft['pruned_params']):.1f}%)", file=stream)
-        print(f"  stored {_human(ft['stored_bytes'])} = {ft['stored_bytes'] / max(1, ft['dense_bytes']):.3f} x the dense "
-              f"fine-tune ({_human(ft['dense_bytes'])}); pruned part {_ratio(ft['bound_ratio'])} x the information bound",
-              file=stream)
-    print(f"store: {store_path}   time: {seconds:.1f} s", file=stream)
-
-
 def cmd_prune(args) -> int:
     from ken_dist.runtime import run_job
 
@@ -118,7 +88,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_materialize(args) -> int:
-    from ken_dist.loader import materialize
+    from ken_dist.subnetwork.materialize import materialize
 
     t0 = time.time()
     info = materialize(args.store, args.finetune, args.out, base=args.base, overwrite=args.overwrite,
@@ -130,7 +100,7 @@ def cmd_materialize(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from ken_dist.loader import inspect_store
+    from ken_dist.subnetwork.inspect import inspect_store
 
     report = inspect_store(args.store)
     if args.finetune:
@@ -150,9 +120,9 @@ def cmd_inspect(args) -> int:
     for name, ft in report["finetunes"].items():
         state = "complete" if ft.get("complete") else "INCOMPLETE"
         print(f"\nfine-tune {name!r} [{state}]  params {ft.get('params')}")
-        print(f"  kept {ft['kept_params']:,} / {ft['pruned_params']:,} pruned weights; stored {_human(ft['stored_bytes'])}"
-              f" = {ft['stored_bytes'] / max(1, ft['dense_bytes']):.3f} x dense fine-tune ({_human(ft['dense_bytes'])});"
-              f" {_ratio(ft['bound_ratio'])} x information bound")
+        print(f"  kept {ft['kept_params']:,} / {ft['pruned_params']:,} pruned weights; stored {human_bytes(ft['stored_bytes'])}"
+              f" = {ft['stored_bytes'] / max(1, ft['dense_bytes']):.3f} x dense fine-tune ({human_bytes(ft['dense_bytes'])});"
+              f" {ratio_text(ft['bound_ratio'])} x information bound")
         if args.tensor or args.finetune:
             print(f"  {'tensor':<48} {'action':>6} {'kept/row min/mean/max':>24} {'kept %':>7} {'bytes':>10} "
                   f"{'x bound':>8}")
@@ -161,12 +131,12 @@ def cmd_inspect(args) -> int:
                 rows = (f"{per_row['min']}/{per_row['mean']:.1f}/{per_row['max']}"
                         if t["action"] == "prune" else "-")
                 print(f"  {tname:<48} {t['action']:>6} {rows:>24} {100 * t['kept_fraction']:>6.1f}% "
-                      f"{_human(t['bytes']):>10} {_ratio(t['ratio']):>8}")
+                      f"{human_bytes(t['bytes']):>10} {ratio_text(t['ratio']):>8}")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from ken_dist.demo import run_demo
+    from ken_dist.cli.demo import run_demo
 
     return run_demo(args.workdir, keep=args.keep, workers=args.workers)
 
@@ -215,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map-prefix", action="append", type=parse_prefix, metavar="FT=BASE",
                    help="rename fine-tune name prefix FT to BASE when matching tensors (e.g. 'bert.=')")
     p.add_argument("--revision", help="base revision when BASE is an HF repo id")
-    from ken_dist.plan import DEFAULT_BLOCK_BYTES
-    p.add_argument("--block-bytes", type=parse_bytes, default=DEFAULT_BLOCK_BYTES,
+    from ken_dist.job.plan import DEFAULT_BLOCK_BYTES
+    p.add_argument("--block-bytes", type=byte_size, default=DEFAULT_BLOCK_BYTES,
                    help="rows per work unit, in bytes of fine-tuned data (default 64MiB)")
     p.add_argument("--address", help="join this Ray cluster (default: a private local Ray)")
     p.add_argument("--workers", type=int, help="actors (default: one per GPU plus one per CPU left)")
@@ -232,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune", required=True, help="name of the fine-tune in the store")
     p.add_argument("--out", required=True, help="output directory (a Hugging Face model directory)")
     p.add_argument("--base", help="where the base checkpoint is now, if it moved since pruning")
-    p.add_argument("--shard-bytes", type=parse_bytes, default=5 * 10**9, help="max safetensors shard size (default 5GB)")
+    p.add_argument("--shard-bytes", type=byte_size, default=5 * 10**9, help="max safetensors shard size (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     p.set_defaults(func=cmd_materialize)
 
@@ -262,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-layers", action="store_true", help="no layer-wise grids")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_viz)
-    from ken_dist.cli_jobs import add_job_verbs
+    from ken_dist.cli.ray_jobs import add_job_verbs
     add_job_verbs(sub)
     return parser
 

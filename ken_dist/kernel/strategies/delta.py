@@ -1,11 +1,11 @@
 """Selection strategies beyond the paper's KEN and the two baselines (magnitude, random).
 
-Registered on import (ken_dist/kernel/__init__.py imports this module), so every strategy here is
+Registered on import (kernel/strategies/__init__.py imports this module), so every strategy here is
 available to `select`, to job files (`strategy: ken-delta`) and to `ken-dist prune --strategy`.
 All read the base rows (needs_base=True): what fine-tuning changed is the difference fine-tuned
 minus base. `ken-delta` and `lowrank-delta` keep exactly min(k, n) entries per row like the
 baselines; `lowrank-delta-block` keeps k * rows per block, the `*-model` ones a budget for the
-whole fine-tune (scope, see strategies.py).
+whole fine-tune (scope, see registry.py).
 
 Measured on a real fine-tune in benchmarks/quality/ (README, "Quality"):
 
@@ -35,7 +35,7 @@ Measured on a real fine-tune in benchmarks/quality/ (README, "Quality"):
   pruned entries), spent on the entries with the largest delta * L (L per block, as above) or
   |delta| anywhere in the model, so tensors that fine-tuning moved a lot keep more than a
   quarter of their entries and the rest less. The budget is split between blocks by a scoring
-  pass before any block is selected (ken_dist/budget.py); `select` needs that block's `budget`.
+  pass before any block is selected (budget.py); `select` needs that block's `budget`.
   delta * L and delta * delta are both in units of delta squared, so scores of different
   tensors compare. Results on the benchmark: README, "Quality".
 """
@@ -43,8 +43,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ken_dist.kernel.strategies import abs_delta, block_top_mask, register, top_k_mask
-
+from ken_dist.kernel.ken import ken_mask
+from ken_dist.kernel.strategies.baselines import abs_delta
+from ken_dist.kernel.strategies.registry import block_top_mask, register, top_k_mask
 
 LOWRANK_RANK = 4  # chosen on seed 0 of benchmarks/quality (1, 4, 8, 32 tried), checked on seeds 1-2
 _OVERSAMPLE = 8
@@ -83,8 +84,6 @@ def _delta(rows: np.ndarray, base: np.ndarray) -> np.ndarray:
 @register("ken-delta", needs_base=True)
 def ken_delta(rows, base, k, *, seed, row_offset, compat, device):
     """KEN's KDE rule applied to the row of differences fine-tuned - base (exactly k per row)."""
-    from ken_dist.kernel import ken_mask
-
     return ken_mask(_delta(rows, base), k, compat="index", device=device)
 
 

@@ -25,11 +25,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ken_dist.dtypes import as_numpy, is_torch_tensor, itemsize, storage_bits
+from ken_dist.checkpoints.dtypes import (
+    as_numpy,
+    is_torch_tensor,
+    itemsize,
+    storage_bits,
+)
+from ken_dist.checkpoints.geometry import row_geometry
 from ken_dist.errors import KenError
-from ken_dist.parts import PARQUET_OPTIONS, encode_block, write_whole_parquet
-from ken_dist.store_io import (atomic_json, atomic_write, escape_name, fsync_path, last_byte, now, publish,
-                               sha256_file, tmp_path)
+from ken_dist.store.fs import (
+    atomic_json,
+    atomic_write,
+    escape_name,
+    fsync_path,
+    last_byte,
+    now,
+    publish,
+    sha256_file,
+    tmp_path,
+)
+from ken_dist.store.parts import PARQUET_OPTIONS, encode_block, write_whole_parquet
 
 FORMAT = "ken-subnetwork"
 FORMAT_VERSION = 1
@@ -50,19 +65,6 @@ def check_format(obj: dict, where: str) -> None:
         from ken_dist import __version__
         raise KenError(f"{where} has format_version {v}, newer than this ken_dist {__version__} reads "
                        f"(up to {FORMAT_VERSION}); upgrade ken_dist (pip install -U ken-dist)")
-
-
-def row_geometry(shape) -> tuple[int, int]:
-    """(rows, row_len) as in the selection spec: 0-D -> (1, 1), 1-D -> (1, n), else (s0, rest)."""
-    shape = list(shape)
-    if not shape:
-        return 1, 1
-    if len(shape) == 1:
-        return 1, shape[0]
-    rest = 1
-    for s in shape[1:]:
-        rest *= s
-    return shape[0], rest
 
 
 def _fingerprint(identity: dict) -> dict:
@@ -364,7 +366,7 @@ class Store:
         """Write rows [row_start, row_end) of a pruned tensor as one part; returns its record.
 
         mask: bool, shaped like values. values: a torch tensor, or a numpy array of storage bits
-        (ken_dist.dtypes) with `dtype` its safetensors name. Safe in worker processes: touches
+        (ken_dist.checkpoints.dtypes) with `dtype` its safetensors name. Safe in worker processes: touches
         only its own part file. Deterministic: the same block written twice gives the same bytes
         (and sha256)."""
         self._begun(finetune)

@@ -24,7 +24,7 @@ import socket
 import sys
 import uuid
 
-from ken_dist.store_io import append_jsonl, now, read_jsonl
+from ken_dist.store.fs import append_jsonl, now, read_jsonl
 
 LOG_NAME = "jobs.jsonl"
 

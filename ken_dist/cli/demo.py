@@ -13,19 +13,21 @@ from pathlib import Path
 
 import torch
 
-from ken_dist.synthetic import LlamaShape, write_pair
+from ken_dist.testing.synthetic import LlamaShape, write_pair
 
 DEMO_SHAPE = LlamaShape(hidden=256, intermediate=688, layers=4, vocab=2048, heads=8, kv_heads=4)
 
 
 def run_demo(workdir: str | None = None, *, keep: float = 0.25, workers: int | None = None) -> int:
-    from ken_dist.checkpoint import open_checkpoint, read_tensor
-    from ken_dist.cli import print_summary
-    from ken_dist.jobspec import FineTuneEntry, JobSpec
+    from ken_dist.checkpoints.inventory import open_checkpoint
+    from ken_dist.checkpoints.reads import read_tensor
+    from ken_dist.cli.summary import print_summary
+    from ken_dist.job.plan import PruneParams
+    from ken_dist.job.spec import FineTuneEntry, JobSpec
     from ken_dist.kernel import ken_select
-    from ken_dist.loader import materialize, open_subnetwork
-    from ken_dist.plan import PruneParams
     from ken_dist.runtime import run_job
+    from ken_dist.subnetwork.materialize import materialize
+    from ken_dist.subnetwork.view import open_subnetwork
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     root = Path(workdir or tempfile.mkdtemp(prefix="ken-dist-demo-"))

@@ -9,8 +9,9 @@ from __future__ import annotations
 import zlib
 from dataclasses import asdict, dataclass, field
 
-from ken_dist.checkpoint import Checkpoint, TensorInfo, match_checkpoints
+from ken_dist.checkpoints.inventory import Checkpoint, TensorInfo
 from ken_dist.errors import KenError
+from ken_dist.job.match import match_checkpoints
 from ken_dist.kernel import COMPAT_MODES, STRATEGIES
 from ken_dist.kernel.rows import resolve_k
 

@@ -2,28 +2,28 @@
 
 Why: planning a job over a multi-GB checkpoint must not read its weights. `open_checkpoint`
 resolves what the user gave (a directory, one .safetensors file, or a Hugging Face repo id
-looked up OFFLINE in the local HF cache), validates every header (see safetensors_header.py)
+looked up OFFLINE in the local HF cache), validates every header (see header.py)
 and returns a `Checkpoint` listing each tensor's file, dtype, shape and byte range. Workers
-then read just their row block with `read_rows`, straight from the file, so tensor bytes never
-pass through the driver. `match_checkpoints` (match.py) checks base against fine-tune before
+then read just their row block with `read_rows` (reads.py), straight from the file, so tensor bytes never
+pass through the driver. `match_checkpoints` (ken_dist.job.match) checks base against fine-tune before
 any work. No pickle checkpoint is ever loaded: they can run code when unpickled.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from ken_dist.dtypes import from_storage_bits, storage_dtype, torch_dtype  # noqa: F401  (torch_dtype: part of this API)
-from ken_dist.errors import KenError
-# Matching lives in its own module (one job each) but is part of this module's contract.
-from ken_dist.match import PRESETS, TensorMatch, match_checkpoints, parse_prefix_map
-from ken_dist.safetensors_header import (CORRUPT_FIX, DTYPE_BITS, FLOAT_DTYPES, FileHeader,
-                                         read_header)
+from ken_dist.checkpoints.geometry import row_geometry
+from ken_dist.checkpoints.header import (
+    CORRUPT_FIX,
+    DTYPE_BITS,
+    FLOAT_DTYPES,
+    FileHeader,
+    read_header,
+)
+from ken_dist.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -50,12 +50,8 @@ class TensorInfo:
 
     @property
     def row_geometry(self) -> tuple[int, int]:
-        """(num_rows, row_len): KEN selects within rows; rank>=3 flattens trailing dims."""
-        if len(self.shape) == 0:
-            return (1, 1)
-        if len(self.shape) == 1:
-            return (1, self.shape[0])
-        return (self.shape[0], math.prod(self.shape[1:]))
+        """(num_rows, row_len): KEN selects within rows (ken_dist.checkpoints.geometry)."""
+        return row_geometry(self.shape)
 
 
 @dataclass(frozen=True)
@@ -115,13 +111,13 @@ def open_checkpoint(source, revision: str | None = None) -> Checkpoint:
     path = os.path.abspath(os.path.expanduser(source))
     if os.path.exists(path):
         if revision is not None:
-            raise KenError(f"revision {revision!r} applies to Hugging Face repo ids only, but "
+            raise CheckpointError(f"revision {revision!r} applies to Hugging Face repo ids only, but "
                            f"{source!r} is a local path; drop the revision")
         if os.path.isdir(path):
             return _from_dir(source, path, None, hint="")
         return _from_file(source, path)
     if _looks_like_path(source):
-        raise KenError(f"{source}: no such file or directory; pass a directory holding "
+        raise CheckpointError(f"{source}: no such file or directory; pass a directory holding "
                        f"*.safetensors files, a .safetensors file, or an HF repo id 'org/name'")
     repo_id, rev = source, revision
     if rev is None and "@" in source:
@@ -161,7 +157,7 @@ def _resolve_hf(source: str, repo_id: str, revision: str | None) -> str:
                                  local_files_only=True,
                                  allow_patterns=["*.safetensors", "*.json"])
     except HFValidationError as e:
-        raise KenError(f"{source!r} is neither an existing local path nor a valid Hugging Face "
+        raise CheckpointError(f"{source!r} is neither an existing local path nor a valid Hugging Face "
                        f"repo id ('org/name'); check the spelling") from e
     except LocalEntryNotFoundError as e:
         rev = f" at revision {revision!r}" if revision else ""
@@ -170,14 +166,14 @@ def _resolve_hf(source: str, repo_id: str, revision: str | None) -> str:
             os.path.join(repo_dir, "snapshots")) else []
         have = f" (cached snapshots: {', '.join(cached)})" if cached else ""
         flag = f" --revision {revision}" if revision else ""
-        raise KenError(
+        raise CheckpointError(
             f"{source!r}: repo {repo_id!r}{rev} is not a local path and is not in the local "
             f"Hugging Face cache {cache}{have}; ken_dist never downloads. On a machine with "
             f"network run `huggingface-cli download {repo_id}{flag}` (or `hf download "
             f"{repo_id}{flag}`) and copy the cache here (or point HF_HUB_CACHE / HF_HOME at "
             f"it), or pass a local directory holding the .safetensors files") from e
     except Exception as e:  # e.g. an unreadable cache directory
-        raise KenError(f"{source!r}: cannot look up repo {repo_id!r} in the local Hugging Face "
+        raise CheckpointError(f"{source!r}: cannot look up repo {repo_id!r} in the local Hugging Face "
                        f"cache {cache} ({type(e).__name__}: {e}); check that directory, or "
                        f"pass a local directory holding the .safetensors files") from e
 
@@ -187,9 +183,9 @@ def _from_file(source: str, path: str) -> Checkpoint:
     if path.endswith(".index.json"):
         return _from_index(source, root, path, None)
     if path.endswith(PICKLE_SUFFIXES):
-        raise KenError(_pickle_message(path, [os.path.basename(path)]))
+        raise CheckpointError(_pickle_message(path, [os.path.basename(path)]))
     if not path.endswith(".safetensors"):
-        raise KenError(f"{path}: not a .safetensors file; pass a safetensors file, a directory "
+        raise CheckpointError(f"{path}: not a .safetensors file; pass a safetensors file, a directory "
                        f"or an HF repo id")
     return _build(source, root, None, [path])
 
@@ -208,15 +204,15 @@ def _from_dir(source: str, root: str, revision: str | None, hint: str) -> Checkp
     files = [os.path.join(root, n) for n in names if n.endswith(".safetensors")]
     if len(indexes) > 1 or len(files) > 1:
         shown = [os.path.basename(p) for p in indexes or files]
-        raise KenError(f"{root}: several candidate checkpoints ({', '.join(shown)}) and no "
+        raise CheckpointError(f"{root}: several candidate checkpoints ({', '.join(shown)}) and no "
                        f"model.safetensors(.index.json); pass the .safetensors file (or index "
                        f"json) you mean")
     if len(files) == 1:
         return _build(source, root, revision, files)
     pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
     if pickles:
-        raise KenError(_pickle_message(root, pickles))
-    raise KenError(f"{root}: no .safetensors files found (source {source!r}){hint}")
+        raise CheckpointError(_pickle_message(root, pickles))
+    raise CheckpointError(f"{root}: no .safetensors files found (source {source!r}){hint}")
 
 
 def _pickle_message(where: str, names: list[str]) -> str:
@@ -232,17 +228,17 @@ def _from_index(source: str, root: str, index: str, revision: str | None) -> Che
         with open(index, encoding="utf-8") as f:
             doc = json.load(f)
     except (OSError, ValueError) as e:
-        raise KenError(f"{index}: cannot read the shard index ({e}); {CORRUPT_FIX}") from e
+        raise CheckpointError(f"{index}: cannot read the shard index ({e}); {CORRUPT_FIX}") from e
     wmap = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
-        raise KenError(f"{index}: no 'weight_map' object of tensor -> shard file; {CORRUPT_FIX}")
+        raise CheckpointError(f"{index}: no 'weight_map' object of tensor -> shard file; {CORRUPT_FIX}")
     shards = []
     for rel in dict.fromkeys(wmap.values()):
         path = os.path.normpath(os.path.join(root, rel))
         if os.path.isabs(rel) or not path.startswith(os.path.join(root, "")):
-            raise KenError(f"{index}: shard {rel!r} lies outside {root}; {CORRUPT_FIX}")
+            raise CheckpointError(f"{index}: shard {rel!r} lies outside {root}; {CORRUPT_FIX}")
         if not os.path.exists(path):
-            raise KenError(f"{index}: lists shard {rel!r} which is missing from {root}; the "
+            raise CheckpointError(f"{index}: lists shard {rel!r} which is missing from {root}; the "
                            f"download looks incomplete; re-download or re-save it")
         shards.append(path)
     ckpt = _build(source, root, revision, sorted(shards))
@@ -254,7 +250,7 @@ def _from_index(source: str, root: str, index: str, revision: str | None) -> Che
     if stray or absent:
         bad = (["not where the index says: " + s for s in stray]
                + ["listed but missing: " + s for s in absent])
-        raise KenError(f"{index}: index out of sync with its shards ({len(bad)} tensors: "
+        raise CheckpointError(f"{index}: index out of sync with its shards ({len(bad)} tensors: "
                        f"{'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}); {CORRUPT_FIX}")
     return ckpt
 
@@ -267,90 +263,7 @@ def _build(source: str, root: str, revision: str | None, files: list[str]) -> Ch
         headers.append(h)
         for e in sorted(h.entries, key=lambda e: e.data_offsets):
             if e.name in tensors:
-                raise KenError(f"{path}: tensor {e.name!r} also appears in "
+                raise CheckpointError(f"{path}: tensor {e.name!r} also appears in "
                                f"{tensors[e.name].file}; {CORRUPT_FIX}")
             tensors[e.name] = TensorInfo(e.name, e.shape, e.dtype, path, e.data_offsets)
     return Checkpoint(source, root, revision, tuple(files), tensors, tuple(headers))
-
-
-# ----------------------------------------------------------------------------- reading
-
-READ_CHUNK_BYTES = 256 * 2**20  # one pread at most (Linux caps a single read near 2 GiB)
-
-
-def _data_start(info: TensorInfo, what: str) -> int:
-    """Offset of the file's data section, after checking the file still holds the tensor where,
-    and as, the plan saw it (a file replaced during a job must not feed wrong bytes)."""
-    try:
-        header = read_header(info.file)
-    except KenError as e:
-        raise KenError(f"{info.file}: cannot read {what} of tensor {info.name!r}: the file changed or broke "
-                       f"since it was inventoried ({e}); restart the job") from None
-    entry = next((e for e in header.entries if e.name == info.name), None)
-    if entry is None:
-        raise KenError(f"{info.file}: tensor {info.name!r} is no longer in the file; the "
-                       f"file changed during the job; restart it")
-    if (entry.shape, entry.dtype, entry.data_offsets) != (info.shape, info.dtype, info.data_offsets):
-        raise KenError(f"{info.file}: tensor {info.name!r} is now {entry.dtype} {list(entry.shape)} at bytes "
-                       f"{list(entry.data_offsets)}, but was {info.dtype} {list(info.shape)} at "
-                       f"{list(info.data_offsets)} when the checkpoint was opened; the file changed during "
-                       f"the job; restart it")
-    return header.data_start
-
-
-def _pread_into(path: str, buf: np.ndarray, offset: int) -> None:
-    """Fill the uint8 array `buf` with the file's bytes from `offset` (KenError if the file ends)."""
-    view = memoryview(buf)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise KenError(f"{path}: cannot open to read ({e.strerror or e}); check the file and its permissions") from e
-    try:
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done: done + READ_CHUNK_BYTES]], offset + done)
-            if got == 0:
-                raise KenError(f"{path}: file ended {len(view) - done} bytes early; {CORRUPT_FIX}")
-            done += got
-    finally:
-        os.close(fd)
-
-
-def read_rows_array(info: TensorInfo, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) as a numpy array [stop-start, row_len] of the tensor's storage bits
-    (ken_dist.dtypes: the numpy dtype where one exists, bf16/fp8 as same-size unsigned ints).
-
-    Reads exactly those rows' bytes with pread, at the offsets of the header (re-read and
-    checked each call); needs no torch, which is what keeps CPU actors light."""
-    rows, row_len = info.row_geometry
-    if not (0 <= start <= stop <= rows):
-        raise KenError(f"{info.file}: tensor {info.name!r}: rows [{start}, {stop}) are outside "
-                       f"its {rows} rows (shape {list(info.shape)})")
-    out = np.empty((stop - start, row_len), dtype=storage_dtype(info.dtype))
-    if out.size:
-        data_start = _data_start(info, f"rows [{start}, {stop})")
-        _pread_into(info.file, out.reshape(-1).view(np.uint8),
-                    data_start + info.data_offsets[0] + start * row_len * info.itemsize)
-    return out
-
-
-def read_rows(info: TensorInfo, start: int, stop: int):
-    """Rows [start, stop) as a 2-D torch tensor [stop-start, row_len] in the ORIGINAL dtype
-    (read_rows_array's bytes, viewed as the tensor's dtype)."""
-    return from_storage_bits(read_rows_array(info, start, stop), info.dtype)
-
-
-def read_tensor_array(info: TensorInfo) -> np.ndarray:
-    """The whole tensor's storage bits, in its shape (for tensors stored whole)."""
-    return read_rows_array(info, 0, info.row_geometry[0]).reshape(info.shape)
-
-
-def read_tensor(info: TensorInfo):
-    """The whole tensor as a torch tensor, original dtype and shape."""
-    return from_storage_bits(read_tensor_array(info), info.dtype)
-
-
-__all__ = ["TensorInfo", "Checkpoint", "open_checkpoint", "read_rows", "read_tensor", "read_rows_array",
-           "read_tensor_array",
-           "TensorMatch", "match_checkpoints", "parse_prefix_map", "PRESETS", "torch_dtype",
-           "hf_cache_dir"]

@@ -14,12 +14,12 @@ import json
 import math
 import os
 import shutil
-import struct
 
+from ken_dist.checkpoints.dtypes import itemsize, torch_dtype
+from ken_dist.checkpoints.header import encode_header
 from ken_dist.errors import KenError
-from ken_dist.dtypes import itemsize, torch_dtype
-from ken_dist.parts import raw_bytes
-from ken_dist.store_io import fsync_path
+from ken_dist.store.fs import fsync_path
+from ken_dist.store.parts import raw_bytes
 
 _MARKER = ".ken-materialize-in-progress"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack",
@@ -46,15 +46,7 @@ def _header(tensors: dict, names: list[str]) -> tuple[bytes, list[str]]:
     """The safetensors header for `names` (widest dtypes first, as safetensors orders them, so
     every tensor starts aligned to its item size) and the data order."""
     order = sorted(names, key=lambda n: (-itemsize(tensors[n]["dtype"]), n))
-    doc, off = {"__metadata__": {"format": "pt"}}, 0
-    for n in order:
-        t = tensors[n]
-        nbytes = math.prod(t["shape"]) * itemsize(t["dtype"])
-        doc[n] = {"dtype": t["dtype"], "shape": list(t["shape"]), "data_offsets": [off, off + nbytes]}
-        off += nbytes
-    raw = json.dumps(doc, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, order
+    return encode_header([(n, tensors[n]["dtype"], tensors[n]["shape"]) for n in order], {"format": "pt"}), order
 
 
 def _copy_side_files(src_root: str | None, dst: str) -> list[str]:
@@ -81,7 +73,7 @@ def materialize(store, finetune: str, out_dir, base=None, max_shard_bytes: int =
     one at a time, into model.safetensors or model-0000i-of-0000N.safetensors shards plus
     model.safetensors.index.json; side files come from the fine-tune's root (or finetune_root).
     Refuses a non-empty out_dir unless overwrite=True. Returns what was written."""
-    from ken_dist.loader import open_subnetwork
+    from ken_dist.subnetwork.view import open_subnetwork
 
     if max_shard_bytes <= 0:
         raise KenError(f"max_shard_bytes must be positive, got {max_shard_bytes}")

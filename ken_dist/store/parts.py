@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ken_dist.dtypes import as_numpy
+from ken_dist.checkpoints.dtypes import as_numpy
 
 WHOLE_CHUNK_BYTES = 16 * 2**20
 _WHOLE_CHUNKS_PER_GROUP = 4

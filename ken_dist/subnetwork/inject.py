@@ -30,10 +30,10 @@ from functools import partial
 
 import torch
 
+from ken_dist.checkpoints.dtypes import torch_dtype
 from ken_dist.errors import KenError
-from ken_dist.loader import Subnetwork, open_subnetwork
-from ken_dist.dtypes import torch_dtype
-from ken_dist.parts import kept_index, put_kept, take_kept
+from ken_dist.store.parts import kept_index, put_kept, take_kept
+from ken_dist.subnetwork.view import Subnetwork, open_subnetwork
 
 __all__ = ["apply", "swap", "resolve_names"]
 

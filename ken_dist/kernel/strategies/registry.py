@@ -8,8 +8,9 @@ A strategy maps a float32 block [r, n] (and optionally the base block) to a keep
   estimate, a budget of k * rows for the whole block), so the block is selected in one piece;
 - "model": one budget for the whole fine-tune. The registered function returns *scores* (float64,
   larger = keep first, comparable across tensors); the mask of a block is its `budget` largest
-  scores, the budgets coming from a scoring pass over every block first (ken_dist/budget.py).
-Adding one is a function and a decorator: see `register`.
+  scores, the budgets coming from a scoring pass over every block first (budget.py).
+Adding one is a function and a decorator: see `register`; the built-in ones live in
+baselines.py (ken, magnitude, random) and delta.py (the delta-aware rules).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from ken_dist.errors import KenError
+from ken_dist.errors import InputError
 
 # fn(rows32, base32_or_None, k, *, seed, row_offset, compat, device) -> numpy bool mask
 StrategyFn = Callable[..., np.ndarray]
@@ -42,11 +43,11 @@ STRATEGIES: dict[str, Strategy] = {}
 def register(name: str, *, needs_base: bool = False, scope: str = "row"):
     """Decorator adding a strategy to the registry under `name` (scope: see the module docstring)."""
     if scope not in SCOPES:
-        raise KenError(f"strategy {name!r}: scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        raise InputError(f"strategy {name!r}: scope must be one of {', '.join(SCOPES)}, got {scope!r}")
 
     def wrap(fn: StrategyFn) -> StrategyFn:
         if name in STRATEGIES:
-            raise KenError(f"strategy {name!r} is registered twice")
+            raise InputError(f"strategy {name!r} is registered twice")
         STRATEGIES[name] = Strategy(name, fn, needs_base, (fn.__doc__ or "").strip().split("\n")[0], scope)
         return fn
     return wrap
@@ -56,7 +57,7 @@ def get_strategy(name: str) -> Strategy:
     try:
         return STRATEGIES[name]
     except KeyError:
-        raise KenError(f"unknown strategy {name!r}; choose one of: {', '.join(sorted(STRATEGIES))}") from None
+        raise InputError(f"unknown strategy {name!r}; choose one of: {', '.join(sorted(STRATEGIES))}") from None
 
 
 def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
@@ -88,24 +89,3 @@ def block_top_mask(scores: np.ndarray, total: int) -> np.ndarray:
     tied = np.flatnonzero(flat == kth)
     mask[tied[:need]] = True
     return mask.reshape(scores.shape)
-
-
-def abs_delta(rows, base) -> np.ndarray:
-    """|fine-tuned - base| in float64 (exact for float32 inputs)."""
-    return np.abs(np.subtract(rows, base, dtype=np.float64))
-
-
-@register("magnitude", needs_base=True)
-def magnitude(rows, base, k, *, seed, row_offset, compat, device):
-    """Top-k of |fine-tuned - base| per row (task-vector magnitude)."""
-    return top_k_mask(abs_delta(rows, base), k)
-
-
-@register("random")
-def random(rows, base, k, *, seed, row_offset, compat, device):
-    """k entries per row uniformly at random; row i of a tensor depends only on (seed, i)."""
-    r, n = rows.shape
-    scores = np.empty((r, n), dtype=np.float64)
-    for i in range(r):
-        scores[i] = np.random.default_rng([seed, row_offset + i]).random(n)
-    return top_k_mask(scores, k)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ken_dist.checkpoints.geometry import row_geometry
+from ken_dist.checkpoints.header import encode_header
 from ken_dist.errors import KenError
 
 _TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -100,10 +101,6 @@ PRESETS = {
 }
 
 
-def _geometry(shape: tuple[int, ...]) -> tuple[int, int]:
-    return (shape[0], int(np.prod(shape[1:]))) if len(shape) > 1 else (1, int(np.prod(shape)))
-
-
 def _group_seed(seed: int, key: int, group: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{key}:{group}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
@@ -114,7 +111,7 @@ def _chunk(name: str, shape: tuple[int, ...], start: int, stop: int, seed: int, 
     """(base, fine-tune or None) rows [start, stop) of a tensor in the file dtype, [stop-start, row_len].
 
     start must be a multiple of ROW_GROUP and stop one too, or the tensor's last row."""
-    rows, row_len = _geometry(shape)
+    rows, row_len = row_geometry(shape)
     if start % ROW_GROUP or (stop % ROW_GROUP and stop != rows) or not 0 <= start < stop <= rows:
         raise KenError(f"synthetic rows [{start}, {stop}) of {name!r}: chunks must hold whole groups "
                        f"of {ROW_GROUP} rows")
@@ -145,7 +142,7 @@ def _chunk(name: str, shape: tuple[int, ...], start: int, stop: int, seed: int, 
 def tensor_rows(name: str, shape: tuple[int, ...], start: int, stop: int, *, seed: int = 0,
                 dtype: str = "bf16", finetune: bool = False) -> torch.Tensor:
     """Rows [start, stop) of a generated tensor exactly as the files hold them (any range)."""
-    rows, _ = _geometry(shape)
+    rows, _ = row_geometry(shape)
     a = start - start % ROW_GROUP
     b = min(rows, -(-stop // ROW_GROUP) * ROW_GROUP)
     base, ft = _chunk(name, shape, a, b, seed, dtype, finetune)
@@ -155,21 +152,14 @@ def tensor_rows(name: str, shape: tuple[int, ...], start: int, stop: int, *, see
 def _tasks(tensors) -> list[tuple[str, tuple[int, ...], int, int]]:
     out = []
     for name, shape in tensors:
-        rows, row_len = _geometry(shape)
+        rows, row_len = row_geometry(shape)
         step = max(ROW_GROUP, CHUNK_ELEMENTS // row_len // ROW_GROUP * ROW_GROUP)
         out += [(name, shape, a, min(rows, a + step)) for a in range(0, rows, step)]
     return out
 
 
 def _header(tensors, dtype: str) -> bytes:
-    header, offset = {}, 0
-    for name, shape in tensors:
-        nbytes = int(np.prod(shape)) * _ITEM[dtype]
-        header[name] = {"dtype": _ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    return struct.pack("<Q", len(blob)) + blob
+    return encode_header([(name, _ST[dtype], shape) for name, shape in tensors])
 
 
 def _write_shard(paths: dict[str, Path], tensors, dtype: str, seed: int, pool: ThreadPoolExecutor | None,

@@ -10,14 +10,13 @@ import time
 
 import numpy as np
 
-from ken_dist.checkpoint import read_rows, read_rows_array, read_tensor_array
-from ken_dist.dtypes import to_float32
+from ken_dist.checkpoints.dtypes import to_float32
+from ken_dist.checkpoints.reads import read_rows, read_rows_array, read_tensor_array
 from ken_dist.errors import KenError, NonFiniteRowError
-from ken_dist.budget import score_histogram
+from ken_dist.job.plan import WorkUnit
 from ken_dist.kernel import STRATEGIES, block_scores, select, select_array
-from ken_dist.plan import WorkUnit
-from ken_dist.store import Store
-
+from ken_dist.kernel.strategies.budget import score_histogram
+from ken_dist.store.protocol import Store
 
 # Rows handed to the kernel per call. The kernel's temporaries are ~20x the bf16 bytes it is
 # given (float32/float64 copies, sort indices, grids), so a 64 MiB block selected at once would

@@ -4,7 +4,7 @@ Why a separate, early step: a fine-tune saved under another wrapper (`bert.` vs 
 another size, or in another dtype would otherwise fail hours into a job, or worse, succeed
 with nonsense. Everything is checked from headers alone, and every problem is reported in
 ONE KenError (first 20 listed, plus a count), with the option that fixes it, so the user
-fixes the whole invocation at once. Re-exported by ken_dist.checkpoint (its contract).
+fixes the whole invocation at once. Re-exported by ken_dist.checkpoints.inventory (its contract).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ken_dist.errors import KenError
 
 if TYPE_CHECKING:
-    from ken_dist.checkpoint import Checkpoint
+    from ken_dist.checkpoints.inventory import Checkpoint
 
 MAX_LISTED = 20
 

@@ -8,6 +8,9 @@ README): 8 bytes little-endian u64 N, then N bytes of JSON {name: {dtype, shape,
 "__metadata__": {str: str}}, then the data section. Offsets are relative to the data section
 and must tile it exactly (sorted, no gap, no overlap, last end == data length), as safetensors
 itself requires; anything accepted here therefore also opens with `safe_open`.
+
+`encode_header` is the one writer of that format (materialize's shards, the synthetic
+generator): tensors stream into the data section in the order the header lists them.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from ken_dist.errors import KenError
+from ken_dist.errors import CheckpointError
 
 CORRUPT_FIX = "the file looks truncated or corrupt; re-download or re-save it"
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
@@ -56,9 +59,9 @@ class FileHeader:
     metadata: dict = field(default_factory=dict, compare=False)
 
 
-def _corrupt(path: str, what: str, tensor: str | None = None) -> KenError:
+def _corrupt(path: str, what: str, tensor: str | None = None) -> CheckpointError:
     where = f"{path}: tensor {tensor!r}: " if tensor is not None else f"{path}: "
-    return KenError(f"{where}{what}; {CORRUPT_FIX}")
+    return CheckpointError(f"{where}{what}; {CORRUPT_FIX}")
 
 
 def _int(x) -> bool:
@@ -66,7 +69,7 @@ def _int(x) -> bool:
 
 
 def read_header(path: str) -> FileHeader:
-    """Parse and validate the header of `path`; raise KenError naming the file (and tensor)."""
+    """Parse and validate the header of `path`; raise CheckpointError naming the file (and tensor)."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -81,7 +84,7 @@ def read_header(path: str) -> FileHeader:
                                      f"{MAX_HEADER_BYTES} bytes")
             raw = f.read(n)
     except OSError as e:
-        raise KenError(f"{path}: cannot read the file ({e.strerror or e}); check the path and "
+        raise CheckpointError(f"{path}: cannot read the file ({e.strerror or e}); check the path and "
                        f"its permissions (a broken link in a Hugging Face cache means an "
                        f"incomplete download)") from e
     if len(raw) != n:
@@ -107,11 +110,11 @@ def _entry(path: str, name: str, spec, data_len: int) -> HeaderEntry:
         raise _corrupt(path, "header entry is not a JSON object", name)
     dtype, shape, offs = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-        raise KenError(f"{path}: tensor {name!r}: unknown dtype {dtype!r} (known: "
+        raise CheckpointError(f"{path}: tensor {name!r}: unknown dtype {dtype!r} (known: "
                        f"{', '.join(sorted(DTYPE_BITS))}); {CORRUPT_FIX}, or upgrade ken_dist "
                        f"if this is a newer safetensors dtype")
     if DTYPE_BITS[dtype] % 8:
-        raise KenError(f"{path}: tensor {name!r}: dtype {dtype} packs values below one byte, "
+        raise CheckpointError(f"{path}: tensor {name!r}: dtype {dtype} packs values below one byte, "
                        f"which ken_dist cannot split into rows; dequantize the checkpoint to "
                        f"BF16/F16/F32 first")
     if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
@@ -146,3 +149,16 @@ def _check_tiling(path: str, entries: list[HeaderEntry], data_len: int) -> None:
     if pos != data_len:
         raise _corrupt(path, f"{data_len - pos} bytes after the last tensor are not described "
                              f"by the header")
+
+
+def encode_header(tensors, metadata: dict | None = None) -> bytes:
+    """The 8-byte length + JSON header of a file holding `tensors` ((name, dtype, shape), in data
+    order, packed without gaps), padded with spaces to a multiple of 8 bytes as safetensors pads."""
+    doc, offset = ({"__metadata__": dict(metadata)} if metadata else {}), 0
+    for name, dtype, shape in tensors:
+        nbytes = math.prod(shape) * DTYPE_BITS[dtype] // 8
+        doc[name] = {"dtype": dtype, "shape": [int(s) for s in shape], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
