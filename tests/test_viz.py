@@ -215,6 +215,21 @@ def test_a_part_whose_rows_disagree_with_its_block_is_refused(pruned, tmp_path):
         load_matrix(str(store), "ken", name, verify=False)
 
 
+def test_a_base_with_the_same_header_but_other_bytes_is_refused(pruned, tmp_path):
+    """KENviz reaches the base through subnetwork/base.py, sample_sha256 included: a checkpoint
+    with the very same header (another fine-tune of one architecture) cannot pose as the base."""
+    from ken_dist.errors import CheckpointError
+    from ken_dist.viz import load_matrix
+
+    other = tmp_path / "other"
+    shutil.copytree(pruned["root"] / "base", other)
+    data = bytearray((other / "model.safetensors").read_bytes())
+    data[-1] ^= 0x01  # one bit of the last tensor's data; the header is untouched
+    (other / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="same header but other tensor bytes"):
+        load_matrix(pruned["store"], "ken", "model.embed.weight", base=str(other), delta=True)
+
+
 def test_render_writes_figures_index_and_stats(pruned, tmp_path):
     from ken_dist.viz import render
 
