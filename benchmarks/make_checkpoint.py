@@ -7,7 +7,7 @@
 
 Streamed: memory stays at a few chunks of 8M elements (~100 MB per thread) whatever the size.
 The fine-tune is written from the base values as the base file stores them (see
-ken_dist/synthetic.py), and `--only base|finetune` writes exactly the bytes the pair would.
+ken_dist/testing/synthetic.py), and `--only base|finetune` writes exactly the bytes the pair would.
 Shards are cut at --shard-bytes (default 5 GB, as Hugging Face's save_pretrained does).
 """
 from __future__ import annotations
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
+from ken_dist.checkpoints.dtypes import itemsize
 from ken_dist.cli.commands import byte_size
-from ken_dist.testing.synthetic import PRESETS, LlamaShape, write_checkpoint, write_pair
-
-ITEM = {"bf16": 2, "fp16": 2, "fp32": 4}
+from ken_dist.testing.synthetic import DTYPES, PRESETS, LlamaShape, write_checkpoint, write_pair
 
 
 def shape_from_args(args) -> LlamaShape:
@@ -45,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named shape; explicit flags override its fields")
     for flag in ("hidden", "intermediate", "layers", "vocab", "heads", "kv-heads"):
         p.add_argument(f"--{flag}", type=int, dest=flag.replace("-", "_"))
-    p.add_argument("--dtype", choices=sorted(ITEM), default="bf16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--shard-bytes", type=byte_size, default=5 * 10**9, help="max bytes per shard (default 5GB)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="generator threads (default 1; writes stay ordered)")
@@ -62,7 +61,7 @@ def main(argv=None) -> int:
     shape = shape_from_args(args)
     params = shape.parameters()
     files = 2 if args.only == "pair" else 1
-    need = params * ITEM[args.dtype] * files
+    need = params * itemsize(DTYPES[args.dtype]) * files
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out).free

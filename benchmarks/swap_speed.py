@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ken_dist  # noqa: E402
+from ken_dist.checkpoints.geometry import row_geometry  # noqa: E402
 from ken_dist.job.plan import PruneParams  # noqa: E402
 from ken_dist.job.spec import FineTuneEntry, JobSpec  # noqa: E402
 from ken_dist.runtime import run_job  # noqa: E402
@@ -56,7 +57,7 @@ def second_finetune(base: Path, out: Path, seed: int) -> Path:
             for name, t in load_file(f).items():
                 x = t.float()
                 delta = torch.randn(x.shape, generator=gen) * 0.002
-                rows = x.shape[0] if x.dim() > 1 else 1
+                rows, _ = row_geometry(x.shape)
                 moved = (torch.rand(rows, generator=gen) < 0.05).float() * 9 + 1
                 delta = delta * (moved.view(-1, *([1] * (x.dim() - 1))) if x.dim() > 1 else moved)
                 tensors[name] = (x + delta).to(t.dtype)

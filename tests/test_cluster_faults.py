@@ -10,6 +10,7 @@ import time
 
 import fault_hooks
 import pytest
+import ray
 import torch
 from cluster_helpers import TAG_VAR, journal_keys, kill_tagged, new_tag, tagged_pids
 
@@ -26,7 +27,6 @@ from ken_dist.store.protocol import Store
 from ken_dist.subnetwork.view import open_subnetwork
 from ken_dist.testing.synthetic import LlamaShape, write_pair
 
-ray = pytest.importorskip("ray")
 TESTS = os.path.dirname(os.path.abspath(__file__))
 KEEP = 0.25
 SHAPE = LlamaShape(hidden=64, intermediate=128, layers=1, vocab=128, heads=4, kv_heads=2)

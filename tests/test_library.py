@@ -11,7 +11,9 @@ import shutil
 import warnings
 
 import pytest
+import ray
 import torch
+import transformers
 from tiny_models import make_finetune, make_hf_cache, make_tiny_bert, make_tiny_llama
 
 import ken_dist
@@ -21,9 +23,6 @@ from ken_dist.job.plan import PruneParams
 from ken_dist.job.spec import FineTuneEntry, JobSpec
 from ken_dist.store.protocol import Store
 from ken_dist.subnetwork.inject import resolve_names
-
-ray = pytest.importorskip("ray")
-transformers = pytest.importorskip("transformers")
 
 IDS = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -124,7 +123,6 @@ def test_load_model_refuses_parameters_left_random(stores):
 
 
 def test_load_model_with_device_map(stores):
-    pytest.importorskip("accelerate")
     got = quiet_load(stores["llama"]["store"], "a", device_map="cpu")
     assert same_weights(got, dense(stores, "llama", "a")) == []
 

@@ -160,7 +160,8 @@ def test_inspect_store_reports_sizes(pruned):
 
 
 def test_materialized_model_loads_with_from_pretrained(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)

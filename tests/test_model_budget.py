@@ -26,8 +26,6 @@ from ken_dist.kernel.strategies.budget import (
 from ken_dist.kernel.strategies.registry import block_top_mask
 from ken_dist.store.protocol import Store
 
-ray = pytest.importorskip("ray")
-
 
 def _blocks(seed: int, n_blocks: int = 7):
     """Score blocks of varied size and scale, with ties, zeros (of both signs) and negatives."""

@@ -12,9 +12,6 @@ from ken_dist.cli import main as cli_main
 from ken_dist.subnetwork.inspect import inspect_store
 from ken_dist.subnetwork.view import open_subnetwork
 
-ray = pytest.importorskip("ray")
-
-
 pytestmark = pytest.mark.usefixtures("local_ray")
 
 

@@ -23,7 +23,14 @@ from store_helpers import (
 from ken_dist.checkpoints.dtypes import dtype_name
 from ken_dist.errors import KenError
 from ken_dist.store import parts
-from ken_dist.store.fs import escape_name, unescape_name
+from ken_dist.store.fs import (
+    append_jsonl,
+    atomic_output,
+    atomic_write,
+    escape_name,
+    read_jsonl,
+    unescape_name,
+)
 from ken_dist.store.parts import apply_block, decode_whole, info_bound_bytes
 from ken_dist.store.protocol import Store
 
@@ -163,6 +170,38 @@ def test_journal_survives_and_resume_skips_only_intact_parts(toy):
         f.write(bytes([byte ^ 0xFF]))
     assert ("w", 0, 2) in fresh.completed_blocks("ft")
     assert ("w", 0, 2) not in fresh.completed_blocks("ft", verify=True)
+
+
+def test_jsonl_appends_whole_lines_after_a_torn_one_and_refuses_odd_values(tmp_path):
+    """store.fs.append_jsonl/read_jsonl, the one JSONL rule (journal and job log): several
+    records per fsync, a torn last line skipped and never glued to the next record, and no value
+    silently turned into a string unless the caller asks (the job log does)."""
+    path = str(tmp_path / "x.jsonl")
+    append_jsonl(path, {"a": 1}, {"b": [2, 3]})
+    with open(path, "ab") as f:
+        f.write(b'{"torn": ')
+    append_jsonl(path, {"c": 4})
+    append_jsonl(path)  # nothing to append: nothing written
+    assert read_jsonl(path) == [{"a": 1}, {"b": [2, 3]}, {"c": 4}]
+    with pytest.raises(TypeError):
+        append_jsonl(path, {"d": {1, 2}})
+    append_jsonl(path, {"d": np.int64(5)}, default=str)
+    assert read_jsonl(path)[-1] == {"d": "5"} and read_jsonl(str(tmp_path / "none.jsonl")) == []
+
+
+def test_atomic_output_publishes_all_or_keeps_the_old_file(tmp_path):
+    path = str(tmp_path / "f.bin")
+    atomic_write(path, b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_output(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"half of the new")
+            raise RuntimeError("killed mid-write")
+    assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"new")
+    assert open(path, "rb").read() == b"new" and os.listdir(tmp_path) == ["f.bin"]
 
 
 def test_commit_survives_sigkill_and_the_lock_dies_with_the_process(toy):

@@ -5,17 +5,21 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
 
+from ken_dist.checkpoints.geometry import row_geometry
 from ken_dist.checkpoints.inventory import open_checkpoint
 from ken_dist.checkpoints.reads import read_rows, read_tensor
 from ken_dist.errors import KenError
 from ken_dist.testing.synthetic import (
+    MOVED_FRACTION,
     PRESETS,
     ROW_GROUP,
     LlamaShape,
+    _group_seed,
     tensor_rows,
     write_checkpoint,
     write_pair,
@@ -47,18 +51,39 @@ def test_sharded_like_hugging_face(pair):
     assert json.loads((base / "config.json").read_text())["num_key_value_heads"] == 2
 
 
+def recipe(name: str, shape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, delta) in float32 as the module docstring describes them, recomputed here as an
+    oracle: per group of ROW_GROUP rows one torch generator seeded by (seed, name, group) draws
+    the base, then the delta; MOVED_FRACTION of the rows move 10x further."""
+    rows, row_len = row_geometry(shape)
+    bases, deltas = [], []
+    for g0 in range(0, rows, ROW_GROUP):
+        n = min(rows, g0 + ROW_GROUP) - g0
+        gen = torch.Generator().manual_seed(_group_seed(seed, zlib.crc32(name.encode()), g0 // ROW_GROUP))
+        bases.append(torch.randn((n, row_len), generator=gen))
+        d = torch.randn((n, row_len), generator=gen)
+        d[torch.rand(n, generator=gen) < MOVED_FRACTION] *= 10
+        deltas.append(d)
+    base, delta = torch.cat(bases), torch.cat(deltas) * 0.002
+    return (base * 0.05 + 1 if name.endswith("norm.weight") else base * 0.02), delta
+
+
 def test_finetune_is_base_as_stored_plus_delta(pair):
+    """fine-tune = bf16(bf16(base) + delta), checked against the recipe recomputed independently;
+    the other plausible rule, bf16(base + delta) from the unrounded base, must differ from it
+    somewhere, so this test tells the two apart."""
     base, ft = (open_checkpoint(d) for d in pair)
-    moved_rows = 0
+    moved_rows = unrounded_differs = 0
     for name, shape in SHAPE.tensors():
         b, f = read_tensor(base.tensors[name]), read_tensor(ft.tensors[name])
-        delta = f.float() - b.float()
-        assert not torch.equal(b, f)
-        assert delta.abs().max() < 0.2
+        want_base, delta = recipe(name, shape)
+        assert torch.equal(b.reshape(want_base.shape), want_base.to(torch.bfloat16)), name
+        want_ft = (want_base.to(torch.bfloat16).float() + delta).to(torch.bfloat16)
+        assert torch.equal(f.reshape(want_ft.shape), want_ft), name
+        unrounded_differs += int(((want_base + delta).to(torch.bfloat16) != want_ft).sum())
         if len(shape) == 2:
-            # fine-tune = bf16(stored base + delta): re-adding the read-back delta reproduces it
-            assert torch.equal((b.float() + delta).to(torch.bfloat16), f)
-            moved_rows += int((delta.abs().mean(dim=1) > 0.008).sum())
+            moved_rows += int(((f.float() - b.float()).abs().mean(dim=1) > 0.008).sum())
+    assert unrounded_differs > 0
     assert moved_rows > 0  # a few rows are moved 10x further
 
 

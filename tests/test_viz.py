@@ -6,6 +6,10 @@ import itertools
 import json
 import math
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -189,6 +193,43 @@ def test_value_and_delta_images_at_full_resolution(pruned):
     assert np.array_equal(nb[want], brute_counts(want)[want])
 
 
+def test_a_part_whose_rows_disagree_with_its_block_is_refused(pruned, tmp_path):
+    """KENviz decodes parts with the loader's checks: a part holding other rows than its block
+    (here its row numbers shifted by one; verify=False skips the sha256) is an error, not a figure."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ken_dist.errors import StoreError
+    from ken_dist.store.protocol import Store
+    from ken_dist.viz import load_matrix
+
+    store = tmp_path / "store"
+    shutil.copytree(pruned["store"], store)
+    name = "model.embed.weight"
+    block = Store(store).manifest("ken")["tensors"][name]["blocks"][1]
+    path = store / block["file"]
+    table = pq.read_table(path)
+    table = table.set_column(0, "row", pa.compute.add(table.column("row"), 1))
+    pq.write_table(table, path)
+    with pytest.raises(StoreError, match=rf"{re.escape(str(path))}.*{re.escape(name)}.*rows are not"):
+        load_matrix(str(store), "ken", name, verify=False)
+
+
+def test_a_base_with_the_same_header_but_other_bytes_is_refused(pruned, tmp_path):
+    """KENviz reaches the base through subnetwork/base.py, sample_sha256 included: a checkpoint
+    with the very same header (another fine-tune of one architecture) cannot pose as the base."""
+    from ken_dist.errors import CheckpointError
+    from ken_dist.viz import load_matrix
+
+    other = tmp_path / "other"
+    shutil.copytree(pruned["root"] / "base", other)
+    data = bytearray((other / "model.safetensors").read_bytes())
+    data[-1] ^= 0x01  # one bit of the last tensor's data; the header is untouched
+    (other / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="same header but other tensor bytes"):
+        load_matrix(pruned["store"], "ken", "model.embed.weight", base=str(other), delta=True)
+
+
 def test_render_writes_figures_index_and_stats(pruned, tmp_path):
     from ken_dist.viz import render
 
@@ -209,6 +250,29 @@ def test_render_writes_figures_index_and_stats(pruned, tmp_path):
     for s in stats["matrices"]:
         want = _expected_mask(pruned, s["tensor"], "magnitude")
         assert s["observed_hist"] == brute_hist(want)
+
+
+def test_figures_leave_the_matplotlib_backend_alone(pruned, tmp_path):
+    """A notebook keeps its backend: importing KENviz and making and saving every figure neither
+    switches matplotlib's backend nor imports pyplot (fresh interpreter: a clean sys.modules)."""
+    code = f"""
+import sys
+import matplotlib
+matplotlib.use("svg")
+from ken_dist import viz
+v = viz.load_matrix({pruned["store"]!r}, "ken", "model.embed.weight", max_pixels=4)
+w = viz.load_matrix({pruned["store"]!r}, "ken", "model.layers.0.mlp.w.weight")
+for i, fig in enumerate((viz.plot_matrix(v), viz.plot_neighbours(w), viz.plot_layers([v, w]))):
+    viz.save(fig, {str(tmp_path)!r} + f"/{{i}}.png")
+print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=root))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["svg", "False"]
+    for i in range(3):
+        assert (tmp_path / f"{i}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_viz(pruned, tmp_path, capsys):

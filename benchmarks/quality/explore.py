@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ken_dist.checkpoints.geometry import row_geometry
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import common  # noqa: E402
@@ -178,7 +180,7 @@ def global_state(kind: str, keep: float, seed: int) -> dict:
         b = base.get(name[len("bert."):]) if name.startswith("bert.") else None
         if b is None or not f.is_floating_point():
             continue
-        rows = f.shape[0] if f.dim() > 1 else 1
+        rows, _ = row_geometry(f.shape)
         f2, b2 = f.reshape(rows, -1).double().numpy(), b.reshape(rows, -1).double().numpy()
         d = f2 - b2
         scores[name] = (np.sqrt(np.maximum(d * lowrank_part(d), 0)) if kind == "glowrank" and rows > 1
@@ -207,7 +209,7 @@ def pruned_state(rule_name: str, keep: float, seed: int, whole: str | None, only
         if b is None or not f.is_floating_point() or (wx and wx.search(name)) or (ox and not ox.search(name)):
             out[name] = f
             continue
-        rows = f.shape[0] if f.dim() > 1 else 1
+        rows, _ = row_geometry(f.shape)
         f2 = f.reshape(rows, -1).float().numpy()
         b2 = b.reshape(rows, -1).float().numpy()
         k = max(1, round(keep * f2.shape[1]))

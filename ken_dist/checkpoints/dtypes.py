@@ -1,7 +1,7 @@
 """Safetensors dtype names and their numpy and torch forms, without importing torch.
 
-Why: the CPU selection actors work on numpy alone (importing torch costs each actor ~1.8 s of
-start-up and ~180 MB of memory), so a block travels as a numpy array of its *storage bits*:
+Why: the CPU selection actors work on numpy alone (importing torch would cost each actor
+seconds of start-up and hundreds of MB: docs/performance.md), so a block travels as a numpy array of its *storage bits*:
 the numpy dtype of the same name where numpy has one, a same-size unsigned integer where it
 has not (bf16, fp8). `to_float32` widens those bits exactly, which is what selection needs;
 the store writes the bits untouched. Only the functions handing out torch dtypes import torch.
@@ -45,6 +45,14 @@ def itemsize(name: str) -> int:
 def storage_dtype(name: str) -> np.dtype:
     """The numpy dtype a block of `name` is carried in (its bits; see the module docstring)."""
     return np.dtype(STORAGE[_known(name)])
+
+
+def bits_word(size: int) -> np.dtype:
+    """The unsigned integer numpy dtype of `size` bytes (1, 2, 4 or 8). Values moved as these words
+    (compress, gather, scatter) are copied bit for bit, never converted as floats on the way."""
+    if size not in (1, 2, 4, 8):
+        raise KenError(f"no {size}-byte integer word; element sizes are 1, 2, 4 or 8 bytes")
+    return np.dtype(f"u{size}")
 
 
 def is_torch_tensor(x) -> bool:

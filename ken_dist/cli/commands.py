@@ -93,8 +93,7 @@ def cmd_materialize(args) -> int:
     t0 = time.time()
     info = materialize(args.store, args.finetune, args.out, base=args.base, overwrite=args.overwrite,
                        max_shard_bytes=args.shard_bytes)
-    files = info.get("files", []) if isinstance(info, dict) else []
-    print(f"wrote {args.out}: {len(files)} safetensors file(s) in {time.time() - t0:.1f} s; "
+    print(f"wrote {args.out}: {len(info['shards'])} safetensors file(s) in {time.time() - t0:.1f} s; "
           f"load it with transformers' from_pretrained({args.out!r})")
     return 0
 

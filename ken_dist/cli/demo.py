@@ -6,7 +6,6 @@ checks one tensor against the kernel run in memory.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,6 @@ def run_demo(workdir: str | None = None, *, keep: float = 0.25, workers: int | N
     from ken_dist.subnetwork.materialize import materialize
     from ken_dist.subnetwork.view import open_subnetwork
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     root = Path(workdir or tempfile.mkdtemp(prefix="ken-dist-demo-"))
     print(f"[demo] writing a {DEMO_SHAPE.parameters() / 1e6:.1f}M-parameter bf16 Llama-shaped pair under {root}")
     base_dir, ft_dir = write_pair(root, DEMO_SHAPE, dtype="bf16", shard_bytes=4 * 2**20)

@@ -4,7 +4,7 @@ Why: a prune job on a cluster runs for hours and may be killed, resumed, or fail
 tensor. The manifest says what the store holds; the job log says how it got there: who ran
 what with which parameters and versions, how long it took, how many blocks were reused from
 an earlier run, which workers ran (device, node, peak memory), and the error that stopped a
-failed run. Readers of the store ignore it (the README's Format section); `read_job_log` parses it.
+failed run. Readers of the store ignore it (docs/format.md); `read_job_log` parses it.
 
 Events (every line has `event`, `job_id`, `time`):
     start  host, pid, argv, versions, base, store, finetunes {name: {source, params, blocks,
@@ -37,7 +37,8 @@ def peak_rss() -> int:
 
 def versions() -> dict:
     """Versions of what decides the result and the speed, for the log. From the installed
-    packages' metadata: importing torch just to read its version would cost the job ~2 s."""
+    packages' metadata: importing torch just to read its version would cost the driver torch's
+    whole import time and memory."""
     out = {"python": platform.python_version()}
     for name, dist in (("ken_dist", "ken-dist"), ("torch", "torch"), ("numpy", "numpy"), ("numba", "numba"),
                        ("pyarrow", "pyarrow"), ("safetensors", "safetensors"), ("ray", "ray")):
@@ -64,7 +65,7 @@ class JobLog:
             return
         record = {"event": event, "job_id": self.job_id, "time": now(), **fields}
         try:
-            append_jsonl(self.path, record)
+            append_jsonl(self.path, record, default=str)  # a log line never fails on an odd value
         except OSError as exc:
             self._broken = True
             print(f"[ken-dist] warning: cannot append to the job log {self.path} ({exc}); "

@@ -4,7 +4,7 @@ Why a separate, early step: a fine-tune saved under another wrapper (`bert.` vs 
 another size, or in another dtype would otherwise fail hours into a job, or worse, succeed
 with nonsense. Everything is checked from headers alone, and every problem is reported in
 ONE KenError (first 20 listed, plus a count), with the option that fixes it, so the user
-fixes the whole invocation at once. Re-exported by ken_dist.checkpoints.inventory (its contract).
+fixes the whole invocation at once.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ so a reader sees the old file or the whole new one, even across a power cut.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -80,19 +81,25 @@ def publish(tmp: str, path: str) -> None:
     fsync_path(os.path.dirname(path))
 
 
-def atomic_write(path: str, data) -> None:
-    """Write bytes so that `path` holds either its old content or all of `data`."""
+@contextlib.contextmanager
+def atomic_output(path: str):
+    """Yield a tmp path beside `path` to write; on success fsync it and publish it as `path`, on
+    any error remove it. So `path` holds its old content or all of the new, never part of it."""
     tmp = tmp_path(path)
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fsync_path(tmp)
         publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write(path: str, data) -> None:
+    """Write bytes so that `path` holds either its old content or all of `data`."""
+    with atomic_output(path) as tmp, open(tmp, "xb") as f:
+        f.write(data)
 
 
 def atomic_json(path: str, obj) -> None:
@@ -107,16 +114,19 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def append_jsonl(path: str, obj) -> None:
-    """Append one JSON line and fsync. One write(2) on an O_APPEND descriptor, so lines from
-    concurrent writers never interleave; a torn last line (a crash mid-write) is skipped by
-    readers that parse line by line, and the next append starts on a fresh line."""
-    line = (json.dumps(obj, sort_keys=True, default=str) + "\n").encode()
+def append_jsonl(path: str, *objs, default=None) -> None:
+    """Append one JSON line per object and fsync once. One write(2) on an O_APPEND descriptor, so
+    lines from concurrent writers never interleave; a torn last line (a crash mid-write) is skipped
+    by read_jsonl, and the next append starts on a fresh line. `default` as in json.dumps (None:
+    a value JSON cannot hold is a TypeError, not a string)."""
+    if not objs:
+        return
+    data = "".join(json.dumps(obj, sort_keys=True, default=default) + "\n" for obj in objs).encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         if os.fstat(fd).st_size and last_byte(path) != b"\n":
-            line = b"\n" + line
-        os.write(fd, line)
+            data = b"\n" + data
+        os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

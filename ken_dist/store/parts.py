@@ -21,12 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ken_dist.checkpoints.dtypes import as_numpy
+from ken_dist.checkpoints.dtypes import as_numpy, bits_word
 
 WHOLE_CHUNK_BYTES = 16 * 2**20
 _WHOLE_CHUNKS_PER_GROUP = 4
 
-# Measured on bf16 [4096, 4096] blocks with random masks (the README's Format section, benchmarks/store_ratio.py):
+# Measured on bf16 [4096, 4096] blocks with random masks (docs/format.md, benchmarks/store_ratio.py):
 # zstd level 1 squeezes the sparse bitmask at low keep and costs ~nothing at keep 0.5;
 # dictionaries and statistics only add bytes to random binary data.
 PARQUET_OPTIONS = dict(
@@ -70,11 +70,8 @@ def encode_block(row_start: int, mask, values) -> tuple[pa.Table, dict]:
     packed = np.packbits(m, axis=1, bitorder="little").reshape(-1)
     nbytes_row = (n + 7) // 8
     kept = m.sum(axis=1, dtype=np.int64)
-    word = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(itemsize)
-    if word is not None:  # np.compress over same-size words: ~12x faster than bool-indexing bytes
-        vals = np.compress(m.reshape(-1), raw_bytes(values).view(word)).view(np.uint8)
-    else:
-        vals = raw_bytes(values).reshape(r, n, itemsize)[m].reshape(-1)
+    # np.compress over same-size words: much faster than bool-indexing bytes
+    vals = np.compress(m.reshape(-1), raw_bytes(values).view(bits_word(itemsize))).view(np.uint8)
     voffs = np.zeros(r + 1, np.int64)
     np.cumsum(kept * itemsize, out=voffs[1:])
     table = pa.table({
@@ -89,10 +86,6 @@ def encode_block(row_start: int, mask, values) -> tuple[pa.Table, dict]:
         "bound_bytes": info_bound_bytes(kept, n, itemsize),
     }
     return table, stats
-
-
-def _column_chunks(table: pa.Table, name: str):
-    return table.column(name).chunks
 
 
 def _binary_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -155,12 +148,9 @@ def block_rows(table: pa.Table, n: int, itemsize: int, row_start: int, row_end: 
         raise ValueError(f"holds rows {row_start}..{pos - 1}, expected {row_start}..{row_end - 1}")
 
 
-_SAME_SIZE_INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
-
-
 def _as_ints(t) -> np.ndarray:
-    """A flat numpy view of a contiguous CPU tensor's bits (bf16 has no numpy dtype; int16 does)."""
-    return raw_bytes(t).view(_SAME_SIZE_INT[t.element_size()])
+    """A flat numpy view of a contiguous CPU tensor's bits as same-size integers (bits_word)."""
+    return raw_bytes(t).view(bits_word(t.element_size()))
 
 
 def kept_index(keep: np.ndarray) -> np.ndarray:
@@ -172,8 +162,8 @@ def put_kept(target, keep: np.ndarray, values, dtype=None) -> int:
     """target[keep] = values in place. target: a contiguous [m, n] tensor on any device; keep:
     [m, n] bool numpy (or its kept_index); values: the kept entries in index order, as a tensor
     or as raw bytes (uint8 numpy) of `dtype` (default target's). On CPU with matching dtype the
-    scatter runs on numpy flat indices over the bits, about 8x faster than torch's bool-mask
-    indexing and without copying the values; otherwise values are converted and scattered with
+    scatter runs on numpy flat indices over the bits, faster than torch's bool-mask indexing
+    and without copying the values; otherwise values are converted and scattered with
     one index_copy_ on the target's device. Returns the entries written."""
     import torch
 
@@ -184,7 +174,7 @@ def put_kept(target, keep: np.ndarray, values, dtype=None) -> int:
     flat = target.reshape(-1)
     if isinstance(values, np.ndarray):
         if target.device.type == "cpu" and dtype == target.dtype:
-            _as_ints(flat)[idx] = values.view(_SAME_SIZE_INT[target.element_size()])
+            _as_ints(flat)[idx] = values.view(bits_word(target.element_size()))
             return int(idx.size)
         values = torch.frombuffer(bytearray(values), dtype=dtype)
     if target.device.type == "cpu" and values.device.type == "cpu" and values.dtype == target.dtype:

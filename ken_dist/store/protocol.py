@@ -1,6 +1,6 @@
 """The subnetwork store: a partitioned Parquet dataset plus a manifest per fine-tune.
 
-Why it is shaped this way (the README's Format section is the normative description):
+Why it is shaped this way (docs/format.md is the normative description):
 - Workers write part files directly (tmp file + fsync + rename), so a block is either absent
   or complete on disk, and no tensor bytes travel through the driver.
 - Only the driver commits: it appends the workers' block records to an fsync'ed JSONL journal.
@@ -34,15 +34,15 @@ from ken_dist.checkpoints.dtypes import (
 from ken_dist.checkpoints.geometry import row_geometry
 from ken_dist.errors import KenError
 from ken_dist.store.fs import (
+    append_jsonl,
     atomic_json,
+    atomic_output,
     atomic_write,
     escape_name,
     fsync_path,
-    last_byte,
     now,
-    publish,
+    read_jsonl,
     sha256_file,
-    tmp_path,
 )
 from ken_dist.store.parts import PARQUET_OPTIONS, encode_block, write_whole_parquet
 
@@ -132,11 +132,10 @@ def _bits(tensor: str, values, dtype: str | None) -> tuple[np.ndarray, str]:
 
 
 class Store:
-    """A directory holding subnetworks; see the module docstring and the README's Format section."""
+    """A directory holding subnetworks; see the module docstring and docs/format.md."""
 
     def __init__(self, path, *, create: bool = False):
         self.root = os.path.realpath(os.fspath(path))
-        self.path = self.root
         self._locks: dict[str, int] = {}
         self._scoped: set[str] = set()  # held by `locked`: finalize leaves them to its exit
         marker = os.path.join(self.root, MARKER)
@@ -404,17 +403,9 @@ class Store:
         rel = self._part_rel(finetune, tensor, "whole.parquet")
         path = self.resolve(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = tmp_path(path)
-        try:
+        with atomic_output(path) as tmp:
             write_whole_parquet(tmp, values)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
             digest, size = sha256_file(tmp), os.path.getsize(tmp)
-            publish(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         nbytes = values.nbytes
         return {"tensor": tensor, "row_start": 0, "row_end": rows, "file": rel, "kept": int(values.size),
                 "bytes": size, "sha256": digest, "dtype": dtype, "shape": list(values.shape),
@@ -427,36 +418,18 @@ class Store:
     def commit(self, finetune: str, records: list[dict]) -> None:
         """Append block records to the journal and fsync: after this returns they survive kill -9."""
         self.acquire(finetune)
-        lines = []
         for rec in records:
             missing = [k for k in _RECORD_KEYS if k not in rec]
             if missing:
                 raise KenError(f"block record for {rec.get('tensor')!r} lacks {missing}; pass the dict "
                                f"returned by Store.write_block / write_whole")
             self.resolve(rec["file"])
-            lines.append(json.dumps(rec, sort_keys=True))
-        path = self._journal(finetune)
-        with open(path, "ab") as f:
-            if f.tell() and last_byte(path) != b"\n":  # a torn line from a killed run
-                f.write(b"\n")
-            f.write(("\n".join(lines) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self._journal(finetune), *records)
 
     def journal(self, finetune: str) -> list[dict]:
         """Committed records in commit order; a torn or garbled line is not a commit and is skipped."""
-        path = self._journal(finetune)
-        out = []
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(rec, dict) and all(k in rec for k in _RECORD_KEYS):
-                        out.append(rec)
-        return out
+        return [rec for rec in read_jsonl(self._journal(finetune))
+                if isinstance(rec, dict) and all(k in rec for k in _RECORD_KEYS)]
 
     def completed_blocks(self, finetune: str, *, verify: bool = False) -> dict:
         """{(tensor, row_start, row_end): record} for committed blocks whose part file exists with

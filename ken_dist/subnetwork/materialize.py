@@ -133,5 +133,5 @@ def materialize(store, finetune: str, out_dir, base=None, max_shard_bytes: int =
     fsync_path(os.path.dirname(out_dir) or ".")
     if old:
         shutil.rmtree(old)
-    return {"out_dir": out_dir, "shards": names, "files": names, "total_size": total, "tensors": len(weight_map),
+    return {"out_dir": out_dir, "shards": names, "total_size": total, "tensors": len(weight_map),
             "copied": copied, "index": "model.safetensors.index.json" if len(groups) > 1 else None}

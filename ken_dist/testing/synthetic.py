@@ -13,11 +13,9 @@ fine-tune = dtype(dtype(base) + delta). So `ft - base` read back from the two fi
 delta rounded once, and writing the fine-tune alone (`write_checkpoint(finetune=True)`) gives the
 same bytes as writing it together with its base (`write_pair`).
 
-Speed (profiled for the 10B benchmark, CPU time on this 2-core machine): the first version seeded
-a numpy generator per row (~15 us each) and drew float64 normals (~30 M/s), then wrote the base
-twice (once alone, once under the fine-tune). Now each group of rows seeds one torch generator
-(torch's CPU randn: ~195 M/s per thread vs ~86 M/s for numpy's float32 normals), the casts run
-in place, and `write_pair` draws each base value once for both files. The values therefore
+Speed: each group of rows seeds one torch generator (torch's CPU randn outpaces numpy's normals),
+the casts run in place, and `write_pair` draws each base value once for both files (what this
+replaced and the measured rates: docs/performance.md, "Generating a checkpoint pair"). The values therefore
 depend on torch's CPU random stream (stable across torch releases in practice; regenerate the
 pair rather than keep generated files across upgrades). `threads` > 1 generates chunks in
 parallel (torch's random fills and casts release the GIL); writes stay in order.
@@ -37,13 +35,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ken_dist.checkpoints.dtypes import itemsize, torch_dtype
 from ken_dist.checkpoints.geometry import row_geometry
 from ken_dist.checkpoints.header import encode_header
 from ken_dist.errors import KenError
 
-_TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_ST = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-_ITEM = {"bf16": 2, "fp16": 2, "fp32": 4}
+DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}  # the generator's dtype names -> safetensors'
 CHUNK_ELEMENTS = 8 * 2**20
 ROW_GROUP = 64  # rows drawn from one seeded generator; chunks hold whole groups
 MOVED_FRACTION = 0.05  # rows of a matrix the fine-tune moves 10x further
@@ -88,7 +85,7 @@ class LlamaShape:
             "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
             "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab,
             "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-            "torch_dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype],
+            "torch_dtype": str(torch_dtype(DTYPES[dtype])).removeprefix("torch."),
         }
 
 
@@ -131,12 +128,12 @@ def _chunk(name: str, shape: tuple[int, ...], start: int, stop: int, seed: int, 
         base.mul_(0.05).add_(1.0)
     else:
         base.mul_(0.02)
-    base_t = base.to(_TORCH[dtype])
+    base_t = base.to(torch_dtype(DTYPES[dtype]))
     if not finetune:
         return base_t, None
     ft = base_t.to(torch.float32, copy=True)  # the base as the file holds it
     ft.add_(delta.mul_(0.002))
-    return base_t, ft.to(_TORCH[dtype])
+    return base_t, ft.to(torch_dtype(DTYPES[dtype]))
 
 
 def tensor_rows(name: str, shape: tuple[int, ...], start: int, stop: int, *, seed: int = 0,
@@ -159,7 +156,7 @@ def _tasks(tensors) -> list[tuple[str, tuple[int, ...], int, int]]:
 
 
 def _header(tensors, dtype: str) -> bytes:
-    return encode_header([(name, _ST[dtype], shape) for name, shape in tensors])
+    return encode_header([(name, DTYPES[dtype], shape) for name, shape in tensors])
 
 
 def _write_shard(paths: dict[str, Path], tensors, dtype: str, seed: int, pool: ThreadPoolExecutor | None,
@@ -182,7 +179,7 @@ def _write_shard(paths: dict[str, Path], tensors, dtype: str, seed: int, pool: T
                 if kind in files:
                     files[kind].write(t.contiguous().view(torch.uint8).numpy())
             if progress is not None:
-                progress(base_t.numel() * _ITEM[dtype] * len(files))
+                progress(base_t.numel() * base_t.element_size() * len(files))
         for f in files.values():
             f.flush()
             os.fsync(f.fileno())
@@ -207,7 +204,7 @@ def _ordered(pool: ThreadPoolExecutor, jobs, ahead: int):
 def _shard_layout(shape: LlamaShape, dtype: str, shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
     shards, current, size = [], [], 0
     for name, tshape in shape.tensors():
-        nbytes = int(np.prod(tshape)) * _ITEM[dtype]
+        nbytes = int(np.prod(tshape)) * itemsize(DTYPES[dtype])
         if current and size + nbytes > shard_bytes:
             shards.append(current)
             current, size = [], 0
@@ -219,8 +216,8 @@ def _shard_layout(shape: LlamaShape, dtype: str, shard_bytes: int) -> list[list[
 
 def _write(outs: dict[str, Path], shape: LlamaShape, dtype: str, seed: int, shard_bytes: int,
            threads: int, progress: Callable[[int], None] | None) -> None:
-    if dtype not in _TORCH:
-        raise KenError(f"dtype must be one of {', '.join(_TORCH)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise KenError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if shard_bytes <= 0:
         raise KenError(f"shard_bytes must be positive, got {shard_bytes}")
     for out in outs.values():
@@ -238,7 +235,7 @@ def _write(outs: dict[str, Path], shape: LlamaShape, dtype: str, seed: int, shar
     for out in outs.values():
         if len(shards) > 1:
             weight_map = {name: fname for fname, tensors in zip(names, shards) for name, _ in tensors}
-            total = sum(int(np.prod(s)) * _ITEM[dtype] for _, s in shape.tensors())
+            total = sum(int(np.prod(s)) * itemsize(DTYPES[dtype]) for _, s in shape.tensors())
             (out / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (out / "config.json").write_text(json.dumps(shape.config(dtype), indent=2))

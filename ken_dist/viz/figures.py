@@ -1,5 +1,7 @@
-"""KENviz figures (matplotlib, Agg backend: no display needed). Each function returns a Figure,
-so a notebook shows it inline; `save` writes a PNG and closes it.
+"""KENviz figures. Each function returns a `matplotlib.figure.Figure` built directly, without
+pyplot: importing or plotting selects no backend and registers no figure, so a notebook's
+backend stays what the user chose (a returned Figure still shows inline), and no display is
+needed. `save` writes a PNG (Figure.savefig renders with Agg).
 
 - plot_matrix:     kept entries coloured by value (fine-tuned, or delta), pruned entries blank;
                    for large matrices each pixel is a block: mean of the kept values, plus a
@@ -14,14 +16,12 @@ from __future__ import annotations
 import math
 import os
 
-import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
-
-from ken_dist.viz.read import MatrixView  # noqa: E402
+from ken_dist.viz.read import MatrixView
 
 VALUE_CMAP = "RdBu_r"
 DPI = 110
@@ -36,7 +36,7 @@ def _value_limit(images) -> float:
 
 
 def _cmap(name: str):
-    return plt.get_cmap(name).with_extremes(bad="white")  # pruned (NaN) entries stay blank
+    return colormaps[name].with_extremes(bad="white")  # pruned (NaN) entries stay blank
 
 
 def _extent(v: MatrixView):
@@ -58,7 +58,8 @@ def plot_matrix(v: MatrixView, *, title: str | None = None):
     img = v.value_image()
     w, h = _axes_inches(*img.shape)
     panels = 2 if agg else 1
-    fig, axes = plt.subplots(1, panels, figsize=(panels * (w + 1.6), h + 1.3), squeeze=False, layout="constrained")
+    fig = Figure(figsize=(panels * (w + 1.6), h + 1.3), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)
     lim = _value_limit([img])
     ax = axes[0, 0]
     im = ax.imshow(img, cmap=_cmap(VALUE_CMAP), vmin=-lim, vmax=lim, interpolation="nearest",
@@ -83,11 +84,11 @@ def plot_neighbours(v: MatrixView, *, title: str | None = None):
     """Map of kept-neighbour counts and their histogram vs the uniform-random expectation."""
     img = v.neighbour_image()
     w, h = _axes_inches(*img.shape)
-    fig, axes = plt.subplots(1, 2, figsize=(w + 1.8 + 5.0, max(h, 3.2) + 1.3), layout="constrained",
-                             gridspec_kw={"width_ratios": [w + 1.8, 5.0]})
+    fig = Figure(figsize=(w + 1.8 + 5.0, max(h, 3.2) + 1.3), layout="constrained")
+    axes = fig.subplots(1, 2, width_ratios=[w + 1.8, 5.0])
     ax = axes[0]
     if v.factor == 1:
-        disc = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 1, 5))).with_extremes(bad="white")
+        disc = ListedColormap(colormaps["viridis"](np.linspace(0, 1, 5))).with_extremes(bad="white")
         im = ax.imshow(img, cmap=disc, norm=BoundaryNorm(np.arange(-0.5, 5.5), 5), interpolation="nearest",
                        extent=_extent(v), aspect="auto")
         fig.colorbar(im, ax=ax, shrink=0.85, ticks=range(5), label="kept 4-neighbours (pruned blank)")
@@ -133,8 +134,8 @@ def plot_layers(views: list[MatrixView], *, max_pixels: int = 256, title: str | 
     pw, ph = max(1.5, ic * scale), max(0.8, ir * scale)
     ncol = max(1, min(n, int(13.0 // (pw + 0.35))))  # figure at most ~14 in wide
     nrow = math.ceil(n / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(pw * ncol + 1.8, (ph + 0.55) * nrow + 0.8), squeeze=False,
-                             layout="constrained")
+    fig = Figure(figsize=(pw * ncol + 1.8, (ph + 0.55) * nrow + 0.8), layout="constrained")
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     im = None
     for i, (v, c, img) in enumerate(zip(views, coarse, images)):
         ax = axes[i // ncol, i % ncol]
@@ -151,8 +152,8 @@ def plot_layers(views: list[MatrixView], *, max_pixels: int = 256, title: str | 
     return fig
 
 
-def save(fig, path: str) -> str:
+def save(fig: Figure, path: str) -> str:
+    """Write `fig` as a PNG at `path` (directories created); returns the path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=DPI)
-    plt.close(fig)
     return path

@@ -1,27 +1,25 @@
 """Read one stored tensor for KENviz: its exact keep mask and pixel-block sums of its kept values.
 
-Lazy like the loader: only the part files of the requested tensor are opened, one block at a
-time (each checked against the manifest's sha256 by Store.read_part), and the base checkpoint is
-read only when the delta (fine-tuned - base) is asked for, and then only the rows of one block.
-The kept fine-tuned values come straight from the part's `values` column: no reconstruction.
+Reads through the subnetwork view, so KENviz trusts exactly what the loader trusts: parts are
+checked against the manifest's sha256 and decoded with their row checks (`Subnetwork.kept`,
+store/parts.py), and the base is the verified one (`Subnetwork.base_rows`, subnetwork/base.py).
+Lazy like the loader: one block of one tensor at a time, and base rows only when the delta
+(fine-tuned - base) is asked for. The kept fine-tuned values come straight from the parts'
+`values` column: no reconstruction.
 
 The mask is held whole (one byte per entry: 59 MB for 14336 x 4096) because the neighbour
 statistics are exact; values are reduced to pixel-block sums as each block is read.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ken_dist.checkpoints.dtypes import torch_dtype
-from ken_dist.checkpoints.inventory import open_checkpoint
-from ken_dist.checkpoints.reads import read_rows
+from ken_dist.checkpoints.dtypes import storage_dtype, to_float32, torch_dtype
 from ken_dist.errors import KenError
-from ken_dist.store.parts import BLOCK_COLUMNS, _binary_parts
 from ken_dist.subnetwork.view import Subnetwork, open_subnetwork
 from ken_dist.viz import stats as S
 
@@ -56,9 +54,6 @@ class MatrixView:
         """The matrix type: the name with its first layer number replaced by '*'."""
         return _LAYER.sub(".*.", "." + self.name + ".", count=1)[1:-1]
 
-    def pixel_block(self) -> tuple[int, int]:
-        return self.factor, self.factor
-
     def value_image(self) -> np.ndarray:
         """Mean kept value per pixel block; NaN where nothing is kept (blank in the figures)."""
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -90,57 +85,16 @@ def _block_sizes(length: int, factor: int) -> np.ndarray:
     return np.diff(edges)
 
 
-def decode_part(table, n: int, dtype: torch.dtype, *, values: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """(mask bool [r, n], kept values as float32 [r, n] with 0 where pruned, or None) of a part."""
-    nbytes_row = (n + 7) // 8
-    masks, dense = [], []
-    for _rows, mask_arr, vals_arr in zip(*(table.column(c).chunks for c in BLOCK_COLUMNS)):
-        m = len(mask_arr)
-        if m == 0:
-            continue
-        _, mdata = _binary_parts(mask_arr)
-        keep = np.unpackbits(mdata.reshape(m, nbytes_row), axis=1, count=n, bitorder="little").view(bool)
-        masks.append(keep)
-        if values:
-            _, vdata = _binary_parts(vals_arr)
-            kept = torch.frombuffer(bytearray(vdata), dtype=dtype).to(torch.float32).numpy() if vdata.size \
-                else np.zeros(0, np.float32)
-            if kept.size != int(keep.sum()):
-                raise ValueError("values length differs from the mask's kept count")
-            d = np.zeros((m, n), dtype=np.float32)
-            d[keep] = kept
-            dense.append(d)
-    mask = np.concatenate(masks) if masks else np.zeros((0, n), bool)
-    return mask, (np.concatenate(dense) if values and dense else (np.zeros((0, n), np.float32) if values else None))
-
-
-def _entry(sub: Subnetwork, name: str) -> dict:
-    try:
-        return sub.manifest()["tensors"][name]
-    except KeyError:
-        raise KenError(f"fine-tune {sub.finetune!r} has no tensor {name!r}; see `ken-dist inspect STORE "
-                       f"--finetune {sub.finetune}` for its tensors") from None
-
-
-def open_base(sub: Subnetwork, base=None):
-    """The base checkpoint of a stored fine-tune (where the manifest says, or `base`), checked to be
-    the one it was pruned against (file sizes and header hashes)."""
-    ident = sub.manifest().get("base_identity") or {}
-    location = base if base is not None else ident.get("root")
-    if location is None or (base is None and not os.path.exists(location)):
-        location = ident.get("source") or location
-    ckpt = open_checkpoint(location)
-    want = {os.path.basename(f["name"]): (f["size"], f["header_sha256"]) for f in ident.get("files", [])}
-    have = {os.path.basename(f["name"]): (f["size"], f["header_sha256"]) for f in ckpt.identity()["files"]}
-    bad = [n for n, w in want.items() if have.get(n) != w]
-    if bad:
-        raise KenError(f"base checkpoint at {location} is not the one fine-tune {sub.finetune!r} was pruned against "
-                       f"({', '.join(bad[:3])} missing or different); pass --base pointing at that checkpoint")
-    return ckpt
-
-
-def _blocks_of(t: dict) -> list[dict]:
-    return sorted(t["blocks"], key=lambda b: b["row_start"])
+def _kept_rows(sub: Subnetwork, name: str, dtype: str, a: int, b: int, mask: np.ndarray) -> np.ndarray:
+    """Rows [a, b) of pruned tensor `name`: fills mask[a:b] and returns the kept fine-tuned values
+    as float32 [b - a, row_len], 0 where pruned (Subnetwork.kept does the reading and checking)."""
+    dense = np.zeros((b - a, mask.shape[1]), np.float32)
+    bits = storage_dtype(dtype)
+    for first, keep, raw in sub.kept(name, a, b):
+        i, j = first - a, first - a + keep.shape[0]
+        mask[first: first + keep.shape[0]] = keep
+        dense[i:j][keep] = to_float32(raw.view(bits), dtype)
+    return dense
 
 
 def load_matrix(store, finetune: str, tensor: str, *, base=None, delta: bool = False,
@@ -151,16 +105,14 @@ def load_matrix(store, finetune: str, tensor: str, *, base=None, delta: bool = F
     delta=True colours kept entries by fine-tuned - base (reads the base rows block by block; base=
     where the base checkpoint is now, if it moved). Tensors stored whole count as fully kept."""
     sub = subnetwork or open_subnetwork(store, finetune, base, verify=verify)
-    t = _entry(sub, tensor)
+    t = sub.entry(tensor)
     rows, cols = int(t["rows"]), int(t["row_len"])
-    dtype = torch_dtype(t["dtype"])
-    if not dtype.is_floating_point:
+    if not torch_dtype(t["dtype"]).is_floating_point:
         raise KenError(f"tensor {tensor!r} is {t['dtype']}, not a float tensor; nothing to show")
     factor = S.display_factor(rows, cols, max_pixels)
     shape_img = (-(-rows // factor), -(-cols // factor))
     value_sum = np.zeros(shape_img, np.float64)
     mask = np.zeros((rows, cols), dtype=bool)
-    base_ckpt = None
     if t["action"] == "whole":
         if delta:
             raise KenError(f"tensor {tensor!r} is stored whole (reason: {t.get('reason') or 'not pruned'}); it has "
@@ -170,23 +122,12 @@ def load_matrix(store, finetune: str, tensor: str, *, base=None, delta: bool = F
         idx, sums = S.block_sums(full, factor, factor)
         value_sum[idx] += sums
     else:
-        for block in _blocks_of(t):
+        for block in sorted(t["blocks"], key=lambda blk: blk["row_start"]):
             a, b = block["row_start"], block["row_end"]
-            table = sub.store.read_part(block, tensor, verify=sub.verify)
-            try:
-                m, vals = decode_part(table, cols, dtype, values=True)
-            except ValueError as e:
-                raise KenError(f"part file {sub.store.resolve(block['file'])} of tensor {tensor!r} is "
-                               f"inconsistent ({e}); rerun the prune command") from None
-            if m.shape[0] != b - a:
-                raise KenError(f"part file {sub.store.resolve(block['file'])} of tensor {tensor!r} holds "
-                               f"{m.shape[0]} rows, expected {b - a}")
-            mask[a:b] = m
+            vals = _kept_rows(sub, tensor, t["dtype"], a, b, mask)
             if delta:
-                if base_ckpt is None:
-                    base_ckpt = open_base(sub, base)
-                base_rows = read_rows(base_ckpt.tensors[t["base_name"]], a, b).to(torch.float32).numpy()
-                vals = np.where(m, vals - base_rows, 0.0).astype(np.float32)
+                base_rows = sub.base_rows(tensor, a, b).to(torch.float32).numpy()
+                vals = np.where(mask[a:b], vals - base_rows, 0.0).astype(np.float32)
             idx, sums = S.block_sums(vals, factor, factor, row0=a)
             value_sum[idx] += sums
     counts = S.neighbour_counts(mask)
