@@ -67,7 +67,7 @@ def head():
                 break
             except urllib.error.HTTPError:  # 401: up, and it wants the token
                 break
-            except Exception:
+            except OSError:  # not listening yet (URLError, reset, timeout)
                 if proc.poll() is not None or time.time() > deadline:
                     log.flush()
                     pytest.fail(f"ray start failed:\n{open(log.name).read()[-3000:]}")
