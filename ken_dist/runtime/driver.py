@@ -125,8 +125,8 @@ class _Dispatch:
         an actor's start-up (whichever comes first; at most WATCH_S)."""
         while self.todo or self.pending:
             self._submit()
-            waiting = list(self.pending) + self.pool.startups()
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=WATCH_S) if waiting else ([], [])
+            waiting = list(self.pending) + self.pool.startups()  # never empty: retire() starts a replacement
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=WATCH_S)
             for ref in ready:
                 if ref in self.pending:
                     self._collect(ref)
@@ -188,7 +188,7 @@ class _Dispatch:
                              "finetune": unit.finetune, "error": type(exc).__name__})
         if self.attempts[key] > UNIT_ATTEMPTS:
             raise ClusterError(f"{_where(unit)}: its worker died {UNIT_ATTEMPTS} times ({type(exc).__name__}); "
-                           "check node memory and the Ray logs (/tmp/ray/session_latest/logs)") from None
+                               "check node memory and the Ray logs (/tmp/ray/session_latest/logs)") from None
         self.pool.retire(slot, f"died running {unit.tensor} rows {unit.row_start}:{unit.row_end} "
                                f"({type(exc).__name__})")
 

@@ -96,9 +96,9 @@ class Jobs:
         self.address = _address(address)
         self.token = auth_token(token_file)
         headers = {"Authorization": f"Bearer {self.token.value}"} if self.token.value else None
-        self.client = self._call(JobSubmissionClient, self.address, headers=headers)
+        self.client = self.call(JobSubmissionClient, self.address, headers=headers)
 
-    def _call(self, fn, *args, job_id: str | None = None, upload: Path | None = None, **kwargs):
+    def call(self, fn, *args, job_id: str | None = None, upload: Path | None = None, **kwargs):
         try:
             return fn(*args, **kwargs)
         except _api_errors() as exc:
@@ -147,7 +147,7 @@ class Jobs:
         return ClusterError(f"the Ray Jobs API at {self.address} failed: {type(exc).__name__}: {first}")
 
     def info(self, job_id: str):
-        return self._call(self.client.get_job_info, job_id, job_id=job_id)
+        return self.call(self.client.get_job_info, job_id, job_id=job_id)
 
     def state(self, job_id: str) -> str:
         return _state(self.info(job_id))
@@ -231,7 +231,7 @@ def submit(job_file: str, address: str | None, *, working_dir: str | None = None
 def _submit(jobs: Jobs, root: Path, rel: str, env: dict, submission_id, extra_args, uploaded: str) -> Submission:
     env.setdefault("working_dir", str(root))
     command = entrypoint(rel, extra_args)
-    job_id = jobs._call(jobs.client.submit_job, entrypoint=command, submission_id=submission_id, runtime_env=env,
+    job_id = jobs.call(jobs.client.submit_job, entrypoint=command, submission_id=submission_id, runtime_env=env,
                         metadata={"ken_dist_job_file": rel}, upload=root)
     return Submission(job_id, command, uploaded)
 
@@ -244,18 +244,18 @@ def status(address: str | None, job_id: str, token_file: str | None = None) -> d
 
 def logs(address: str | None, job_id: str, token_file: str | None = None) -> str:
     jobs = Jobs(address, token_file)
-    return jobs._call(jobs.client.get_job_logs, job_id, job_id=job_id)
+    return jobs.call(jobs.client.get_job_logs, job_id, job_id=job_id)
 
 
 def stop(address: str | None, job_id: str, token_file: str | None = None) -> bool:
     jobs = Jobs(address, token_file)
-    return bool(jobs._call(jobs.client.stop_job, job_id, job_id=job_id))
+    return bool(jobs.call(jobs.client.stop_job, job_id, job_id=job_id))
 
 
 def list_jobs(address: str | None, token_file: str | None = None) -> list[dict]:
     jobs = Jobs(address, token_file)
     return [{"job_id": j.submission_id or j.job_id, "status": _state(j), "entrypoint": j.entrypoint}
-            for j in jobs._call(jobs.client.list_jobs)]
+            for j in jobs.call(jobs.client.list_jobs)]
 
 
 def wait(address: str | None, job_id: str, *, token_file: str | None = None, timeout: float | None = None,
