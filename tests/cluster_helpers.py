@@ -106,3 +106,79 @@ def assert_same_store(a, b, finetune: str) -> None:
         return json.loads(json.dumps({k: v for k, v in m.items() if k not in ("created", "updated", "summary")}))
 
     assert strip(Store(a).manifest(finetune)) == strip(Store(b).manifest(finetune))
+
+
+class FakeJobsAPI:
+    """A stand-in for a Ray head's Jobs API on 127.0.0.1 (a thread, a free port) for the failures a
+    real head gives only with effort: it answers the calls ray.job_submission.JobSubmissionClient
+    makes (version check, package upload, submit, job info, stop) with the statuses a test sets, the
+    way the dashboard does (401 without a token, 403 with a wrong one, 413 for a big upload, 404 for
+    an unknown job), and records what it received: `seen` (method, path, Authorization header),
+    `uploads` (bytes of each uploaded package) and `submitted` (the submit requests' JSON)."""
+
+    def __init__(self, *, token=None, upload_status=200, job_status=200):
+        import http.server
+        import json
+        import threading
+
+        self.token, self.upload_status, self.job_status = token, upload_status, job_status
+        self.seen, self.uploads, self.submitted = [], [], []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _reply(self, status, body):
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                auth = self.headers.get("Authorization")
+                fake.seen.append((self.command, self.path, auth))
+                if fake.token is not None and auth is None:
+                    return self._reply(401, "Unauthorized: Missing authentication token")
+                if fake.token is not None and auth != f"Bearer {fake.token}":
+                    return self._reply(403, "Forbidden: Invalid authentication token")
+                if self.path == "/api/version":
+                    return self._reply(200, {"version": "4", "ray_version": "2.60.0", "ray_commit": "x",
+                                             "session_name": "fake"})
+                if self.path.startswith("/api/packages/"):
+                    if self.command == "GET":
+                        return self._reply(404, "no such package")
+                    fake.uploads.append(body)
+                    if fake.upload_status == 413:
+                        return self._reply(413, "Maximum request body size exceeded")
+                    return self._reply(fake.upload_status, "")
+                if self.path == "/api/jobs/" and self.command == "POST":
+                    request = json.loads(body)
+                    fake.submitted.append(request)
+                    job_id = request.get("submission_id") or "raysubmit_fake"
+                    return self._reply(200, {"job_id": job_id, "submission_id": job_id})
+                if self.path.startswith("/api/jobs/"):
+                    job_id = self.path.split("/")[3]
+                    if fake.job_status == 404:
+                        return self._reply(404, f"Job {job_id} does not exist")
+                    if fake.job_status != 200:
+                        return self._reply(fake.job_status, "Internal Server Error")
+                    if self.path.endswith("/stop"):
+                        return self._reply(200, {"stopped": True})
+                return self._reply(404, "Not Found")
+
+            do_GET = do_PUT = do_POST = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

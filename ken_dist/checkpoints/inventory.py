@@ -172,7 +172,7 @@ def _resolve_hf(source: str, repo_id: str, revision: str | None) -> str:
             f"network run `huggingface-cli download {repo_id}{flag}` (or `hf download "
             f"{repo_id}{flag}`) and copy the cache here (or point HF_HUB_CACHE / HF_HOME at "
             f"it), or pass a local directory holding the .safetensors files") from e
-    except Exception as e:  # e.g. an unreadable cache directory
+    except (OSError, ValueError) as e:  # what snapshot_download documents, e.g. an unreadable cache directory
         raise CheckpointError(f"{source!r}: cannot look up repo {repo_id!r} in the local Hugging Face "
                        f"cache {cache} ({type(e).__name__}: {e}); check that directory, or "
                        f"pass a local directory holding the .safetensors files") from e

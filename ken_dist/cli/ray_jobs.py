@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from ken_dist.errors import KenError
+from ken_dist.errors import InputError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -21,9 +21,10 @@ def cmd_submit(args) -> int:
     from ken_dist.runtime import submit
 
     extra = ["--overwrite"] if args.overwrite else []
-    job_id = submit.submit(args.job_file, args.address, working_dir=args.working_dir,
-                           submission_id=args.submission_id, token_file=args.token_file, extra_args=extra)
-    print(f"submitted Ray job {job_id}: {submit.entrypoint(args.job_file, extra)}", flush=True)
+    sent = submit.submit(args.job_file, args.address, working_dir=args.working_dir,
+                         submission_id=args.submission_id, token_file=args.token_file, extra_args=extra)
+    job_id = sent.job_id
+    print(f"submitted Ray job {job_id}: {sent.entrypoint} (uploaded: {sent.uploaded})", flush=True)
     if not args.wait:
         print(f"follow it with `ken-dist job logs {job_id} --follow --address {args.address or '$RAY_ADDRESS'}`")
         return 0
@@ -36,7 +37,7 @@ def cmd_job(args) -> int:
     from ken_dist.runtime import submit
 
     if args.action in ("status", "logs", "stop") and not args.job_id:
-        raise KenError(f"`ken-dist job {args.action}` needs the job id printed by `ken-dist submit`")
+        raise InputError(f"`ken-dist job {args.action}` needs the job id printed by `ken-dist submit`")
     if args.action == "status":
         info = submit.status(args.address, args.job_id, args.token_file)
         print(json.dumps(info, indent=2) if args.json else f"{info['job_id']}: {info['status']} {info['message'] or ''}")
@@ -62,12 +63,13 @@ def cmd_job(args) -> int:
 def add_job_verbs(sub) -> None:
     """Add the `submit` and `job` verbs to ken-dist's subparsers."""
     p = sub.add_parser("submit", help="run a YAML job file on a Ray cluster as a Ray Job",
-                       description="Validate JOB_FILE here, upload its directory (or --working-dir) to the "
+                       description="Validate JOB_FILE here, upload it (alone, or with --working-dir) to the "
                        "cluster and run `ken-dist prune --job JOB_FILE` there as a Ray Job. Paths in the job "
                        "file must be valid on the cluster (shared storage). Submitting again resumes.")
     p.add_argument("job_file", help="YAML job file (see jobs/example_job.yaml)")
     _common(p)
-    p.add_argument("--working-dir", help="directory uploaded with the job (default: the job file's directory)")
+    p.add_argument("--working-dir", help="directory uploaded as the job's working directory, holding the job file "
+                   "(e.g. code the cluster lacks; default: the job file alone)")
     p.add_argument("--submission-id", help="id for the Ray job (default: generated)")
     p.add_argument("--wait", action="store_true", help="follow the logs until the job ends; exit 0 only on success")
     p.add_argument("--timeout", type=float, help="with --wait: give up waiting after this many seconds")

@@ -1,6 +1,8 @@
 """Selection actors: each opens the files itself and handles whole work units, so tensor bytes
-never pass through the driver or the object store. Ray restarts an actor whose process dies and
-retries its task; a unit's write is atomic and idempotent, so a retry cannot corrupt the store."""
+never pass through the driver or the object store. Ray neither restarts an actor nor retries its
+tasks: the pool (pool.py) replaces a dead actor and the driver re-dispatches its units, one
+mechanism for a killed worker and a lost node alike. A unit's write is atomic and idempotent, so
+a unit run twice cannot corrupt the store."""
 from __future__ import annotations
 
 import os
@@ -37,8 +39,6 @@ class SelectionActor:
         return score_unit(unit)
 
 
-def make_actor(store_path: str, *, gpu: bool, retries: int = 3):
+def make_actor(store_path: str, *, gpu: bool):
     cls = ray.remote(SelectionActor)
-    return cls.options(
-        num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=-1, max_task_retries=retries,
-    ).remote(store_path, gpu)
+    return cls.options(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0, max_task_retries=0).remote(store_path, gpu)

@@ -19,18 +19,18 @@ from dataclasses import replace
 
 import ray
 
-from ken_dist.errors import KenError
+from ken_dist.errors import ClusterError, KenError
 from ken_dist.job.log import JobLog, peak_rss
 from ken_dist.job.plan import FineTunePlan, WorkUnit, plan_finetune
 from ken_dist.job.progress import Progress
 from ken_dist.job.spec import JobSpec
 from ken_dist.kernel import STRATEGIES
 from ken_dist.kernel.strategies.budget import allocate, total_budget
-from ken_dist.runtime.pool import ActorPool, Slot, plan_slots
+from ken_dist.runtime.pool import WATCH_S, ActorPool, Slot, plan_slots
 from ken_dist.store.protocol import Store
 
 IN_FLIGHT_PER_ACTOR = 2
-UNIT_ATTEMPTS = 4  # a unit whose worker died this many times (past Ray's own retries) fails the job
+UNIT_ATTEMPTS = 4  # a unit whose actor died this many times under it fails the job
 
 
 class JobResult(dict):
@@ -59,18 +59,22 @@ def plan_job(job: JobSpec) -> tuple[object, list[FineTunePlan]]:
 
 
 def _connect(address: str | None, workers: int | None) -> bool:
-    """Join `address` or start a private local Ray; True when we started it (and must stop it)."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    """Join `address` or start a private local Ray; True when we started it (and must stop it).
+
+    The address a private Ray advertises is chosen by Ray when it is imported, from
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (0: loopback); ray.init has no argument for it (its
+    `_node_ip_address` maps 127.0.0.1 back to the outward address). So keeping it on loopback is
+    the caller's setting (`export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`), not this library's."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray Job
     if address:
         try:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        except Exception as exc:
-            raise KenError(f"cannot join the Ray cluster at {address!r} ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}); check the address (`ray status` "
-                           "on the head), or omit --address to run on a private local Ray") from None
+        except (ConnectionError, ValueError, RuntimeError, ray.exceptions.RayError) as exc:
+            raise ClusterError(f"cannot join the Ray cluster at {address!r} ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}); check the address (`ray status` "
+                               "on the head), or omit --address to run on a private local Ray") from None
         return False
     ray.init(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False,
              logging_level="ERROR", log_to_driver=False)
@@ -117,16 +121,18 @@ class _Dispatch:
         self.last_result: float | None = None
 
     def run(self) -> None:
+        """Until every unit is committed: give work to the ready actors, then wait for a result or
+        an actor's start-up (whichever comes first; at most WATCH_S)."""
         while self.todo or self.pending:
-            self.pool.watch()
             self._submit()
-            interval = self.pool.poll_interval()  # short while actors are starting
-            if not self.pending:
-                time.sleep(interval)  # no actor alive yet: wait for one
-                continue
-            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=interval)
+            waiting = list(self.pending) + self.pool.startups()  # never empty: retire() starts a replacement
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=WATCH_S)
             for ref in ready:
-                self._collect(ref)
+                if ref in self.pending:
+                    self._collect(ref)
+                else:
+                    self.pool.started(ref)
+            self.pool.check()
 
     def _submit(self) -> None:
         for slot in self.pool.ready():
@@ -181,17 +187,15 @@ class _Dispatch:
         self.retries.append({"tensor": unit.tensor, "rows": [unit.row_start, unit.row_end],
                              "finetune": unit.finetune, "error": type(exc).__name__})
         if self.attempts[key] > UNIT_ATTEMPTS:
-            raise KenError(f"{_where(unit)}: its worker died {UNIT_ATTEMPTS} times ({type(exc).__name__}); "
-                           "check node memory and the Ray logs (/tmp/ray/session_latest/logs)") from None
+            raise ClusterError(f"{_where(unit)}: its worker died {UNIT_ATTEMPTS} times ({type(exc).__name__}); "
+                               "check node memory and the Ray logs (/tmp/ray/session_latest/logs)") from None
         self.pool.retire(slot, f"died running {unit.tensor} rows {unit.row_start}:{unit.row_end} "
                                f"({type(exc).__name__})")
 
     def cancel(self) -> None:
+        """Drop the units still queued on the actors (a running one finishes; the pool is killed next)."""
         for ref in self.pending:
-            try:
-                ray.cancel(ref, force=True)
-            except Exception:
-                pass
+            ray.cancel(ref)  # force=True is refused for actor tasks
 
 
 def _begin_all(store: Store, base, plans: list[FineTunePlan], overwrite: bool):

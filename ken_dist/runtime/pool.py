@@ -11,32 +11,32 @@ Placement policy (`placement`, decided once from the cluster's resources at job 
 - "cpu": CPU actors only, GPUs ignored.
 `workers` caps the pool (GPU actors first).
 
-Why a watchdog: Ray restarts a crashed actor process (max_restarts) and retries its task
-(max_task_retries), which covers a killed worker. It does not cover a lost node: the actor
-then waits in RESTARTING for resources that may never come back, and so would its units. So
-the driver polls the actor table every `WATCH_S`: an actor that holds units and has not been
-ALIVE for `RESTART_GRACE_S` is killed for good (its units fail with RayActorError and are
-re-dispatched) and replaced by a fresh actor, which gets work only once it is ALIVE, on any
-node, including nodes that joined after the start. The actor table is a Ray developer API
-(ray._private.state); if it is unavailable the watchdog is off and Ray's own retries remain.
+Faults are seen through Ray's public signals only, no actor table. Every actor answers a
+start-up call (`info`) once it is up; it gets work only then, so an actor still waiting for a
+node (autoscaling, or a replacement on a full cluster) holds no units. Ray does not restart an
+actor nor retry its tasks (actors.py): when its process or its node dies, the units it holds
+fail with RayActorError (ActorDiedError), the driver re-dispatches them and `retire` starts a
+fresh actor, which gets work once its start-up call answers, on any node, including nodes that
+joined after the start. (A restartable actor would instead wait in RESTARTING for the lost
+node's resources, which on a full cluster never come back, and its units with it.)
 """
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ray
 
-from ken_dist.errors import KenError
+from ken_dist.errors import ClusterError, KenError
 from ken_dist.job.spec import PLACEMENTS
 from ken_dist.runtime.actors import make_actor
 
-WATCH_S = 1.0
-STARTUP_WATCH_S = 0.1      # while actors of a new pool are starting: give each work as soon as it is up
-STARTUP_S = 60.0           # ... for at most this long (an actor waiting for a node does not need 10 Hz)
-RESTART_GRACE_S = 20.0     # a crashed worker restarts (imports ken_dist) well within this
+log = logging.getLogger(__name__)
+
+WATCH_S = 1.0              # the dispatch loop wakes at least this often (results and start-ups wake it sooner)
 NO_WORKER_TIMEOUT_S = 600.0
-_WAITING = ("DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING")
+STARTUP_DEATHS_PER_SLOT = 3  # actors dying before they ever start, per pool slot, before the job gives up
 
 
 def plan_slots(resources: dict, workers: int | None, placement: str, units: int) -> list[bool]:
@@ -64,27 +64,35 @@ class Slot:
     index: int
     gpu: bool
     actor: object
-    state: str = "PENDING_CREATION"
+    started: object = None  # the ObjectRef of its start-up call until that answers, then None
     node: str | None = None
     pid: int | None = None
-    waiting_since: float = field(default_factory=time.monotonic)
     inflight: int = 0
     killed: bool = False
 
+    @property
+    def ready(self) -> bool:
+        return self.started is None and not self.killed
+
+    def label(self) -> str:
+        return f"actor {self.index} ({'GPU' if self.gpu else 'CPU'}, pid {self.pid})"
+
 
 class ActorPool:
-    """Actors of one job; `ready()` lists those that may take work now."""
+    """Actors of one job; `ready()` lists those that may take work now. The dispatch loop waits on
+    `startups()` beside its units and hands each answered start-up ref to `started()`."""
 
     def __init__(self, store_path: str, kinds: list[bool], *, note=lambda msg: None):
         self.store_path = store_path
         self.note = note
         self.slots: list[Slot] = []
         self.replaced = 0
-        self._last_watch = 0.0
-        self._no_alive_since = self._started = time.monotonic()
-        self._table = _actor_table_reader()
+        self._starting: dict = {}  # start-up ObjectRef -> Slot
+        self._deaths_before_start = 0
+        self._no_ready_since = time.monotonic()
         for gpu in kinds:
             self._add(gpu)
+        self._max_deaths_before_start = STARTUP_DEATHS_PER_SLOT * max(1, len(kinds))
 
     @property
     def n_gpu(self) -> int:
@@ -93,94 +101,80 @@ class ActorPool:
     def live(self) -> list[Slot]:
         return [s for s in self.slots if not s.killed]
 
+    def ready(self) -> list[Slot]:
+        return [s for s in self.slots if s.ready]
+
+    def startups(self) -> list:
+        """Start-up refs of the actors not yet up (for ray.wait beside the units in flight)."""
+        return list(self._starting)
+
     def _add(self, gpu: bool) -> Slot:
         slot = Slot(len(self.slots), gpu, make_actor(self.store_path, gpu=gpu))
-        if self._table is None:
-            slot.state = "ALIVE"  # no actor table: trust Ray to start it, as before
+        slot.started = slot.actor.info.remote()
+        self._starting[slot.started] = slot
         self.slots.append(slot)
         return slot
 
-    def ready(self) -> list[Slot]:
-        return [s for s in self.live() if s.state == "ALIVE"]
-
-    def poll_interval(self) -> float:
-        """Seconds between actor-state polls: short while the pool's actors are coming up."""
-        starting = time.monotonic() - self._started < STARTUP_S and len(self.ready()) < len(self.live())
-        return STARTUP_WATCH_S if starting else WATCH_S
+    def started(self, ref) -> None:
+        """An actor's start-up call answered: it takes work from now on, or it died first."""
+        slot = self._starting.pop(ref, None)
+        if slot is None:  # retired while starting
+            return
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            if exc.actor_init_failed:
+                raise ClusterError(f"a selection actor could not open the store {self.store_path} on its "
+                                   f"node: {str(exc).splitlines()[-1]}; the store must be on storage every "
+                                   "node mounts at the same path") from None
+            self._deaths_before_start += 1
+            if self._deaths_before_start > self._max_deaths_before_start:
+                raise ClusterError(f"{self._deaths_before_start} selection actors died before they started "
+                                   f"(last: {type(exc).__name__}); check node memory and the Ray logs "
+                                   "(/tmp/ray/session_latest/logs)") from None
+            self.retire(slot, f"died before it started ({type(exc).__name__})")
+            return
+        slot.started = None
+        if not slot.killed:
+            slot.pid, slot.node = info["pid"], info["node"]
 
     def retire(self, slot: Slot, reason: str) -> None:
         """Kill an actor for good (its pending units fail and are re-dispatched); replace it."""
         if slot.killed:
             return
         slot.killed = True
-        try:
-            ray.kill(slot.actor, no_restart=True)
-        except Exception:
-            pass
+        if slot.started is not None:
+            self._starting.pop(slot.started, None)
+        ray.kill(slot.actor, no_restart=True)  # a dead actor is killed again without complaint
         self.replaced += 1
-        self.note(f"actor {slot.index} ({'GPU' if slot.gpu else 'CPU'}, pid {slot.pid}) {reason}; "
-                  "its blocks go to the other actors and a new actor is started")
+        self.note(f"{slot.label()} {reason}; its blocks go to the other actors and a new actor is started")
         self._add(slot.gpu)
 
-    def watch(self) -> None:
-        """Poll actor states (at most every WATCH_S); retire actors stuck away from ALIVE."""
+    def check(self) -> None:
+        """Give up when no actor has been up for NO_WORKER_TIMEOUT_S (no node can host one)."""
         now = time.monotonic()
-        if self._table is None or now - self._last_watch < self.poll_interval():
-            return
-        self._last_watch = now
-        try:
-            table = self._table()
-        except Exception:
-            return  # GCS busy: try again next round
-        for slot in self.live():
-            info = table.get(slot.actor._actor_id.hex())
-            if info is None:
-                continue
-            state = info.get("State", "ALIVE")
-            if state != slot.state:
-                slot.waiting_since = now
-                slot.state = state
-            if state == "ALIVE":
-                slot.node = info.get("Address", {}).get("NodeID") or slot.node
-                slot.pid = info.get("Pid") or slot.pid
-            elif state in _WAITING and slot.inflight and now - slot.waiting_since > RESTART_GRACE_S:
-                self.retire(slot, f"has been {state} for {now - slot.waiting_since:.0f} s "
-                                  "(its node was probably lost)")
         if self.ready():
-            self._no_alive_since = now
-        elif now - self._no_alive_since > NO_WORKER_TIMEOUT_S:
-            raise KenError(f"no selection actor has been alive for {NO_WORKER_TIMEOUT_S:.0f} s: the Ray "
-                           "cluster has no node that can host one (check `ray status`); rerun the same "
-                           "command when it has, it resumes")
+            self._no_ready_since = now
+        elif now - self._no_ready_since > NO_WORKER_TIMEOUT_S:
+            raise ClusterError(f"no selection actor has been alive for {NO_WORKER_TIMEOUT_S:.0f} s: the Ray "
+                               "cluster has no node that can host one (check `ray status`); rerun the same "
+                               "command when it has, it resumes")
 
     def describe(self, timeout: float = 30.0) -> list[dict]:
-        """info() of every ALIVE actor (pid, node, device, GPU ids, peak RSS so far), for the log."""
+        """info() of every ready actor (pid, node, device, GPU ids, peak RSS so far), for the log."""
         slots = self.ready()
         refs = [s.actor.info.remote() for s in slots]
         out = []
         for slot, ref in zip(slots, refs):
             try:
                 info = ray.get(ref, timeout=timeout)
-            except Exception:
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                log.warning("%s did not report its peak memory (%s); the job log's workers entry for it "
+                            "keeps what its last block reported", slot.label(), type(exc).__name__)
                 continue
             out.append(dict(info, gpu_requested=slot.gpu))
         return out
 
     def shutdown(self) -> None:
         for slot in self.slots:
-            try:
-                ray.kill(slot.actor)
-            except Exception:
-                pass
-
-
-def _actor_table_reader():
-    """A function returning {actor id hex: info} for this job's actors, or None if Ray lacks it."""
-    try:
-        from ray._private import state
-
-        job_id = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
-        state.state.actor_table(None, job_id=job_id)  # probe once
-    except Exception:
-        return None
-    return lambda: state.state.actor_table(None, job_id=job_id)
+            ray.kill(slot.actor, no_restart=True)

@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -45,6 +46,8 @@ from ken_dist.store.fs import (
     sha256_file,
 )
 from ken_dist.store.parts import PARQUET_OPTIONS, encode_block, write_whole_parquet
+
+log = logging.getLogger(__name__)
 
 FORMAT = "ken-subnetwork"
 FORMAT_VERSION = 1
@@ -227,10 +230,13 @@ class Store:
         self.close()
 
     def __del__(self):
+        if not getattr(self, "_locks", None):
+            return  # nothing held (or __init__ failed before it could hold anything)
         try:
             self.close()
-        except Exception:
-            pass
+        except OSError as exc:
+            log.warning("store %s: releasing its locks when it was garbage-collected failed (%s); they are "
+                        "released when this process exits", self.root, exc)
 
     # ---- manifest ----------------------------------------------------------------------------
     def _manifest_path(self, finetune: str) -> str:

@@ -13,12 +13,15 @@ Nothing random survives silently: every parameter transformers could not fill fr
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 from ken_dist.checkpoints.inventory import open_checkpoint
 from ken_dist.errors import KenError
 from ken_dist.subnetwork.inject import apply, resolve_names
 from ken_dist.subnetwork.view import Subnetwork, open_subnetwork
+
+log = logging.getLogger(__name__)
 
 __all__ = ["load_model", "finetune_root"]
 
@@ -48,13 +51,14 @@ def finetune_root(sub: Subnetwork, override=None) -> str:
     root, source = ident.get("root"), ident.get("source")
     if root and os.path.isfile(os.path.join(root, "config.json")):
         return root
+    cache = ""
     if source and not os.path.exists(source):
         try:
             return open_checkpoint(source, None if "@" in source else ident.get("revision")).root
-        except KenError:
-            pass
-    raise KenError(f"the config.json of fine-tune {sub.finetune!r} is not at {root} (recorded in its manifest "
-                   f"in store {sub.store.root}); pass finetune_root=DIR holding the fine-tune's config.json, or "
+        except KenError as exc:
+            cache = f" (nor in the Hugging Face cache as {source!r}: {str(exc).split(';')[0]})"
+    raise KenError(f"the config.json of fine-tune {sub.finetune!r} is not at {root}{cache} (recorded in its "
+                   f"manifest in store {sub.store.root}); pass finetune_root=DIR holding the fine-tune's config.json, or "
                    f"config=<a transformers PretrainedConfig>")
 
 
@@ -144,7 +148,9 @@ def _fine_tune_generation_config(model, sub: Subnetwork, override) -> None:
         return
     try:
         root = finetune_root(sub, override)
-    except KenError:
+    except KenError as exc:
+        log.warning("fine-tune %r keeps the base's generation config: its own directory is not found (%s)",
+                    sub.finetune, exc)
         return
     if os.path.isfile(os.path.join(root, "generation_config.json")):
         from transformers import GenerationConfig
