@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
+from store_helpers import PARAMS, identity, make_checkpoints, plan_for, same_bits
 
 import ken_dist.store.protocol as protocol
 from ken_dist.checkpoints.dtypes import storage_dtype, to_float32
@@ -20,7 +21,6 @@ from ken_dist.store.codecs import parse_codec, widen
 from ken_dist.store.parts import block_rows, encode_block, part_bytes
 from ken_dist.store.protocol import Store
 from ken_dist.subnetwork.view import open_subnetwork
-from store_helpers import PARAMS, identity, make_checkpoints, plan_for, same_bits
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "v1_store")
 LOSSY = ["int8", "int4", "int2", "sign", "int4-g3"]
@@ -315,3 +315,72 @@ def test_view_rows_slices_and_kept_agree_for_a_lossy_store(tmp_path, codec):
         assert (w.float() - ft["w"].float()).abs().max() < 0.1
         assert same_bits(sub.get_slice("w")[3:7], w[3:7])
         assert same_bits(sub.get_tensor("b"), sub.get_slice("b")[:])
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_pipeline_with_a_lossy_codec_loads_everywhere_and_resumes(tmp_path, capsys):
+    """--values int4 through the CLI: manifest, materialize, load_model (apply), swap agree; a
+    deleted part is rewritten on resume to the same bytes; another codec is another setting."""
+    from tiny_models import make_finetune, make_tiny_bert
+
+    from ken_dist import ken_select
+    from ken_dist.checkpoints.inventory import open_checkpoint
+    from ken_dist.checkpoints.reads import read_tensor
+    from ken_dist.cli import main as cli_main
+    from ken_dist.subnetwork.inject import swap
+    from ken_dist.subnetwork.load_model import load_model
+
+    base = make_tiny_bert(tmp_path / "base", dtype=torch.bfloat16, seed=1)
+    ft = make_finetune(base, tmp_path / "ft", seed=2, model="bert", head_class=True)
+    store = tmp_path / "store"
+    cmd = ["prune", base, ft, "--store", str(store), "--keep", "0.25", "--block-bytes", "1000", "--quiet",
+           "--map-prefix", "bert.="]
+    assert cli_main([*cmd, "--name", "q", "--values", "int4"]) == 0
+    assert cli_main([*cmd, "--name", "r"]) == 0
+    out = capsys.readouterr().out
+    assert "bits per parameter (values int4)" in out and "(values raw)" in out
+    s = Store(store)
+    m = s.manifest("q")
+    assert m["format_version"] == 2 and m["params"]["values"] == "int4"
+    assert s.manifest("r")["format_version"] == 1 and "values" not in s.manifest("r")["params"]
+    pruned = {n: t for n, t in m["tensors"].items() if t["action"] == "prune"}
+    assert all(b.get("values") == "int4" for t in pruned.values() for b in t["blocks"])
+
+    b_ck, f_ck = open_checkpoint(base), open_checkpoint(ft)
+    with open_subnetwork(store, "q") as sub:
+        rebuilt = {n: sub.get_tensor(n) for n in sub.keys()}
+    for name, t in pruned.items():
+        fv, bv = read_tensor(f_ck.tensors[name]), read_tensor(b_ck.tensors[t["base_name"]])
+        rows = fv.reshape(t["rows"], t["row_len"])
+        mask = ken_select(rows, keep=0.25).reshape(fv.shape)
+        got = rebuilt[name]
+        assert same_bits(got[~mask], bv[~mask]), name  # every other entry is the base
+        d = (fv.float() - bv.float())[mask]
+        assert ((got.float() - fv.float())[mask] ** 2).mean() <= 0.05 * (d ** 2).mean() + 1e-12, name
+
+    assert cli_main(["materialize", str(store), "--finetune", "q", "--out", str(tmp_path / "dense")]) == 0
+    dense = open_checkpoint(tmp_path / "dense")
+    for name, want in rebuilt.items():
+        assert same_bits(read_tensor(dense.tensors[name]), want), name
+    model = load_model(store, "q")
+    state = model.state_dict()
+    from transformers import AutoModelForSequenceClassification
+    fresh = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "dense"))
+    for k, v in fresh.state_dict().items():
+        assert same_bits(state[k], v), k
+    other = load_model(store, "r")
+    swap(other, store, "r", "q")
+    for k, v in fresh.state_dict().items():
+        assert same_bits(other.state_dict()[k], v), k
+    capsys.readouterr()
+
+    # resume: a lost part is recomputed to the same bytes
+    block = next(iter(pruned.values()))["blocks"][0]
+    before = open(s.resolve(block["file"]), "rb").read()
+    os.unlink(s.resolve(block["file"]))
+    assert cli_main([*cmd, "--name", "q", "--values", "int4"]) == 0
+    assert "reused" in capsys.readouterr().out
+    assert open(s.resolve(block["file"]), "rb").read() == before
+    # another codec for the same fine-tune is another setting
+    assert cli_main([*cmd, "--name", "q", "--values", "sign"]) == 2
+    assert "params.values: stored \"int4\", given \"sign\"" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from ken_dist.checkpoints.dtypes import storage_dtype, to_float32
@@ -32,7 +33,7 @@ from ken_dist.checkpoints.dtypes import storage_dtype, to_float32
 RAW = "raw"
 LOSSY_BITS = {"int8": 8, "int4": 4, "int2": 2, "sign": 1}
 LOSSY_DTYPES = ("BF16", "F16", "F32", "F64")  # others (fp8) keep raw values
-_LLOYD_ROUNDS = 4
+_LLOYD_ROUNDS = 3
 _SPEC = re.compile(r"(raw|int8|int4|int2|sign)(?:-g([1-9][0-9]*))?")
 
 
@@ -91,6 +92,16 @@ def narrow(values: np.ndarray, dtype: str) -> np.ndarray:
         return values.astype(storage_dtype(dtype))
 
 
+_LARGEST = {"BF16": 3.3895313892515355e38, "F16": 65504.0, "F32": float(np.finfo(np.float32).max),
+            "F64": float(np.finfo(np.float64).max)}
+
+
+def fits(magnitude: float, dtype: str) -> bool:
+    """Whether |base| + |delta| <= `magnitude` surely rebuilds to a finite value of the dtype
+    (with a margin for the rounding of the product m * s)."""
+    return magnitude <= 0.999 * _LARGEST[dtype]
+
+
 def bf16_scale_bits(s: np.ndarray) -> np.ndarray:
     """Scales (float64, >= 0) as bfloat16 bits, rounded to nearest even."""
     return narrow(s.astype(np.float32), "BF16")
@@ -114,49 +125,113 @@ def groups_per_row(kept_per_row: np.ndarray, group: int) -> np.ndarray:
     return np.minimum(kept_per_row, 1) if group == 0 else -(-kept_per_row // group)
 
 
-def group_index(kept_per_row: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """(group of each kept entry, groups per row) for kept entries listed row by row in index
-    order; a row's entries are cut into groups of `group` (0: the whole row), the last shorter."""
+def group_sizes(kept_per_row: np.ndarray, group: int) -> np.ndarray:
+    """Entries of each group, groups in order (row by row): a row's kept entries in index order cut
+    into groups of `group` (0: the whole row), the last one shorter. Rows keeping nothing have none."""
     kept_per_row = np.asarray(kept_per_row, np.int64)
+    if group == 0:
+        return kept_per_row[kept_per_row > 0]
     per_row = groups_per_row(kept_per_row, group)
-    first_group = np.repeat(np.cumsum(per_row) - per_row, kept_per_row)
-    rank = rank_in_row(kept_per_row)
-    return first_group + (rank // group if group else 0), per_row
+    sizes = np.full(int(per_row.sum()), group, np.int64)
+    last = np.cumsum(per_row)[per_row > 0] - 1
+    sizes[last] = kept_per_row[per_row > 0] - (per_row[per_row > 0] - 1) * group
+    return sizes
 
 
-def _nearest_odd(ratio: np.ndarray, top: int) -> np.ndarray:
-    """The odd integer nearest each ratio, clipped to [-top, top]; a tie (an even ratio) goes up."""
-    return np.clip(2.0 * np.floor(ratio / 2.0) + 1.0, -top, top)
+@numba.njit(cache=True, nogil=True, inline="always")
+def _nearest_odd(ratio, top):
+    """The odd integer nearest `ratio`, clipped to [-top, top]; a tie (an even ratio) goes up."""
+    return min(max(2.0 * np.floor(ratio / 2.0) + 1.0, -top), top)
 
 
-def quantize(delta: np.ndarray, groups: np.ndarray, n_groups: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(codes uint8, scale bf16 bits uint16 [n_groups]) of float64 deltas; see the module docstring.
-    `groups` gives each delta's group; entries of a group are contiguous and groups in order."""
-    top = (1 << bits) - 1
-    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]) if delta.size else np.zeros(0, np.int64)
-    present = groups[starts]
+@numba.njit(cache=True, nogil=True)
+def _fit_scales(ft, base, sizes, bits, rounds):
+    """(scale of each group, float64; index of the first non-finite delta or -1). One pass per
+    group for the start, `rounds` Lloyd passes for b > 1 (the module docstring)."""
+    top = float((1 << bits) - 1)
+    scales = np.zeros(sizes.size, np.float64)
+    a = 0
+    for g in range(sizes.size):
+        b = a + sizes[g]
+        total, biggest = 0.0, 0.0
+        for i in range(a, b):
+            d = np.float64(ft[i]) - np.float64(base[i])
+            if not np.isfinite(d):
+                return scales, i
+            total += abs(d)
+            biggest = max(biggest, abs(d))
+        s = total / (b - a) if bits == 1 else biggest / top
+        for _ in range(rounds if bits > 1 else 0):
+            if s <= 0.0:
+                break
+            num, den = 0.0, 0.0
+            for i in range(a, b):
+                d = np.float64(ft[i]) - np.float64(base[i])
+                m = _nearest_odd(d / s, top)
+                num += d * m
+                den += m * m
+            s = abs(num) / den
+        scales[g] = s
+        a = b
+    return scales, -1
 
-    def per_group(values, reduce):
-        out = np.zeros(n_groups, np.float64)
-        if delta.size:
-            out[present] = reduce.reduceat(values, starts)
-        return out
 
-    mag = np.abs(delta)
-    if bits == 1:
-        s = per_group(mag, np.add) / np.maximum(np.bincount(groups, minlength=n_groups), 1)
-    else:
-        s = per_group(mag, np.maximum) / top
-        for _ in range(_LLOYD_ROUNDS):
-            m = _nearest_odd(delta / np.where(s > 0, s, 1.0)[groups], top)
-            den = per_group(m * m, np.add)
-            s = np.where(den > 0, np.abs(per_group(delta * m, np.add)) / np.where(den > 0, den, 1.0), 0.0)
+@numba.njit(cache=True, nogil=True)
+def _codes(ft, base, sizes, scales, bits):
+    """The code of each entry for its group's stored (rounded) scale: the nearest level."""
+    top = float((1 << bits) - 1)
+    out = np.empty(ft.size, np.uint8)
+    a = 0
+    for g in range(sizes.size):
+        s = np.float64(scales[g])
+        for i in range(a, a + sizes[g]):
+            d = np.float64(ft[i]) - np.float64(base[i])
+            m = _nearest_odd(d / s, top) if s > 0.0 else 1.0
+            out[i] = np.uint8((m + top) / 2.0)
+        a += sizes[g]
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def pack_rows(codes, kept_per_row, offsets, bits):
+    """parts.pack_codes's bytes (compiled: one pass, no per-entry temporaries)."""
+    out = np.zeros(offsets[-1], np.uint8)
+    i = 0
+    for r in range(kept_per_row.size):
+        for j in range(kept_per_row[r]):
+            bit = j * bits
+            out[offsets[r] + bit // 8] |= np.uint8(codes[i] << (bit % 8))
+            i += 1
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def unpack_rows(data, kept_per_row, offsets, bits):
+    """The codes of pack_rows's bytes."""
+    out = np.empty(kept_per_row.sum(), np.uint8)
+    mask = (1 << bits) - 1
+    i = 0
+    for r in range(kept_per_row.size):
+        for j in range(kept_per_row[r]):
+            bit = j * bits
+            out[i] = (data[offsets[r] + bit // 8] >> (bit % 8)) & mask
+            i += 1
+    return out
+
+
+def quantize(ft: np.ndarray, base: np.ndarray, sizes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes uint8, scale bf16 bits uint16 per group) of the kept entries' deltas ft - base (values
+    in the compute dtype, row by row in index order; `sizes` from group_size). ValueError names
+    the first entry whose delta is not finite."""
+    s, bad = _fit_scales(ft, base, sizes, bits, _LLOYD_ROUNDS)
+    if bad >= 0:
+        raise ValueError(f"kept entry {int(bad)} (in index order) has a NaN or infinite fine-tuned or base value, "
+                         "which a lossy value codec cannot store; use --values raw for this fine-tune")
     scale_bits = bf16_scale_bits(s)
-    if not np.isfinite(scale_values(scale_bits)).all():
-        raise ValueError("a delta is too large for a bfloat16 scale")
-    stored = scale_values(scale_bits).astype(np.float64)[groups]
-    m = _nearest_odd(delta / np.where(stored > 0, stored, 1.0), top)
-    return ((m + top) // 2).astype(np.uint8), scale_bits
+    stored = scale_values(scale_bits)
+    if not np.isfinite(stored).all():
+        raise ValueError("a delta is too large for a bfloat16 scale; use --values raw for this fine-tune")
+    return _codes(ft, base, sizes, stored, bits), scale_bits
 
 
 def dequantize(codes: np.ndarray, scales: np.ndarray, base_bits: np.ndarray, dtype: str, bits: int) -> np.ndarray:
@@ -166,13 +241,3 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, base_bits: np.ndarray, dty
     m = (2 * codes.astype(np.int32) - ((1 << bits) - 1)).astype(ct)
     delta = m * scales.astype(ct)
     return narrow(widen(base_bits, dtype) + delta, dtype)
-
-
-def kept_delta(ft_bits: np.ndarray, base_bits: np.ndarray, dtype: str) -> np.ndarray:
-    """fine-tuned - base of kept entries in float64; ValueError naming the first non-finite one."""
-    delta = widen(ft_bits, dtype).astype(np.float64) - widen(base_bits, dtype).astype(np.float64)
-    bad = np.flatnonzero(~np.isfinite(delta))
-    if bad.size:
-        raise ValueError(f"kept entry {int(bad[0])} (in index order) has a NaN or infinite fine-tuned or base "
-                         "value, which a lossy value codec cannot store; use --values raw for this fine-tune")
-    return delta

@@ -33,12 +33,14 @@ from ken_dist.store.codecs import (
     RAW_CODEC,
     Codec,
     dequantize,
-    group_index,
-    kept_delta,
+    fits,
+    group_sizes,
+    groups_per_row,
+    pack_rows,
     parse_codec,
     quantize,
-    rank_in_row,
     scale_values,
+    unpack_rows,
     widen,
 )
 
@@ -120,40 +122,34 @@ def _smaller_index(mask_column: pa.Array, m: np.ndarray, kept: np.ndarray) -> tu
 def pack_codes(codes: np.ndarray, kept_per_row: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """(byte offsets [r + 1], bytes) of b-bit codes listed row by row: each row's codes packed from
     the low bits of its first byte up (code i at bits [i b, (i + 1) b)), padded to a whole byte."""
-    per = 8 // bits
     offsets = np.zeros(kept_per_row.size + 1, np.int64)
     np.cumsum(-(-kept_per_row * bits // 8), out=offsets[1:])
-    slots = np.zeros(int(offsets[-1]) * per, np.uint8)
-    slots[np.repeat(offsets[:-1] * per, kept_per_row) + rank_in_row(kept_per_row)] = codes
-    if per == 1:
-        return offsets, slots
-    shifted = slots.reshape(-1, per) << (bits * np.arange(per, dtype=np.uint8))
-    return offsets, np.bitwise_or.reduce(shifted, axis=1).astype(np.uint8)
+    return offsets, pack_rows(codes, kept_per_row, offsets, bits)
 
 
 def unpack_codes(data: np.ndarray, offsets: np.ndarray, kept_per_row: np.ndarray, bits: int) -> np.ndarray:
     """The codes of pack_codes's bytes (offsets relative to data), row by row."""
-    per = 8 // bits
-    slots = data if per == 1 else \
-        ((data[:, None] >> (bits * np.arange(per, dtype=np.uint8))) & ((1 << bits) - 1)).reshape(-1)
-    return slots[np.repeat(offsets[:-1] * per, kept_per_row) + rank_in_row(kept_per_row)]
+    return unpack_rows(data, np.asarray(kept_per_row, np.int64), np.asarray(offsets, np.int64), bits)
 
 
 def _lossy_columns(m: np.ndarray, values: np.ndarray, base, dtype: str, codec: Codec, kept: np.ndarray):
-    """(values column, scales column, rebuilt kept bits) of a lossy codec; ValueError on a non-finite
-    delta or when a rebuilt value overflows the dtype."""
-    flat = np.flatnonzero(m)
-    base_kept = as_numpy(base).reshape(-1)[flat]
-    delta = kept_delta(values.reshape(-1)[flat], base_kept, dtype)
-    groups, per_row = group_index(kept, codec.group)
-    codes, scale_bits = quantize(delta, groups, int(per_row.sum()), codec.bits)
-    rebuilt = dequantize(codes, scale_values(scale_bits)[groups], base_kept, dtype, codec.bits)
-    if not np.isfinite(widen(rebuilt, dtype)).all():
-        raise OverflowError("a rebuilt value overflows the dtype")
+    """(values column, scales column) of a lossy codec; ValueError on a non-finite delta,
+    OverflowError when a rebuilt value would overflow the dtype."""
+    flat_mask = m.reshape(-1)
+    ft_kept = np.compress(flat_mask, values.reshape(-1))
+    base_kept = np.compress(flat_mask, as_numpy(base).reshape(-1))
+    sizes = group_sizes(kept, codec.group)
+    base_wide = widen(base_kept, dtype)
+    codes, scale_bits = quantize(widen(ft_kept, dtype), base_wide, sizes, codec.bits)
+    scales = scale_values(scale_bits)
+    if base_wide.size and not fits(float(np.abs(base_wide).max()) + ((1 << codec.bits) - 1) * float(scales.max()), dtype):
+        rebuilt = dequantize(codes, np.repeat(scales, sizes), base_kept, dtype, codec.bits)
+        if not np.isfinite(widen(rebuilt, dtype)).all():
+            raise OverflowError("a rebuilt value overflows the dtype")
     voffs, vbytes = pack_codes(codes, kept, codec.bits)
     soffs = np.zeros(kept.size + 1, np.int64)
-    np.cumsum(per_row * 2, out=soffs[1:])
-    return _binary(voffs, vbytes), _binary(soffs, scale_bits.astype("<u2").view(np.uint8)), rebuilt
+    np.cumsum(groups_per_row(kept, codec.group) * 2, out=soffs[1:])
+    return _binary(voffs, vbytes), _binary(soffs, scale_bits.astype("<u2").view(np.uint8))
 
 
 def encode_block(row_start: int, mask, values, *, codec: Codec = RAW_CODEC, base=None,
@@ -176,7 +172,7 @@ def encode_block(row_start: int, mask, values, *, codec: Codec = RAW_CODEC, base
     columns = {"row": pa.array(np.arange(row_start, row_start + r, dtype=np.int32)), index: index_column}
     if codec.lossy and dtype is not None and codec.applies_to(dtype):
         try:
-            columns["values"], columns["scales"], _ = _lossy_columns(m, values, base, dtype, codec, kept)
+            columns["values"], columns["scales"] = _lossy_columns(m, values, base, dtype, codec, kept)
         except OverflowError:
             codec = RAW_CODEC
     else:
@@ -285,9 +281,8 @@ def block_rows(table: pa.Table, n: int, dtype: str, row_start: int, row_end: int
         if not np.array_equal(np.diff(voffs), value_bytes):
             raise ValueError("values length differs from the kept count")
         if codec.lossy:
-            groups, per_row = group_index(kept, codec.group)
             soffs, sdata = _binary_parts(chunk[3])
-            if not np.array_equal(np.diff(soffs), per_row * 2):
+            if not np.array_equal(np.diff(soffs), groups_per_row(kept, codec.group) * 2):
                 raise ValueError("scales length differs from the kept count's groups")
         a, b = max(pos, lo), min(pos + m, hi)
         if a < b:
@@ -304,12 +299,10 @@ def block_rows(table: pa.Table, n: int, dtype: str, row_start: int, row_end: int
             else:
                 rows_kept = kept[i0:i1]
                 codes = unpack_codes(vdata[voffs[i0]: voffs[i1]], voffs[i0: i1 + 1] - voffs[i0], rows_kept, codec.bits)
-                scales = scale_values(sdata.view("<u2"))
-                g0 = int(per_row[:i0].sum())
-                entry_groups = group_index(rows_kept, codec.group)[0] + g0
-                base = np.asarray(base_rows(a, b)).reshape(-1)[np.flatnonzero(keep)]
-                rebuilt = dequantize(codes, scales[entry_groups], base.astype(storage_dtype(dtype), copy=False),
-                                     dtype, codec.bits)
+                scales = scale_values(sdata[soffs[i0]: soffs[i1]].view("<u2"))
+                base = np.compress(keep.reshape(-1), np.asarray(base_rows(a, b)).reshape(-1))
+                rebuilt = dequantize(codes, np.repeat(scales, group_sizes(rows_kept, codec.group)),
+                                     base.astype(storage_dtype(dtype), copy=False), dtype, codec.bits)
                 yield a, keep, rebuilt.view(np.uint8)
         pos += m
     if pos != row_end:
