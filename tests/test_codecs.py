@@ -384,3 +384,17 @@ def test_pipeline_with_a_lossy_codec_loads_everywhere_and_resumes(tmp_path, caps
     # another codec for the same fine-tune is another setting
     assert cli_main([*cmd, "--name", "q", "--values", "sign"]) == 2
     assert "params.values: stored \"int4\", given \"sign\"" in capsys.readouterr().err
+
+
+def test_job_file_values_per_job_and_per_finetune(tmp_path):
+    from ken_dist.job.spec import load_job_file
+
+    job = tmp_path / "job.yaml"
+    job.write_text("base: b\nstore: s\nkeep: 0.1\nvalues: int4\nfinetunes:\n"
+                   "  - {source: a}\n  - {source: c, values: sign-g64}\n  - {source: d, values: raw}\n")
+    spec = load_job_file(job)
+    assert [ft.params.values for ft in spec.finetunes] == ["int4", "sign-g64", "raw"]
+    assert spec.finetunes[0].params.as_dict()["values"] == "int4" and "values" not in spec.finetunes[2].params.as_dict()
+    job.write_text("base: b\nstore: s\nkeep: 0.1\nfinetunes:\n  - {source: a, values: int3}\n")
+    with pytest.raises(KenError, match=r"finetunes\[0\].*unknown value codec 'int3'"):
+        load_job_file(job)
