@@ -398,3 +398,17 @@ def test_job_file_values_per_job_and_per_finetune(tmp_path):
     job.write_text("base: b\nstore: s\nkeep: 0.1\nfinetunes:\n  - {source: a, values: int3}\n")
     with pytest.raises(KenError, match=r"finetunes\[0\].*unknown value codec 'int3'"):
         load_job_file(job)
+
+
+def test_damaged_scales_are_refused():
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(2, 16)).astype(np.float32)
+    table, stats = encode_block(0, np.ones((2, 16), bool), base + 0.1, codec=parse_codec("int4"), base=base,
+                                dtype="F32")
+    for bad in (b"\x80\xff", b"\x80\x7f", b"\x00\x80"):  # NaN, inf, -0
+        scales = pa.array([bad, table.column("scales").to_pylist()[1]], pa.binary())
+        broken = table.set_column(3, "scales", scales)
+        with pytest.raises(ValueError, match="negative or not finite"):
+            list(block_rows(broken, 16, "F32", 0, 2, codec="int4", base_rows=lambda a, b: base[a:b]))
+    with pytest.raises(ValueError, match="unknown value codec 'int5'"):
+        list(block_rows(table, 16, "F32", 0, 2, codec="int5", base_rows=lambda a, b: base[a:b]))

@@ -284,6 +284,9 @@ def block_rows(table: pa.Table, n: int, dtype: str, row_start: int, row_end: int
             soffs, sdata = _binary_parts(chunk[3])
             if not np.array_equal(np.diff(soffs), groups_per_row(kept, codec.group) * 2):
                 raise ValueError("scales length differs from the kept count's groups")
+            scale_bits = sdata.view("<u2")
+            if np.any(scale_bits >= 0x7F80):  # sign bit set (negative) or all exponent bits (inf, NaN)
+                raise ValueError("a scale is negative or not finite")
         a, b = max(pos, lo), min(pos + m, hi)
         if a < b:
             i0, i1 = a - pos, b - pos
