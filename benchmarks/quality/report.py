@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
+import common
 import numpy as np
-from common import RESULTS
+from common import RESULTS, task_description, task_suffix
 
 REFS = ("full fine-tune", "base + head")
 
@@ -60,7 +61,7 @@ def write_report(cells: list[dict]) -> None:
     strategies.sort(key=lambda sp: sp[1] is not None)  # presets after the default (all tensors)
     keeps = sorted({k for (s, k, _) in groups if k is not None})
     lines = [f"# Quality benchmark results (seeds: {', '.join(map(str, seeds))})", "",
-             "all-MiniLM-L6-v2 fine-tuned for sentence polarity (Pang & Lee, 3000 train / 1000 test), pruned "
+             f"all-MiniLM-L6-v2 fine-tuned for {task_description()}, pruned "
              "through run_job into a Parquet store and rebuilt with ken_dist.subnetwork.view. Accuracy and weighted F1 in %, "
              "mean over seeds with (min-max) when there is more than one. Stored bytes: all part files of the "
              "fine-tune in the store (the whole-stored classifier included); dense = the fine-tune's fp32 "
@@ -113,14 +114,15 @@ def write_report(cells: list[dict]) -> None:
                          f"{_spread([c['f1_weighted'] for c in g])} | {_mib(sb)} | "
                          f"{sb / dense:.3f} | {kept:.3f} |" if dense else "| - |")
     lines += _pareto(cells, groups, strategies, keeps, seeds)
-    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "summary.json").write_text(json.dumps({
+    (RESULTS / f"quality{task_suffix()}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"summary{task_suffix()}.json").write_text(json.dumps({
         f"{s}|{k}|{p}": {"seeds": [c["seed"] for c in g], "accuracy": [c["accuracy"] for c in g],
                          "f1_weighted": [c["f1_weighted"] for c in g]}
         for (s, k, p), g in groups.items()}, indent=1))
     _plot(groups, strategies, keeps, seeds)
     _plot_bits(cells, groups, strategies, keeps, seeds)
-    write_explore_report()
+    if not task_suffix():
+        write_explore_report()
     print("\n".join(lines))
 
 
@@ -209,11 +211,11 @@ def _plot(groups, strategies, keeps, seeds) -> None:
     ax.set_xlabel("keep fraction (of each row; of each block for -block, of the model for -model)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_xticks(keeps)
-    ax.set_title("MiniLM-L6 polarity: accuracy of the rebuilt subnetwork vs keep"
+    ax.set_title(f"MiniLM-L6 {common.TASK}: accuracy of the rebuilt subnetwork vs keep"
                  + (f"\nmean over {len(seeds)} seeds, bars = min-max" if len(seeds) > 1 else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.savefig(RESULTS / "accuracy_vs_keep.png", dpi=110)
+    fig.savefig(RESULTS / f"accuracy_vs_keep{task_suffix()}.png", dpi=110)
     plt.close(fig)
 
 
@@ -243,11 +245,11 @@ def _plot_bits(cells, groups, strategies, keeps, seeds) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("bits per fine-tuned parameter (everything stored; labels: keep)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("MiniLM-L6 polarity: accuracy vs stored bits per parameter"
+    ax.set_title(f"MiniLM-L6 {common.TASK}: accuracy vs stored bits per parameter"
                  + (f" (mean of {len(seeds)} seeds)" if len(seeds) > 1 else ""), fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower right", ncol=2)
-    fig.savefig(RESULTS / "accuracy_vs_bits.png", dpi=110)
+    fig.savefig(RESULTS / f"accuracy_vs_bits{task_suffix()}.png", dpi=110)
     plt.close(fig)
 
 
@@ -257,7 +259,7 @@ def write_explore_report(path=None) -> None:
     if not src.exists():
         return
     runs = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
-    cells = json.loads((RESULTS / "summary.json").read_text()) if (RESULTS / "summary.json").exists() else {}
+    cells = json.loads((RESULTS / f"summary{task_suffix()}.json").read_text()) if (RESULTS / f"summary{task_suffix()}.json").exists() else {}
     full = dict(zip(cells.get("full fine-tune|None|None", {}).get("seeds", []),
                     cells.get("full fine-tune|None|None", {}).get("accuracy", [])))
     last = {}

@@ -54,7 +54,7 @@ from common import CACHE, RESULTS, log  # noqa: E402
 STRATEGIES = ["ken", "magnitude", "random", "ken-delta", "lowrank-delta", "lowrank-delta-block", "magnitude-model",
               "lowrank-delta-model"]
 KEEPS = [0.1, 0.25, 0.5, 0.75]
-CELLS = RESULTS / "cells.jsonl"
+CELLS = RESULTS / "cells.jsonl"  # per task: cells{common.task_suffix()}.jsonl (set in main)
 IGNORE_MISSING = (r"^embeddings\.position_ids$",)
 PREFIX_MAP = {"bert.": ""}
 
@@ -137,7 +137,7 @@ def prune_cells(seed: int, ft_dir: Path, base_dir: Path, todo: list[tuple[str, f
     from ken_dist.job.spec import FineTuneEntry, JobSpec
     from ken_dist.runtime import run_job
 
-    store = CACHE / "stores" / f"s{seed}"
+    store = CACHE / "stores" / f"s{seed}{common.task_suffix()}"
     t0 = time.time()
     by_preset: dict = {}
     for strategy, keep, preset, values in todo:
@@ -234,8 +234,13 @@ def main(argv=None) -> int:
     ap.add_argument("--bitdelta", action="store_true",
                     help="also BitDelta's representation (keep 1.0, sign) and a dense int8 delta (keep 1.0, int8)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--task", default="sentences", choices=list(common.TASKS),
+                    help="sentences (Pang & Lee sentences, the default) or reviews (document-level, common.py)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
+    global CELLS
+    common.set_task(args.task)
+    CELLS = RESULTS / f"cells{common.task_suffix()}.jsonl"
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if not args.report_only:
         for seed in args.seeds:
