@@ -412,3 +412,30 @@ def test_damaged_scales_are_refused():
             list(block_rows(broken, 16, "F32", 0, 2, codec="int4", base_rows=lambda a, b: base[a:b]))
     with pytest.raises(ValueError, match="unknown value codec 'int5'"):
         list(block_rows(table, 16, "F32", 0, 2, codec="int5", base_rows=lambda a, b: base[a:b]))
+
+
+@pytest.mark.parametrize("strategy", ["ken", "magnitude"])
+def test_units_encode_the_same_on_the_numpy_and_torch_paths(tmp_path, strategy):
+    """A lossy codec in process_unit: the unit reads the base rows itself when the strategy does
+    not (ken), and the CPU (numpy) and GPU-code (torch) paths write the same part bytes."""
+    from ken_dist.job import execute
+    from ken_dist.job.plan import PruneParams
+    from ken_dist.job.spec import FineTuneEntry, JobSpec
+    from ken_dist.runtime.driver import plan_job
+    from ken_dist.testing.synthetic import LlamaShape, write_pair
+
+    base, ft = write_pair(tmp_path / "pair", LlamaShape(hidden=64, intermediate=96, layers=1, vocab=80, heads=4,
+                                                        kv_heads=4), dtype="bf16")
+    out = {}
+    for device in (None, "torch"):
+        job = JobSpec(base=str(base), store=str(tmp_path / f"s-{device}"), block_bytes=4096, finetunes=(
+            FineTuneEntry("x", str(ft), None, PruneParams(strategy=strategy, keep=0.3, values="int4")),))
+        b, (plan,) = plan_job(job)
+        with Store(job.store, create=True) as s:
+            s.begin("x", params=plan.spec.params.as_dict(), base_identity=b.identity(),
+                    finetune_identity=plan.spec.checkpoint.identity(), tensors=plan.tensors)
+            recs = [execute.process_unit(u, s, device) for u in plan.units]
+        assert all(r.get("values") == "int4" for r in recs if r["tensor"] in plan.tensors
+                   and plan.tensors[r["tensor"]]["action"] == "prune")
+        out[device] = {(r["tensor"], r["row_start"]): r["sha256"] for r in recs}
+    assert out[None] == out["torch"]
