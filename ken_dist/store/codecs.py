@@ -18,7 +18,8 @@ for the rounded scale, so they are the nearest levels of the scale actually stor
 Rebuilding (normative, docs/format.md "Value codecs"): in float64 for F64 tensors and float32
 otherwise, delta = float(m) * s and value = base + delta, each one IEEE operation rounded to
 nearest even, then converted to the tensor dtype rounding to nearest even. Everything here is
-numpy and pure; parts.py packs the codes and scales into the part's columns.
+pure (numpy, and numba for the encoder's per-entry loops and the bit packing); parts.py puts the
+codes and scales into the part's columns.
 """
 from __future__ import annotations
 
@@ -110,13 +111,6 @@ def bf16_scale_bits(s: np.ndarray) -> np.ndarray:
 def scale_values(bits: np.ndarray) -> np.ndarray:
     """float32 scales of stored bfloat16 bits."""
     return to_float32(bits.astype(np.uint16, copy=False), "BF16")
-
-
-def rank_in_row(kept_per_row: np.ndarray) -> np.ndarray:
-    """For kept entries listed row by row, each one's position among its row's kept entries."""
-    kept_per_row = np.asarray(kept_per_row, np.int64)
-    first = np.repeat(np.cumsum(kept_per_row) - kept_per_row, kept_per_row)
-    return np.arange(first.size, dtype=np.int64) - first
 
 
 def groups_per_row(kept_per_row: np.ndarray, group: int) -> np.ndarray:
@@ -221,7 +215,7 @@ def unpack_rows(data, kept_per_row, offsets, bits):
 
 def quantize(ft: np.ndarray, base: np.ndarray, sizes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """(codes uint8, scale bf16 bits uint16 per group) of the kept entries' deltas ft - base (values
-    in the compute dtype, row by row in index order; `sizes` from group_size). ValueError names
+    in the compute dtype, row by row in index order; `sizes` from group_sizes). ValueError names
     the first entry whose delta is not finite."""
     s, bad = _fit_scales(ft, base, sizes, bits, _LLOYD_ROUNDS)
     if bad >= 0:
