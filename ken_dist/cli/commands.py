@@ -117,7 +117,7 @@ def cmd_inspect(args) -> int:
         json.dump(report, sys.stdout, indent=2)
         print()
         return 0
-    print(f"store {args.store} (format version {report.get('format_version')})")
+    print(f"store {args.store} (layout version {report.get('format_version')}; each fine-tune's format version below)")
     for name, ft in report["finetunes"].items():
         state = "complete" if ft.get("complete") else "INCOMPLETE"
         print(f"\nfine-tune {name!r} [{state}]  params {ft.get('params')}  (format version {ft['format_version']})")
