@@ -3,6 +3,7 @@
     python benchmarks/e2e.py                                  # 477M-parameter bf16 pair (954 MB each), ~5 min
     python benchmarks/e2e.py --preset 7b --workers 2 --skip-kernel --workdir /big/disk
     python benchmarks/e2e.py --profile                        # + py-spy of every selection actor
+    python benchmarks/e2e.py --skip-kernel --workers 2 --values int4 --rounds 2   # raw vs a codec, side by side
 
 What it measures, all on the same generated fine-tune (benchmarks/make_checkpoint.py's generator):
 - kernel: `select` (KEN) on exactly the pipeline's row blocks, in-process, one thread; reads untimed;
@@ -22,6 +23,12 @@ What it measures, all on the same generated fine-tune (benchmarks/make_checkpoin
 - store: bytes vs the information bound (ken_dist.subnetwork.view.inspect_store).
 - machine load: CPU seconds burnt by processes that are not ours during each run (/proc/stat minus
   our process tree), so that a missed target on a shared machine is visible as such.
+
+- codec (--values CODEC): the same job with raw values and with CODEC, alternating (raw, codec,
+  raw, codec, ... --rounds times) at the largest --workers count, each from a cold page cache:
+  run_job wall and the actors' CPU seconds codec / raw (target <= 1.15), and the codec's store
+  against the size it predicts (`predicted_bytes`): its layout before compression (bitmask, codes,
+  scales; target <= 1), and the information bound of its codes and index plus the scales.
 
 Each measured part runs in a child process (so the driver's peak RSS is the driver's own).
 Results also go to WORKDIR/e2e.json.
@@ -53,8 +60,9 @@ def _job(args, store: str):
     from ken_dist.job.plan import PruneParams
     from ken_dist.job.spec import FineTuneEntry, JobSpec
 
+    params = PruneParams(keep=args.keep, values=args.child_values or "raw")
     return JobSpec(base=args.base, store=store, block_bytes=args.block_bytes,
-                   finetunes=(FineTuneEntry("ft", args.ft, None, PruneParams(keep=args.keep)),))
+                   finetunes=(FineTuneEntry("ft", args.ft, None, params),))
 
 
 def child_kernel(args) -> dict:
@@ -337,7 +345,10 @@ def main(argv=None) -> int:
     p.add_argument("--skip-kernel", action="store_true", help="no in-process kernel pass")
     p.add_argument("--profile", action="store_true", help="py-spy every selection actor of the last run")
     p.add_argument("--clean", action="store_true", help="delete the workdir at the end")
+    p.add_argument("--values", help="also run the job with this value codec beside raw (see the docstring)")
+    p.add_argument("--rounds", type=int, default=2, help="raw/codec pairs with --values (default 2)")
     p.add_argument("--child", choices=("kernel", "pipeline"), help=argparse.SUPPRESS)
+    p.add_argument("--child-values", help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
     p.add_argument("--ft", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
@@ -392,6 +403,12 @@ def main(argv=None) -> int:
         res["kernel_parallel"] = kp = run_kernel_parallel(args, max(workers))
         print(f"kernel in {kp['processes']} processes at once: {kp['wall']:.1f} s wall (the slowest), "
               f"{kp['cpu']:.1f} s CPU", flush=True)
+    if args.values:
+        res["codec"] = run_codec_pairs(args, files, max(workers))
+        report_codec(res["codec"])
+        with open(os.path.join(args.workdir, "e2e.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        return 0
     res["pipeline"] = {}
     for i, w in enumerate(workers):
         store = os.path.join(args.workdir, f"store-w{w}")
@@ -418,6 +435,66 @@ def main(argv=None) -> int:
     if args.clean:
         shutil.rmtree(args.workdir, ignore_errors=True)
     return 0
+
+
+def predicted_bytes(manifest: dict, codec) -> tuple[float, float]:
+    """What a codec's store should take, two ways, plus the tensors stored whole: (bound, layout).
+    bound: per pruned block its information bound (codes and index, the manifest's bound_bytes)
+    plus 2 bytes per scale (at most rows + kept / G); layout: the codec's arithmetic before any
+    compression, a bitmask of ceil(n/8) bytes a row (the writer keeps a position list only when
+    smaller), ceil(k b / 8) bytes of codes and the same scales."""
+    bound = layout = 0.0
+    for t in manifest["tensors"].values():
+        for b in t["blocks"]:
+            if t["action"] == "whole":
+                bound += b["bytes"]
+                layout += b["bytes"]
+                continue
+            rows = b["row_end"] - b["row_start"]
+            scales = 2 * (rows + (b["kept"] / codec.group if codec.group else 0)) if b.get("values") else 0
+            bound += b["bound_bytes"] + scales
+            layout += rows * ((t["row_len"] + 7) // 8) + (b["kept"] * codec.bits + 7 * rows) / 8 + scales
+    return bound, layout
+
+
+def run_codec_pairs(args, files: list[str], w: int) -> dict:
+    """run_job with raw and with --values alternately, from a cold page cache each time."""
+    from ken_dist.store.codecs import parse_codec
+    from ken_dist.store.protocol import Store
+    from ken_dist.subnetwork.inspect import inspect_store
+
+    codec = parse_codec(args.values)
+    runs = {"raw": [], args.values: []}
+    for i in range(args.rounds):
+        for values in ("raw", args.values):
+            store = os.path.join(args.workdir, f"store-{values}")
+            shutil.rmtree(store, ignore_errors=True)
+            evict(files)
+            r = run_child(args, "pipeline", ["--workers", str(w), "--store", store, "--child-values", values])
+            ft = inspect_store(store)["finetunes"]["ft"]
+            r["stored_bytes"], r["bits_per_param"] = ft["stored_bytes"], ft["bits_per_param"]
+            r["predicted_bound"], r["predicted_layout"] = predicted_bytes(Store(store).manifest("ft"), codec)
+            runs[values].append(r)
+            print(f"round {i + 1}, {values}: run_job {r['run_job']:.1f} s, actors {r['actor_cpu']:.1f} CPU s, "
+                  f"others {r['cpu_others']:.0f} CPU s; store {_mb(r['stored_bytes'])}", flush=True)
+    return {"workers": w, "codec": args.values, "runs": runs}
+
+
+def report_codec(res: dict) -> None:
+    raw, lossy = res["runs"]["raw"], res["runs"][res["codec"]]
+    print(f"\n=== raw vs --values {res['codec']}, {res['workers']} worker(s), {len(raw)} alternating pair(s) ===")
+    for i, (a, b) in enumerate(zip(raw, lossy)):
+        print(f"pair {i + 1}: run_job {b['run_job'] / a['run_job']:.3f}x, actors' CPU {b['actor_cpu'] / a['actor_cpu']:.3f}x "
+              f"(others used {a['cpu_others']:.0f} / {b['cpu_others']:.0f} CPU s)")
+    wall = sum(b["run_job"] for b in lossy) / sum(a["run_job"] for a in raw)
+    cpu = sum(b["actor_cpu"] for b in lossy) / sum(a["actor_cpu"] for a in raw)
+    print(f"all pairs: run_job {wall:.3f}x, actors' CPU {cpu:.3f}x (target <= 1.15)")
+    a, b = raw[-1], lossy[-1]
+    print(f"store: raw {_mb(a['stored_bytes'])} ({a['bits_per_param']:.3f} bits/param), {res['codec']} "
+          f"{_mb(b['stored_bytes'])} ({b['bits_per_param']:.3f} bits/param) = {b['stored_bytes'] / a['stored_bytes']:.3f}x raw; "
+          f"{res['codec']} stored / predicted: {b['stored_bytes'] / b['predicted_layout']:.3f} of its layout "
+          f"(bitmask + codes + scales; target <= 1), {b['stored_bytes'] / b['predicted_bound']:.3f} of its "
+          "information bound + scales")
 
 
 def report(res: dict) -> None:

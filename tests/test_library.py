@@ -312,15 +312,15 @@ def store_copy(stores, tmp_path):
     return store
 
 
-@pytest.mark.parametrize("where", ["ken_store.json", "finetunes/a/manifest.json"])
-def test_a_newer_format_version_is_refused(store_copy, where):
+@pytest.mark.parametrize("where, version", [("ken_store.json", 2), ("finetunes/a/manifest.json", 3)])
+def test_a_newer_format_version_is_refused(store_copy, where, version):
     path = store_copy / where
     doc = json.loads(path.read_text())
-    doc["format_version"] = 2
+    doc["format_version"] = version
     path.write_text(json.dumps(doc))
-    with pytest.raises(KenError, match=rf"{where.split('/')[-1]} has format_version 2.*upgrade ken_dist"):
+    with pytest.raises(KenError, match=rf"{where.split('/')[-1]} has format_version {version}.*upgrade ken_dist"):
         open_subnetwork(store_copy, "a")
-    with pytest.raises(KenError, match="format_version 2"):
+    with pytest.raises(KenError, match=f"format_version {version}"):
         load_model(store_copy, "a")
 
 

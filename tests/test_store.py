@@ -314,8 +314,8 @@ def test_store_format_checks(tmp_path, toy):
     begin(store, toy)
     path = os.path.join(store._ft_dir("ft"), "manifest.json")
     m = json.load(open(path))
-    json.dump(dict(m, format_version=2), open(path, "w"))
-    with pytest.raises(KenError, match="format_version 2.*upgrade ken_dist"):
+    json.dump(dict(m, format_version=3), open(path, "w"))
+    with pytest.raises(KenError, match="format_version 3.*upgrade ken_dist"):
         store.manifest("ft")
     marker = os.path.join(store.root, "ken_store.json")
     json.dump({"format": "ken-subnetwork", "format_version": 99}, open(marker, "w"))

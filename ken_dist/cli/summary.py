@@ -27,6 +27,7 @@ def print_summary(store_path: str, names: list[str], seconds: float, stream=None
               f"kept {ft['kept_params']:,} of {ft['pruned_params']:,} pruned weights "
               f"({100 * ft['kept_params'] / max(1, ft['pruned_params']):.1f}%)", file=stream)
         print(f"  stored {human_bytes(ft['stored_bytes'])} = {ft['stored_bytes'] / max(1, ft['dense_bytes']):.3f} x the dense "
-              f"fine-tune ({human_bytes(ft['dense_bytes'])}); pruned part {ratio_text(ft['bound_ratio'])} x the information bound",
+              f"fine-tune ({human_bytes(ft['dense_bytes'])}), {ft['bits_per_param'] or 0:.3f} bits per parameter "
+              f"(values {ft['values']}); pruned part {ratio_text(ft['bound_ratio'])} x the information bound",
               file=stream)
     print(f"store: {store_path}   time: {seconds:.1f} s", file=stream)

@@ -69,12 +69,19 @@ def _nonfinite(unit: WorkUnit, exc: NonFiniteRowError) -> KenError:
                     "infinity; KEN needs finite weights (the fine-tune is corrupt or overflowed: re-export it)")
 
 
-def _read_block(unit: WorkUnit, device=None):
+def _needs_base(unit: WorkUnit, *, store: bool) -> bool:
+    """Whether the unit reads the base rows: for its strategy, or (store=True) for a lossy value
+    codec, which stores the delta to the base; read once in the unit either way."""
+    return STRATEGIES[unit.params.strategy].needs_base or (
+        store and unit.params.codec.applies_to(unit.ft_info.dtype))
+
+
+def _read_block(unit: WorkUnit, device=None, *, store: bool = False):
     """(values, base or None): numpy storage bits for the CPU, torch tensors for a GPU."""
     read = read_rows_array if _on_cpu(device) else read_rows
     values = read(unit.ft_info, unit.row_start, unit.row_end)
     base = None
-    if STRATEGIES[unit.params.strategy].needs_base:
+    if _needs_base(unit, store=store):
         base = read(unit.base_info, unit.row_start, unit.row_end)
     return values, base
 
@@ -103,18 +110,20 @@ def process_unit(unit: WorkUnit, store: Store, device: str | None = None) -> dic
         record["seconds"] = time.perf_counter() - t0
         record["cpu_seconds"] = time.process_time() - c0
         return record
-    values, base = _read_block(unit, device)
+    values, base = _read_block(unit, device, store=True)
     t_read = time.perf_counter()
+    select_base = base if STRATEGIES[unit.params.strategy].needs_base else None
     rows = values if _on_cpu(device) else values.to("cpu" if device == "torch" else device)
     try:
-        mask = _select_in_chunks(unit, rows, base, device)
+        mask = _select_in_chunks(unit, rows, select_base, device)
     except NonFiniteRowError as exc:
         raise _nonfinite(unit, exc) from None
     except KenError as exc:
         raise KenError(f"{unit.ft_info.file}: tensor {unit.tensor!r}: {exc}") from None
     t_select = time.perf_counter()
     record = store.write_block(unit.finetune, unit.tensor, unit.row_start, unit.row_end, mask, values,
-                               unit.ft_info.dtype if _on_cpu(device) else None)
+                               unit.ft_info.dtype if _on_cpu(device) else None, codec=unit.params.codec,
+                               base=base)
     if unit.budget is not None:
         record["budget"] = unit.budget  # resume reuses the block only under the same budget
     record["seconds"] = time.perf_counter() - t0

@@ -14,6 +14,7 @@ from ken_dist.errors import KenError
 from ken_dist.job.match import match_checkpoints
 from ken_dist.kernel import COMPAT_MODES, STRATEGIES
 from ken_dist.kernel.rows import resolve_k
+from ken_dist.store.codecs import Codec, parse_codec
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 
@@ -26,6 +27,7 @@ class PruneParams:
     keep: float | None = None
     compat: str = "index"
     seed: int = 0
+    values: str = "raw"  # value codec of the kept entries (ken_dist.store.codecs)
 
     def validate(self, where: str) -> None:
         if self.strategy not in STRATEGIES:
@@ -39,9 +41,21 @@ class PruneParams:
             resolve_k(1 << 30, self.k, self.keep)
         except KenError as exc:
             raise KenError(f"{where}: {exc}") from None
+        try:
+            parse_codec(self.values)
+        except ValueError as exc:
+            raise KenError(f"{where}: {exc}") from None
+
+    @property
+    def codec(self) -> Codec:
+        return parse_codec(self.values)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The manifest's params; `values` only when not raw, so raw stores keep version 1's params."""
+        out = asdict(self)
+        if self.values == "raw":
+            del out["values"]
+        return out
 
 
 @dataclass(frozen=True)

@@ -75,11 +75,12 @@ def default_name(source: str) -> str:
     return name or str(source)
 
 
-_JOB_FIELDS = {f.name for f in fields(JobSpec)} | {"cluster", "k", "keep", "strategy", "compat", "seed"}
-_FT_FIELDS = {"name", "source", "path", "revision", "k", "keep", "strategy", "compat", "seed"}
+_JOB_FIELDS = {f.name for f in fields(JobSpec)} | {"cluster", "k", "keep", "strategy", "compat", "seed", "values"}
+_FT_FIELDS = {"name", "source", "path", "revision", "k", "keep", "strategy", "compat", "seed", "values"}
 _CLUSTER_FIELDS = {"address", "workers", "placement"}
-_PARAM_FIELDS = ("strategy", "k", "keep", "compat", "seed")
-_PARAM_TYPES = {"strategy": (str,), "compat": (str,), "seed": (int,), "k": (int,), "keep": (int, float)}
+_PARAM_FIELDS = ("strategy", "k", "keep", "compat", "seed", "values")
+_PARAM_TYPES = {"strategy": (str,), "compat": (str,), "seed": (int,), "k": (int,), "keep": (int, float),
+                "values": (str,)}
 
 
 def _check_type(where: str, key: str, value, types: tuple, what: str) -> None:
@@ -90,7 +91,7 @@ def _check_type(where: str, key: str, value, types: tuple, what: str) -> None:
 
 def _params(where: str, data: dict, defaults: dict) -> PruneParams:
     what = {"strategy": "a strategy name", "compat": "'index' or 'reference'", "seed": "an integer",
-            "k": "an integer >= 1", "keep": "a fraction in (0, 1]"}
+            "k": "an integer >= 1", "keep": "a fraction in (0, 1]", "values": "a value codec (raw, int8, int4, int2, sign)"}
     for key in _PARAM_FIELDS:
         if key in data and data[key] is not None:
             _check_type(where, key, data[key], _PARAM_TYPES[key], what[key])

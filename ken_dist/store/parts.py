@@ -1,14 +1,20 @@
-"""Encode and decode the Parquet part files of a subnetwork store (format version 1).
+"""Encode and decode the Parquet part files of a subnetwork store (format versions 1 and 2).
 
-Kept apart from `store.py` (layout, journal, manifest, lock) so that the loader and the
-writer share one definition of the bytes on disk. Everything here is pure: tables and
-tensors in, tensors and tables out, plus the information bound used to judge the size.
+Kept apart from protocol.py (layout, journal, manifest, lock) so that every reader and the
+writer share one definition of the bytes on disk: `block_rows` is the one decoder of a pruned
+part (the view, injection, export and the switcher all read through it). Everything here is
+pure: tables and arrays in, arrays and tables out, plus the information bound used to judge
+the size. docs/format.md is the normative description.
 
 A pruned block holds one Parquet row per tensor row:
     row    int32   absolute row index in the tensor
     mask   binary  the row's keep bitmask, ceil(n/8) bytes, little bit order
                    (bit j of byte b is entry 8*b + j), padding bits zero
-    values binary  raw bytes of the kept values in the source dtype, in index order
+      or positions list<int64> (format 2) the kept entries' positions in the part, (row - S) * n + j,
+                   increasing: near log2 C(n, k) bits at low keep, where a bitmask is not
+    values binary  raw: the kept values' bytes in the source dtype, in index order;
+                   lossy codecs (format 2, codecs.py): the kept entries' b-bit codes, packed
+    scales binary  (lossy codecs only) the row's bfloat16 scales, one per group
 A whole tensor holds its raw bytes in chunks:
     offset int64   byte offset of the chunk in the tensor's raw bytes
     data   binary  the chunk (at most WHOLE_CHUNK_BYTES)
@@ -21,7 +27,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ken_dist.checkpoints.dtypes import as_numpy, bits_word
+from ken_dist.checkpoints.dtypes import as_numpy, bits_word, dtype_name, itemsize, storage_dtype
+from ken_dist.store.codecs import (
+    RAW,
+    RAW_CODEC,
+    Codec,
+    dequantize,
+    fits,
+    group_sizes,
+    groups_per_row,
+    pack_rows,
+    parse_codec,
+    quantize,
+    scale_values,
+    unpack_rows,
+    widen,
+)
 
 WHOLE_CHUNK_BYTES = 16 * 2**20
 _WHOLE_CHUNKS_PER_GROUP = 4
@@ -34,7 +55,9 @@ PARQUET_OPTIONS = dict(
     column_encoding={"row": "DELTA_BINARY_PACKED"}, store_schema=False,
     data_page_size=1 << 20, write_page_index=False,
 )
-BLOCK_COLUMNS = ("row", "mask", "values")
+BLOCK_COLUMNS = ("row", "mask", "values")  # format 1, and format 2 with raw values and a bitmask
+INDEX_KINDS = ("mask", "positions")
+_INDEX_TYPE = pa.list_(pa.field("element", pa.int64(), nullable=False))
 WHOLE_COLUMNS = ("offset", "data")
 
 
@@ -52,40 +75,125 @@ def _binary(offsets: np.ndarray, data: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(typ, len(offsets) - 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
-def info_bound_bytes(kept_per_row: np.ndarray, n: int, itemsize: int) -> float:
-    """sum over rows of kept*itemsize + log2 C(n, kept)/8: what any encoding must spend."""
+def info_bound_bytes(kept_per_row: np.ndarray, n: int, itemsize: int, code_bits: int = 0) -> float:
+    """sum over rows of kept*itemsize + log2 C(n, kept)/8: what any encoding must spend (with
+    code_bits > 0, kept*code_bits/8 for the values: the bound of a lossy codec's codes, scales aside)."""
     kept, rows = np.unique(np.asarray(kept_per_row, dtype=np.int64), return_counts=True)  # few distinct
     log2c = np.array([(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
                       for k in kept.tolist()], dtype=np.float64).reshape(-1)
-    return float((rows * (kept * itemsize + np.maximum(log2c, 0) / 8)).sum())
+    value_bytes = kept * code_bits / 8 if code_bits else kept * itemsize
+    return float((rows * (value_bytes + np.maximum(log2c, 0) / 8)).sum())
 
 
-def encode_block(row_start: int, mask, values) -> tuple[pa.Table, dict]:
+def block_columns(index: str = "mask", codec: Codec = RAW_CODEC) -> tuple[str, ...]:
+    """The columns of a pruned part with this index kind and value codec, in order."""
+    return ("row", index, "values") + (("scales",) if codec.lossy else ())
+
+
+def part_bytes(table: pa.Table) -> memoryview:
+    """A part table as the bytes of its Parquet file (PARQUET_OPTIONS; delta-packed row and index)."""
+    options = dict(PARQUET_OPTIONS)
+    if "positions" in table.column_names:
+        options["column_encoding"] = dict(options["column_encoding"], **{"positions.list.element": "DELTA_BINARY_PACKED"})
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, **options)
+    return memoryview(buf.getvalue())
+
+
+def _index_list(m: np.ndarray, kept: np.ndarray) -> pa.Array:
+    """Per row, the flat positions (row - first) * n + j of its kept entries: increasing over the part,
+    so Parquet's delta packing stores each gap in about log2(gap) bits."""
+    offsets = np.zeros(m.shape[0] + 1, np.int64)
+    np.cumsum(kept, out=offsets[1:])
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.flatnonzero(m).astype(np.int64))) \
+        .cast(pa.large_list(_INDEX_TYPE.value_field))
+
+
+def _smaller_index(mask_column: pa.Array, m: np.ndarray, kept: np.ndarray) -> tuple[str, pa.Array]:
+    """("mask", bitmask) or ("positions", position list), whichever makes the smaller Parquet column.
+    A bitmask costs ~n/8 bytes a row whatever is kept; the list wins below a few percent."""
+    if kept.sum() * 8 > m.size:  # above 1/8 kept the bitmask measured smaller every time (store_ratio.py)
+        return "mask", mask_column
+    listed = _index_list(m, kept)
+    sizes = [len(part_bytes(pa.table({name: col}))) for name, col in (("mask", mask_column), ("positions", listed))]
+    return ("positions", listed) if sizes[1] < sizes[0] else ("mask", mask_column)
+
+
+def pack_codes(codes: np.ndarray, kept_per_row: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(byte offsets [r + 1], bytes) of b-bit codes listed row by row: each row's codes packed from
+    the low bits of its first byte up (code i at bits [i b, (i + 1) b)), padded to a whole byte."""
+    offsets = np.zeros(kept_per_row.size + 1, np.int64)
+    np.cumsum(-(-kept_per_row * bits // 8), out=offsets[1:])
+    return offsets, pack_rows(codes, kept_per_row, offsets, bits)
+
+
+def unpack_codes(data: np.ndarray, offsets: np.ndarray, kept_per_row: np.ndarray, bits: int) -> np.ndarray:
+    """The codes of pack_codes's bytes (offsets relative to data), row by row."""
+    return unpack_rows(data, np.asarray(kept_per_row, np.int64), np.asarray(offsets, np.int64), bits)
+
+
+def _lossy_columns(m: np.ndarray, values: np.ndarray, base, dtype: str, codec: Codec, kept: np.ndarray):
+    """(values column, scales column) of a lossy codec; ValueError on a non-finite delta,
+    OverflowError when a rebuilt value would overflow the dtype."""
+    flat_mask = m.reshape(-1)
+    ft_kept = np.compress(flat_mask, values.reshape(-1))
+    base_kept = np.compress(flat_mask, as_numpy(base).reshape(-1))
+    sizes = group_sizes(kept, codec.group)
+    base_wide = widen(base_kept, dtype)
+    codes, scale_bits = quantize(widen(ft_kept, dtype), base_wide, sizes, codec.bits)
+    scales = scale_values(scale_bits)
+    if base_wide.size and not fits(float(np.abs(base_wide).max()) + ((1 << codec.bits) - 1) * float(scales.max()), dtype):
+        rebuilt = dequantize(codes, np.repeat(scales, sizes), base_kept, dtype, codec.bits)
+        if not np.isfinite(widen(rebuilt, dtype)).all():
+            raise OverflowError("a rebuilt value overflows the dtype")
+    voffs, vbytes = pack_codes(codes, kept, codec.bits)
+    soffs = np.zeros(kept.size + 1, np.int64)
+    np.cumsum(groups_per_row(kept, codec.group) * 2, out=soffs[1:])
+    return _binary(voffs, vbytes), _binary(soffs, scale_bits.astype("<u2").view(np.uint8))
+
+
+def encode_block(row_start: int, mask, values, *, codec: Codec = RAW_CODEC, base=None,
+                 dtype: str | None = None) -> tuple[pa.Table, dict]:
     """(table, stats) for rows [row_start, row_start + r) given [r, n] mask and values (numpy
-    arrays, values in their storage bits, or torch tensors)."""
+    arrays, values in their storage bits, or torch tensors).
+
+    A lossy `codec` needs `base` (the same rows of the base, storage bits) and `dtype` (the
+    safetensors name); a tensor whose dtype the codec does not apply to, or whose rebuilt values
+    would overflow it, is stored raw. stats carries `values` (the codec spec, when lossy) and
+    `index` ("positions" when the position list was smaller than the bitmask)."""
     m = as_numpy(mask).astype(bool, copy=False)
     values = as_numpy(values)
     r, n = m.shape
-    itemsize = values.itemsize
+    size = values.itemsize
     packed = np.packbits(m, axis=1, bitorder="little").reshape(-1)
-    nbytes_row = (n + 7) // 8
     kept = m.sum(axis=1, dtype=np.int64)
-    # np.compress over same-size words: much faster than bool-indexing bytes
-    vals = np.compress(m.reshape(-1), raw_bytes(values).view(bits_word(itemsize))).view(np.uint8)
-    voffs = np.zeros(r + 1, np.int64)
-    np.cumsum(kept * itemsize, out=voffs[1:])
-    table = pa.table({
-        "row": pa.array(np.arange(row_start, row_start + r, dtype=np.int32)),
-        "mask": _binary(np.arange(r + 1, dtype=np.int64) * nbytes_row, packed),
-        "values": _binary(voffs, np.ascontiguousarray(vals)),
-    })
+    index, index_column = _smaller_index(
+        _binary(np.arange(r + 1, dtype=np.int64) * ((n + 7) // 8), packed), m, kept)
+    columns = {"row": pa.array(np.arange(row_start, row_start + r, dtype=np.int32)), index: index_column}
+    if codec.lossy and dtype is not None and codec.applies_to(dtype):
+        try:
+            columns["values"], columns["scales"] = _lossy_columns(m, values, base, dtype, codec, kept)
+        except OverflowError:
+            codec = RAW_CODEC
+    else:
+        codec = RAW_CODEC
+    if not codec.lossy:
+        # np.compress over same-size words: much faster than bool-indexing bytes
+        vals = np.compress(m.reshape(-1), raw_bytes(values).view(bits_word(size))).view(np.uint8)
+        voffs = np.zeros(r + 1, np.int64)
+        np.cumsum(kept * size, out=voffs[1:])
+        columns["values"] = _binary(voffs, np.ascontiguousarray(vals))
     stats = {
         "kept": int(kept.sum()),
         "kept_row_min": int(kept.min()) if r else 0,
         "kept_row_max": int(kept.max()) if r else 0,
-        "bound_bytes": info_bound_bytes(kept, n, itemsize),
+        "bound_bytes": info_bound_bytes(kept, n, size, codec.bits),
     }
-    return table, stats
+    if codec.lossy:
+        stats["values"] = codec.spec
+    if index != "mask":
+        stats["index"] = index
+    return pa.table(columns), stats
 
 
 def _binary_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -109,21 +217,47 @@ def _popcount_rows(packed: np.ndarray, n: int) -> np.ndarray:
     return counts
 
 
-def block_rows(table: pa.Table, n: int, itemsize: int, row_start: int, row_end: int,
-               lo: int | None = None, hi: int | None = None):
-    """Yield (first_row, keep, values) for the part's rows that lie in [lo, hi).
+def _row_positions(index_arr: pa.Array, m: int, n: int, pos0: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept per row, flat positions relative to this chunk's first row) of an index-list chunk,
+    checked: increasing, and each row's inside that row."""
+    if index_arr.null_count or index_arr.values.null_count:
+        raise ValueError("null index entries")
+    offsets = index_arr.offsets.to_numpy()
+    flat = index_arr.values.to_numpy(zero_copy_only=False)[offsets[0]: offsets[-1]].astype(np.int64) - pos0 * n
+    kept = np.diff(offsets).astype(np.int64)
+    rows = np.repeat(np.arange(m, dtype=np.int64), kept)
+    if flat.size and (np.any(np.diff(flat) <= 0) or np.any(flat // n != rows) or flat[0] < 0):
+        raise ValueError("index positions are not increasing within their rows")
+    return kept, flat
 
-    keep is a [m, n] bool numpy array, values the raw bytes (uint8 numpy) of the kept entries of
-    those m rows in index order. Every row of the part is validated, also those outside the
-    range, so a damaged part is never half used. Raises ValueError (the caller names file and
-    tensor) when the part disagrees with itself or with the block it claims to hold."""
-    if tuple(table.column_names) != BLOCK_COLUMNS:
-        raise ValueError(f"columns {table.column_names}, expected {list(BLOCK_COLUMNS)}")
+
+def block_rows(table: pa.Table, n: int, dtype: str, row_start: int, row_end: int,
+               lo: int | None = None, hi: int | None = None, *, codec: Codec | str = RAW, index: str = "mask",
+               base_rows=None):
+    """Yield (first_row, keep, values) for the part's rows that lie in [lo, hi): the one decoder of
+    a pruned part, every format and codec.
+
+    keep is a [m, n] bool numpy array, values the bytes (uint8 numpy) of the kept entries of those
+    m rows in index order, in the tensor's dtype: copied for `raw`, rebuilt from the base for a
+    lossy codec (codecs.py). `codec` and `index` are what the manifest's block records (absent:
+    raw, mask); `base_rows(a, b)` gives rows [a, b) of the base as storage bits, needed by lossy
+    codecs only. Every row of the part is validated, also those outside the range, so a damaged
+    part is never half used. Raises ValueError (the caller names file and tensor) when the part
+    disagrees with itself or with the block it claims to hold."""
+    codec = parse_codec(codec) if isinstance(codec, str) else codec
+    expected = block_columns(index, codec)
+    if index not in INDEX_KINDS or tuple(table.column_names) != expected:
+        raise ValueError(f"columns {table.column_names}, expected {list(expected)} for values {codec.spec!r} "
+                         f"and index {index!r}")
+    if codec.lossy and base_rows is None:
+        raise ValueError(f"values {codec.spec!r} are rebuilt from the base, and no base rows were given")
+    size = itemsize(dtype)
     lo = row_start if lo is None else lo
     hi = row_end if hi is None else hi
     nbytes_row = (n + 7) // 8
     pos = row_start
-    for rows_arr, mask_arr, vals_arr in zip(*(table.column(c).chunks for c in BLOCK_COLUMNS)):
+    for chunk in zip(*(table.column(c).chunks for c in expected)):
+        rows_arr, index_arr, vals_arr = chunk[:3]
         m = len(rows_arr)
         if m == 0:
             continue
@@ -131,18 +265,45 @@ def block_rows(table: pa.Table, n: int, itemsize: int, row_start: int, row_end: 
         if pos + m > row_end or not np.array_equal(rows, np.arange(pos, pos + m)):
             raise ValueError(f"rows are not {pos}..{min(pos + m, row_end) - 1} in order "
                              f"(block [{row_start}, {row_end}))")
-        moffs, mdata = _binary_parts(mask_arr)
-        if not np.array_equal(np.diff(moffs), np.full(m, nbytes_row)):
-            raise ValueError(f"mask length differs from ceil({n}/8) bytes")
-        packed = mdata.reshape(m, nbytes_row)
+        if index == "mask":
+            moffs, mdata = _binary_parts(index_arr)
+            if not np.array_equal(np.diff(moffs), np.full(m, nbytes_row)):
+                raise ValueError(f"mask length differs from ceil({n}/8) bytes")
+            packed = mdata.reshape(m, nbytes_row)
+            kept = _popcount_rows(packed, n)
+        else:
+            kept, flat = _row_positions(index_arr, m, n, pos - row_start)
         voffs, vdata = _binary_parts(vals_arr)
-        if not np.array_equal(np.diff(voffs), _popcount_rows(packed, n) * itemsize):
-            raise ValueError("values length differs from the mask's kept count")
+        value_bytes = -(-kept * codec.bits // 8) if codec.lossy else kept * size
+        if not np.array_equal(np.diff(voffs), value_bytes):
+            raise ValueError("values length differs from the kept count")
+        if codec.lossy:
+            soffs, sdata = _binary_parts(chunk[3])
+            if not np.array_equal(np.diff(soffs), groups_per_row(kept, codec.group) * 2):
+                raise ValueError("scales length differs from the kept count's groups")
+            scale_bits = sdata.view("<u2")
+            if np.any(scale_bits >= 0x7F80):  # sign bit set (negative) or all exponent bits (inf, NaN)
+                raise ValueError("a scale is negative or not finite")
         a, b = max(pos, lo), min(pos + m, hi)
         if a < b:
             i0, i1 = a - pos, b - pos
-            keep = np.unpackbits(packed[i0:i1], axis=1, count=n, bitorder="little").view(bool)
-            yield a, keep, vdata[voffs[i0]: voffs[i1]]
+            if index == "mask":
+                keep = np.unpackbits(packed[i0:i1], axis=1, count=n, bitorder="little").view(bool)
+            else:
+                keep = np.zeros((i1 - i0) * n, bool)
+                e0, e1 = int(kept[:i0].sum()), int(kept[:i1].sum())
+                keep[flat[e0:e1] - i0 * n] = True
+                keep = keep.reshape(i1 - i0, n)
+            if not codec.lossy:
+                yield a, keep, vdata[voffs[i0]: voffs[i1]]
+            else:
+                rows_kept = kept[i0:i1]
+                codes = unpack_codes(vdata[voffs[i0]: voffs[i1]], voffs[i0: i1 + 1] - voffs[i0], rows_kept, codec.bits)
+                scales = scale_values(sdata[soffs[i0]: soffs[i1]].view("<u2"))
+                base = np.compress(keep.reshape(-1), np.asarray(base_rows(a, b)).reshape(-1))
+                rebuilt = dequantize(codes, np.repeat(scales, group_sizes(rows_kept, codec.group)),
+                                     base.astype(storage_dtype(dtype), copy=False), dtype, codec.bits)
+                yield a, keep, rebuilt.view(np.uint8)
         pos += m
     if pos != row_end:
         raise ValueError(f"holds rows {row_start}..{pos - 1}, expected {row_start}..{row_end - 1}")
@@ -192,15 +353,16 @@ def take_kept(source, keep: np.ndarray):
 
 
 def apply_block(table: pa.Table, target, row_start: int, row_end: int,
-                target_row0: int = 0) -> int:
-    """Overwrite kept entries of `target` in place; target row i is tensor row target_row0 + i.
+                target_row0: int = 0, **codec) -> int:
+    """Overwrite kept entries of `target` (a [rows, n] tensor) in place; target row i is tensor
+    row target_row0 + i. `codec`: block_rows's codec, index and base_rows, as the block records.
 
     Rows of the block outside the target are skipped, so a reader may rebuild any row range.
     Raises ValueError as block_rows does. Returns the number of entries written."""
     t_lo, t_hi = target_row0, target_row0 + target.shape[0]
     written = 0
-    for first, keep, chunk in block_rows(table, target.shape[1], target.element_size(), row_start, row_end,
-                                         t_lo, t_hi):
+    for first, keep, chunk in block_rows(table, target.shape[1], dtype_name(target.dtype), row_start, row_end,
+                                         t_lo, t_hi, **codec):
         if chunk.size:
             written += put_kept(target[first - t_lo: first - t_lo + keep.shape[0]], keep, chunk)
     return written

@@ -33,7 +33,8 @@ from ken_dist.checkpoints.dtypes import (
     storage_bits,
 )
 from ken_dist.checkpoints.geometry import row_geometry
-from ken_dist.errors import KenError
+from ken_dist.errors import KenError, StoreError
+from ken_dist.store.codecs import Codec, parse_codec
 from ken_dist.store.fs import (
     append_jsonl,
     atomic_json,
@@ -45,29 +46,40 @@ from ken_dist.store.fs import (
     read_jsonl,
     sha256_file,
 )
-from ken_dist.store.parts import PARQUET_OPTIONS, encode_block, write_whole_parquet
+from ken_dist.store.parts import encode_block, part_bytes, write_whole_parquet
 
 log = logging.getLogger(__name__)
 
 FORMAT = "ken-subnetwork"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest manifest version this code reads and writes
+MARKER_VERSION = 1  # ken_store.json: the layout, unchanged by version 2
 MARKER = "ken_store.json"
 _RECORD_KEYS = ("tensor", "row_start", "row_end", "file", "kept", "bytes", "sha256")
+_V2_BLOCK_KEYS = ("values", "index")  # a block carrying one needs a version 2 reader
 _PLAN_KEYS = ("shape", "dtype", "action", "rows", "row_len", "base_name")
 
 
-def check_format(obj: dict, where: str) -> None:
-    """Refuse stores and manifests that this ken_dist cannot read."""
+def check_format(obj: dict, where: str, newest: int | None = None) -> None:
+    """Refuse stores and manifests that this ken_dist cannot read (format_version above `newest`,
+    by default FORMAT_VERSION, the manifests' version; the store marker passes MARKER_VERSION)."""
+    newest = FORMAT_VERSION if newest is None else newest
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise KenError(f"{where} is not a ken_dist subnetwork store file (format {obj.get('format')!r}, "
                        f"expected {FORMAT!r}); point to the store directory written by `ken-dist prune`")
     v = obj.get("format_version")
     if not isinstance(v, int) or v < 1:
         raise KenError(f"{where} has an invalid format_version {v!r}; the file is damaged")
-    if v > FORMAT_VERSION:
+    if v > newest:
         from ken_dist import __version__
         raise KenError(f"{where} has format_version {v}, newer than this ken_dist {__version__} reads "
-                       f"(up to {FORMAT_VERSION}); upgrade ken_dist (pip install -U ken-dist)")
+                       f"(up to {newest}); upgrade ken_dist (pip install -U ken-dist)")
+
+
+def manifest_version(params: dict, blocks=()) -> int:
+    """1 unless version 2 is needed: a lossy value codec in params, or a block recording a lossy
+    codec or an index list. Raw bitmask fine-tunes stay version 1, readable by every release."""
+    lossy = parse_codec(params.get("values", "raw")).lossy if isinstance(params, dict) else False
+    return 2 if lossy or any(k in b for b in blocks for k in _V2_BLOCK_KEYS) else 1
 
 
 def _fingerprint(identity: dict) -> dict:
@@ -150,9 +162,9 @@ class Store:
                 raise KenError(f"refusing to create a store in {self.root}: the directory is not empty "
                                f"and has no {MARKER}; choose an empty or new directory")
             os.makedirs(os.path.join(self.root, "finetunes"), exist_ok=True)
-            atomic_json(marker, {"format": FORMAT, "format_version": FORMAT_VERSION})
+            atomic_json(marker, {"format": FORMAT, "format_version": MARKER_VERSION})
         with open(marker) as f:
-            check_format(json.load(f), marker)
+            check_format(json.load(f), marker, MARKER_VERSION)
 
     # ---- paths -------------------------------------------------------------------------------
     def resolve(self, rel: str) -> str:
@@ -252,6 +264,10 @@ class Store:
         check_format(m, path)
         return m
 
+    def manifest_size(self, finetune: str) -> int:
+        """Bytes of the fine-tune's manifest.json (part of what a stored fine-tune costs)."""
+        return os.path.getsize(self._manifest_path(finetune))
+
     def finetunes(self) -> list[str]:
         base = os.path.join(self.root, "finetunes")
         names = []
@@ -305,7 +321,7 @@ class Store:
                 manifest.pop("budget", None)  # model budgets belong to a block plan
         else:
             from ken_dist import __version__
-            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "finetune": finetune,
+            manifest = {"format": FORMAT, "format_version": manifest_version(params), "finetune": finetune,
                         "created": stamp, "updated": stamp, "ken_dist_version": __version__,
                         "params": params, "base_identity": base_identity,
                         "finetune_identity": finetune_identity, "tensors": plan,
@@ -367,13 +383,14 @@ class Store:
             raise KenError(f"store {self.root}: fine-tune {finetune!r} was not begun; call Store.begin first")
 
     def write_block(self, finetune: str, tensor: str, row_start: int, row_end: int,
-                    mask, values, dtype: str | None = None) -> dict:
+                    mask, values, dtype: str | None = None, *, codec: Codec | str = "raw", base=None) -> dict:
         """Write rows [row_start, row_end) of a pruned tensor as one part; returns its record.
 
         mask: bool, shaped like values. values: a torch tensor, or a numpy array of storage bits
-        (ken_dist.checkpoints.dtypes) with `dtype` its safetensors name. Safe in worker processes: touches
-        only its own part file. Deterministic: the same block written twice gives the same bytes
-        (and sha256)."""
+        (ken_dist.checkpoints.dtypes) with `dtype` its safetensors name. codec: the value codec
+        (ken_dist.store.codecs); a lossy one needs `base`, the same rows of the base (a tensor or
+        storage bits). Safe in worker processes: touches only its own part file. Deterministic:
+        the same block written twice gives the same bytes (and sha256)."""
         self._begun(finetune)
         r = int(row_end) - int(row_start)
         if r <= 0 or row_start < 0:
@@ -387,10 +404,20 @@ class Store:
         if mask.dtype != np.bool_ or mask.size != values.size:
             raise KenError(f"tensor {tensor!r} rows [{row_start}, {row_end}): mask must be a bool tensor "
                            f"shaped like values {list(values.shape)}, got {mask.dtype} {list(mask.shape)}")
-        table, stats = encode_block(int(row_start), mask.reshape(values.shape), values)
-        buf = pa.BufferOutputStream()
-        pq.write_table(table, buf, **PARQUET_OPTIONS)
-        data = memoryview(buf.getvalue())
+        codec = parse_codec(codec) if isinstance(codec, str) else codec
+        if codec.applies_to(dtype):
+            if base is None:
+                raise KenError(f"tensor {tensor!r}: values {codec.spec!r} store the delta to the base; pass base=")
+            base, _ = _bits(tensor, base, dtype)
+            if base.size != values.size:
+                raise KenError(f"tensor {tensor!r} rows [{row_start}, {row_end}): base has {base.size} values, "
+                               f"the fine-tune {values.size}")
+        try:
+            table, stats = encode_block(int(row_start), mask.reshape(values.shape), values, codec=codec,
+                                        base=None if base is None else base.reshape(values.shape), dtype=dtype)
+        except ValueError as exc:
+            raise StoreError(f"tensor {tensor!r} rows [{row_start}, {row_end}): {exc}") from None
+        data = part_bytes(table)
         rel = self._part_rel(finetune, tensor, f"part-{int(row_start):010d}-{int(row_end):010d}.parquet")
         path = self.resolve(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -398,7 +425,8 @@ class Store:
         return {"tensor": tensor, "row_start": int(row_start), "row_end": int(row_end), "file": rel,
                 "kept": stats["kept"], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                 "dtype": dtype, "row_len": int(values.shape[1]), "kept_row_min": stats["kept_row_min"],
-                "kept_row_max": stats["kept_row_max"], "bound_bytes": stats["bound_bytes"]}
+                "kept_row_max": stats["kept_row_max"], "bound_bytes": stats["bound_bytes"],
+                **{k: stats[k] for k in _V2_BLOCK_KEYS if k in stats}}
 
     def write_whole(self, finetune: str, tensor: str, values, dtype: str | None = None) -> dict:
         """Store a tensor as it is (raw bytes, chunked); returns its record, block [0, rows).
@@ -475,7 +503,8 @@ class Store:
             for b in t["blocks"]:
                 rec = done[(name, b["row_start"], b["row_end"])]
                 blocks.append({k: rec[k] for k in ("row_start", "row_end", "file", "kept", "bytes", "sha256",
-                                                   "kept_row_min", "kept_row_max", "bound_bytes", "budget")
+                                                   "kept_row_min", "kept_row_max", "bound_bytes", "budget",
+                                                   *_V2_BLOCK_KEYS)
                                if k in rec})
                 keep_files.add(self.resolve(rec["file"]))
             t["blocks"] = blocks
@@ -486,7 +515,9 @@ class Store:
             for k, v in (("kept", t["kept"]), ("bytes", t["bytes"]), ("bound_bytes", t["bound_bytes"]),
                          ("dense_bytes", dense)):
                 totals[k] += v
-        manifest.update(complete=True, summary=summary, totals=totals, updated=now())
+        version = max(manifest_version(manifest["params"], (b for t in manifest["tensors"].values()
+                                                            for b in t["blocks"])), manifest["format_version"])
+        manifest.update(format_version=version, complete=True, summary=summary, totals=totals, updated=now())
         atomic_json(self._manifest_path(finetune), manifest)
         self._collect_garbage(finetune, keep_files)
         if finetune not in self._scoped:

@@ -7,7 +7,7 @@ committed.
 from __future__ import annotations
 
 from ken_dist.checkpoints.dtypes import itemsize
-from ken_dist.store.protocol import FORMAT_VERSION, Store
+from ken_dist.store.protocol import MARKER_VERSION, Store
 
 
 def inspect_store(store) -> dict:
@@ -15,10 +15,12 @@ def inspect_store(store) -> dict:
 
     Read from the manifests only (no part is opened). bound_bytes is sum over rows of
     kept*itemsize + log2 C(n, kept)/8; ratio = stored / bound; vs_dense = stored / dense.
-    Per fine-tune also flat fields: tensors_pruned, tensors_whole, kept_params, pruned_params,
-    stored_bytes, dense_bytes, bound_ratio (pruned tensors' stored / bound; None if none)."""
+    Per fine-tune also flat fields: format_version (of its manifest), values (its value codec),
+    tensors_pruned, tensors_whole, kept_params, pruned_params, stored_bytes, dense_bytes,
+    bound_ratio (pruned tensors' stored / bound; None if none), manifest_bytes and
+    bits_per_param: 8 x (every part file + the manifest) / the fine-tune's parameter count."""
     store = store if isinstance(store, Store) else Store(store)
-    out = {"store": store.root, "format_version": FORMAT_VERSION, "finetunes": {}}
+    out = {"store": store.root, "format_version": MARKER_VERSION, "finetunes": {}}
     for ft in store.finetunes():
         m = store.manifest(ft)
         tensors, tot = {}, {"kept": 0, "params": 0, "bytes": 0, "bound_bytes": 0.0, "dense_bytes": 0}
@@ -51,7 +53,12 @@ def inspect_store(store) -> dict:
         tot["ratio"] = tot["bytes"] / tot["bound_bytes"] if tot["bound_bytes"] else None
         tot["vs_dense"] = tot["bytes"] / tot["dense_bytes"] if tot["dense_bytes"] else None
         tot["bound_bytes"] = round(tot["bound_bytes"], 1)
+        manifest_bytes = store.manifest_size(ft)
         out["finetunes"][ft] = {"complete": bool(m.get("complete")), "params": m["params"],
+                                "format_version": m["format_version"], "values": m["params"].get("values", "raw"),
+                                "manifest_bytes": manifest_bytes,
+                                "bits_per_param": 8 * (tot["bytes"] + manifest_bytes) / tot["params"]
+                                if tot["params"] else None,
                                 "created": m.get("created"), "updated": m.get("updated"),
                                 "totals": tot, "tensors": tensors,
                                 # flat summary fields (the CLI prints these)

@@ -23,10 +23,11 @@ import json
 
 import torch
 
-from ken_dist.checkpoints.dtypes import itemsize, torch_dtype
+from ken_dist.checkpoints.dtypes import torch_dtype
 from ken_dist.checkpoints.inventory import Checkpoint
-from ken_dist.checkpoints.reads import read_rows
+from ken_dist.checkpoints.reads import read_rows, read_rows_array
 from ken_dist.errors import InputError, StoreError
+from ken_dist.store.codecs import RAW
 from ken_dist.store.parts import block_rows, decode_whole, put_kept
 from ken_dist.store.protocol import Store
 from ken_dist.subnetwork.base import open_verified_base
@@ -142,16 +143,22 @@ class Subnetwork:
 
     def kept(self, name: str, a: int = 0, b: int | None = None):
         """Yield (first_row, keep [m, row_len] bool numpy, values uint8 numpy) for the kept entries
-        of rows [a, b) of a pruned tensor, reading only the parts whose blocks overlap them."""
+        of rows [a, b) of a pruned tensor, reading only the parts whose blocks overlap them.
+        values are the kept entries' bytes in the tensor's dtype as the block's codec rebuilds
+        them (store/parts.block_rows): the fine-tuned bytes for raw, base + decoded delta else."""
         t = self.entry(name)
         b = t["rows"] if b is None else b
-        size = itemsize(t["dtype"])
+        base_info = None
         for block in t["blocks"]:
             if block["row_end"] <= a or block["row_start"] >= b:
                 continue
             table = self.store.read_part(block, name, verify=self.verify)
+            if "values" in block and base_info is None:
+                base_info = self.base_checkpoint.tensors[t["base_name"]]
             try:
-                yield from block_rows(table, t["row_len"], size, block["row_start"], block["row_end"], a, b)
+                yield from block_rows(table, t["row_len"], t["dtype"], block["row_start"], block["row_end"], a, b,
+                                      codec=block.get("values", RAW), index=block.get("index", "mask"),
+                                      base_rows=lambda lo, hi: read_rows_array(base_info, lo, hi))
             except ValueError as e:
                 raise StoreError(f"part file {self.store.resolve(block['file'])} of tensor {name!r} is "
                                f"inconsistent ({e}); delete it and rerun the prune command") from None
