@@ -20,7 +20,7 @@ from ken_dist.errors import KenError, StoreError
 from ken_dist.store.codecs import parse_codec, widen
 from ken_dist.store.parts import block_rows, encode_block, part_bytes
 from ken_dist.store.protocol import Store
-from ken_dist.subnetwork.view import open_subnetwork
+from ken_dist.subnetwork.view import Subnetwork, open_subnetwork
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "v1_store")
 LOSSY = ["int8", "int4", "int2", "sign", "int4-g3"]
@@ -315,6 +315,17 @@ def test_view_rows_slices_and_kept_agree_for_a_lossy_store(tmp_path, codec):
         assert (w.float() - ft["w"].float()).abs().max() < 0.1
         assert same_bits(sub.get_slice("w")[3:7], w[3:7])
         assert same_bits(sub.get_tensor("b"), sub.get_slice("b")[:])
+    # KENviz reads the same decoder: its kept entries are the mask, its delta the rebuilt values' delta
+    from ken_dist.viz import load_matrix
+
+    view = load_matrix(tmp_path / "store", "ft", "w", base=bdir, delta=True)
+    kept_mask = torch.zeros(9, 12, dtype=torch.bool)
+    for first, keep, _ in Subnetwork(tmp_path / "store", "ft", bdir).kept("w"):
+        kept_mask[first: first + keep.shape[0]] = torch.from_numpy(keep)
+    assert np.array_equal(view.mask, kept_mask.numpy())
+    assert view.stats["kept"] == int(kept_mask.sum()) and view.factor == 1
+    rebuilt_delta = torch.where(kept_mask, w.float() - base["w"].float(), 0.0).numpy()
+    assert np.allclose(view.value_sum, rebuilt_delta, rtol=0, atol=1e-7)
 
 
 @pytest.mark.usefixtures("local_ray")
