@@ -1,7 +1,7 @@
 """ms per row of the KEN CPU path on every row family, side by side, and N x the published code.
 
     python benchmarks/kernel_speed.py [--rows 64] [--shapes 4096x2048,14336x4096] [--published-rows 2]
-                                      [--oracle-rows 0] [--paths cpu,torch] [--sort-stage]
+                                      [--baseline REV] [--oracle-rows 0] [--paths cpu,torch] [--sort-stage]
 
 Families (tests/row_families.py, at each shape's width): Gaussian, the old
 headline (Gaussian with 0.2% outliers), uniform, Laplace, Student-t (df 3), bf16-rounded versions,
@@ -13,6 +13,9 @@ ms/row is the median over its chunks of this thread's CPU time (time.thread_time
 processes on a shared machine then cost cache, not the time slices they take), and "x fastest"
 divides it by the fastest family's.
 
+--baseline REV also times the numba code (ken_numba.py) of git revision REV on the same blocks,
+interleaved with today's, its masks checked equal: "x baseline" is today's ms/row over REV's.
+
 "published": a straightforward implementation written the way the paper's published code computes
 (scikit-learn KernelDensity with Silverman's bandwidth scored on the np.linspace grid, rounded
 densities, a Python greedy nearest-unclaimed loop, the value-based mask), timed on the first
@@ -23,8 +26,11 @@ literal pure-Python oracle the same way (slower still: it loops over every sourc
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import oracle  # noqa: E402
 import row_families  # noqa: E402
 
+from ken_dist.kernel import ken_cpu  # noqa: E402
 from ken_dist.kernel.ken import ken_mask  # noqa: E402
 from ken_dist.kernel.ken_cpu import sort_order  # noqa: E402
 
@@ -112,19 +119,50 @@ def published_mask(v: np.ndarray, k: int) -> np.ndarray:
     return np.isin(v, np.array(picked, dtype=np.float32)) & (v != 0)
 
 
-def time_families(rows: dict[str, np.ndarray], k: int, chunk: int, device: str) -> dict[str, float]:
-    """Median ms/row over chunks, the families interleaved (rotated each round)."""
+def baseline_kernel(rev: str):
+    """A function (rows, k) -> masks: ken_mask with git revision rev's ken_numba.py in place of
+    today's (same wrapper, numpy bandwidths and grids)."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{rev}:ken_dist/kernel/ken_numba.py"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="ken_baseline_")) / "ken_numba_baseline.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("ken_numba_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def masks(rows: np.ndarray, k: int) -> np.ndarray:
+        today = ken_cpu.ken_numba
+        ken_cpu.ken_numba = module
+        try:
+            return ken_mask(rows, k)
+        finally:
+            ken_cpu.ken_numba = today
+    return masks
+
+
+def time_families(rows: dict[str, np.ndarray], k: int, chunk: int, kernels: dict) -> dict[str, dict[str, float]]:
+    """Median ms/row over chunks of each kernel on each family, families and kernels interleaved
+    (the order rotated each round); every kernel's masks checked equal to the first's."""
     names = list(rows)
-    for name in names:
-        ken_mask(rows[name][:2], k, device=device)  # compiled / allocated
+    for fn in kernels.values():
+        for name in names:
+            fn(rows[name][:2], k)  # compiled / allocated
     r = min(v.shape[0] for v in rows.values())
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples = {kernel: {name: [] for name in names} for kernel in kernels}
+    pairs = [(kernel, name) for name in names for kernel in kernels]
     for c, start in enumerate(range(0, r - chunk + 1, chunk)):
-        for name in names[c % len(names):] + names[: c % len(names)]:
+        masks = {}
+        for kernel, name in pairs[c % len(pairs):] + pairs[: c % len(pairs)]:
+            block = rows[name][start:start + chunk]
             t0 = time.thread_time()
-            ken_mask(rows[name][start:start + chunk], k, device=device)
-            samples[name].append((time.thread_time() - t0) / chunk * 1e3)
-    return {name: float(np.median(s)) for name, s in samples.items()}
+            masks[kernel, name] = kernels[kernel](block, k)
+            samples[kernel][name].append((time.thread_time() - t0) / chunk * 1e3)
+        first = next(iter(kernels))
+        for kernel, name in pairs:
+            if not np.array_equal(masks[kernel, name], masks[first, name]):
+                raise SystemExit(f"{kernel} masks differ from {first}'s on {name} rows")
+    return {kernel: {name: float(np.median(s)) for name, s in per.items()} for kernel, per in samples.items()}
 
 
 def time_per_row(fn, rows: np.ndarray, k: int, check=None) -> float:
@@ -169,11 +207,15 @@ def main() -> None:
     parser.add_argument("--paths", default="cpu", help="comma list of: cpu, torch (the torch path on the CPU)")
     parser.add_argument("--shapes", default=None, help="e.g. 4096x2048,768x384 (default: 4096x2048,14336x4096)")
     parser.add_argument("--families", default=None, help="comma list of family names (default: all)")
+    parser.add_argument("--baseline", default=None, help="git revision whose ken_numba.py is timed alongside")
     parser.add_argument("--sort-stage", action="store_true", help="also time the radix sort against numpy's")
     args = parser.parse_args()
     torch.set_num_threads(1)
     shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     wanted = None if not args.families else set(args.families.split(","))
+    baseline = baseline_kernel(args.baseline) if args.baseline else None
+    if args.published_rows:
+        published_mask(np.linspace(-1, 1, 64, dtype=np.float32), 8)  # imports scikit-learn untimed
 
     print(f"one thread; {args.rows} rows per family in chunks of {args.chunk}, families interleaved; "
           f"published code on {args.published_rows} rows per family; numpy {np.__version__}")
@@ -186,14 +228,23 @@ def main() -> None:
                 print(f"({n}, {k}) {name}: {rows.pop(name)}")
         for path in [p for p in args.paths.split(",") if p]:
             device = "cpu" if path == "cpu" else "torch"
-            ms = time_families(rows, k, args.chunk, device)
-            fastest = min(ms.values())
-            header = (f"{'n':>6} {'k':>5} {'path':>5} {'family':>15} {'ms/row':>8} {'x fastest':>9} "
-                      f"{'published ms/row':>16} {'x published':>11}")
+            kernels = {"today": lambda b, k, device=device: ken_mask(b, k, device=device)}
+            if args.baseline and path == "cpu":
+                kernels["baseline"] = baseline
+            ms = time_families(rows, k, args.chunk, kernels)
+            today = ms["today"]
+            fastest = min(today.values())
+            header = f"{'n':>6} {'k':>5} {'path':>5} {'family':>15} {'ms/row':>8} {'x fastest':>9}"
+            if "baseline" in ms:
+                header += f" {'baseline ms/row':>15} {'x baseline':>10}"
+            if args.published_rows and path == "cpu":
+                header += f" {'published ms/row':>16} {'x published':>11}"
             print(header)
             print("-" * len(header))
-            for name, rate in ms.items():
+            for name, rate in today.items():
                 line = f"{n:>6} {k:>5} {path:>5} {name:>15} {rate:>8.3f} {rate / fastest:>9.2f}"
+                if "baseline" in ms:
+                    line += f" {ms['baseline'][name]:>15.3f} {ms['baseline'][name] / rate:>9.2f}x"
                 if args.published_rows and path == "cpu":
                     pub = time_per_row(published_mask, rows[name][: args.published_rows], k,
                                        check=lambda v, got: _check_same(v, got, k, "published", name))
@@ -202,9 +253,12 @@ def main() -> None:
                     orc = time_per_row(oracle.index_mask, rows[name][: args.oracle_rows], k)
                     line += f"  oracle {orc:.0f} ms/row ({orc / rate:.0f}x)"
                 print(line)
-            slowest = max(ms.values())
-            print(f"{'':>12} spread: slowest family {slowest / fastest:.2f}x the fastest; slowest "
-                  f"{slowest / ms['gauss+outliers']:.2f}x gauss+outliers" if "gauss+outliers" in ms else "")
+            slowest = max(today.values())
+            summary = f"{'':>12} slowest family {slowest / fastest:.2f}x the fastest"
+            if "baseline" in ms and "gauss+outliers" in today:
+                summary += f"; slowest {slowest:.3f} ms/row vs the baseline's gauss+outliers " \
+                           f"{ms['baseline']['gauss+outliers']:.3f} ms/row"
+            print(summary)
             if args.sort_stage and path == "cpu":
                 radix_us, numpy_us = sort_stage(rows[next(iter(rows))])
                 print(f"{'':>12} sort stage: radix {radix_us:.1f} us/row, numpy uint64 sort {numpy_us:.1f} us/row: "

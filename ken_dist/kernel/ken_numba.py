@@ -32,7 +32,7 @@ P_TERMS = 15
 T_WINDOW = 7.2
 # Density nodes D per bandwidth; each grid point interpolates the M nodes around it.
 NODES_PER_H = 8
-M_INTERP = 12
+M_INTERP = 10
 # Cramer's inequality: |He_n(x)| exp(-x^2/4) <= CRAMER * sqrt(n!) (constant rounded up).
 CRAMER = 1.086436
 # Below this many kernel evaluations per row the literal sum is as cheap as the expansion.
@@ -51,18 +51,25 @@ def exact_density(values: np.ndarray, x: float, h: float) -> float:
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _run_moments(s, moments, b):
-    """moments[b, p] = sum of s^p / p! over one box's sources. A reduction the compiler may
-    reorder (fastmath reassoc: vector lanes); _expansion_error's rounding term covers any order."""
-    power = np.ones(s.size, dtype=np.float64)
+def _run_moments(u, centre, inv_h, moments, b):
+    """moments[b, p] = sum of s^p / p! over one box's sources u, s = (u - centre) / h; returns
+    max |s|. Reductions the compiler may reorder (fastmath reassoc: vector lanes), which
+    _expansion_error's rounding term covers (any order)."""
+    s = np.empty(u.size, dtype=np.float64)
+    smax = 0.0
+    for i in range(u.size):
+        s[i] = (u[i] - centre) * inv_h
+        smax = max(smax, abs(s[i]))
+    power = np.ones(u.size, dtype=np.float64)
     inv_fact = 1.0
     for p in range(P_TERMS):
         total = 0.0
-        for i in range(s.size):
+        for i in range(u.size):
             total += power[i]
             power[i] *= s[i]
         moments[b, p] = total * inv_fact
         inv_fact /= p + 1
+    return smax
 
 
 @numba.njit(cache=True, nogil=True)
@@ -79,23 +86,17 @@ def _box_moments(sorted_values, start, width, h, nbox):
     it). The sources are sorted, so each box is a run of them."""
     n = sorted_values.size
     moments = np.zeros((nbox, P_TERMS), dtype=np.float64)
-    s = np.empty(n, dtype=np.float64)
-    box = np.empty(n, dtype=np.int64)
     smax = 0.0
     inv_width = 1.0 / width
     inv_h = 1.0 / h
-    for i in range(n):
-        u = sorted_values[i]
-        b = min(max(int((u - start) * inv_width + 0.5), 0), nbox - 1)
-        box[i] = b
-        s[i] = (u - (start + b * width)) * inv_h
-        smax = max(smax, abs(s[i]))
     first = 0
     while first < n:
+        b = min(max(int((sorted_values[first] - start) * inv_width + 0.5), 0), nbox - 1)
+        edge = start + (b + 0.5) * width  # box b takes the values below its upper edge
         last = first + 1
-        while last < n and box[last] == box[first]:
+        while last < n and (sorted_values[last] < edge or b == nbox - 1):
             last += 1
-        _run_moments(s[first:last], moments, box[first])
+        smax = max(smax, _run_moments(sorted_values[first:last], start + b * width, inv_h, moments, b))
         first = last
     return moments, smax * (1.0 + 1e-12)
 
@@ -220,28 +221,60 @@ def density_estimates(values, sorted_values, grid, h):
         fact *= i
     # |f^(M)| <= d0 * CRAMER * sqrt(M!) / h^M; node spacing delta = h / D.
     remainder_scale = CRAMER / math.sqrt(fact) / float(NODES_PER_H) ** M_INTERP
-    prefix = np.empty(M_INTERP + 1, dtype=np.float64)
+    z = np.empty(k, dtype=np.float64)
     for j in range(k):
-        x = np.float64(grid[j])
-        z = (x - start) / delta
-        first = min(max(int(math.floor(z)) - half_m + 1, 0), n_nodes - M_INTERP)
-        y = z - first
-        prefix[0] = 1.0
-        for i in range(M_INTERP):
-            prefix[i + 1] = prefix[i] * (y - i)
-        suffix = 1.0
-        total = 0.0
-        lebesgue = 0.0
-        for i in range(M_INTERP - 1, -1, -1):
-            basis = coef[i] * prefix[i] * suffix
-            total += basis * nodes[first + i]
-            lebesgue += abs(basis)
-            suffix *= y - i
-        err = (lebesgue * (node_err + position_err + 8.0 * M_INTERP * EPS)
-               + abs(prefix[M_INTERP]) * remainder_scale)
-        out[j] = total / norm
-        bound[j] = d0 * err
+        z[j] = (np.float64(grid[j]) - start) / delta
+    lebesgue = np.empty(k, dtype=np.float64)
+    omega = np.empty(k, dtype=np.float64)
+    _interpolate(nodes, z, coef, out, lebesgue, omega)
+    for j in range(k):
+        out[j] /= norm
+        bound[j] = d0 * (lebesgue[j] * (node_err + position_err + 8.0 * M_INTERP * EPS)
+                         + omega[j] * remainder_scale)
     return out, bound
+
+
+@numba.njit(cache=True, nogil=True)
+def _interpolate(nodes, z, coef, out, lebesgue, omega):
+    """At each lattice position z[j], the Lagrange interpolant of the M_INTERP nodes around it
+    (out), the Lebesgue function sum |l_i| there and |prod (z - node)|. Written power by power
+    over all positions (prefix and suffix products of (y - i)), so that each step is one loop
+    over the positions that vectorizes."""
+    k = z.size
+    first = np.empty(k, dtype=np.int64)
+    y = np.empty(k, dtype=np.float64)
+    top = nodes.size - M_INTERP
+    for j in range(k):
+        first[j] = min(max(int(math.floor(z[j])) - M_INTERP // 2 + 1, 0), top)
+        y[j] = z[j] - first[j]
+    prefix = np.empty((M_INTERP + 1, k), dtype=np.float64)
+    prefix[0, :] = 1.0
+    for i in range(M_INTERP):
+        _scaled_shift(prefix[i], y, float(i), prefix[i + 1])
+    suffix = np.ones(k, dtype=np.float64)
+    out[:] = 0.0
+    lebesgue[:] = 0.0
+    for i in range(M_INTERP - 1, -1, -1):
+        _lagrange_term(coef[i], prefix[i], suffix, y, float(i), nodes, first, i, out, lebesgue)
+    for j in range(k):
+        omega[j] = abs(prefix[M_INTERP, j])
+
+
+@numba.njit(cache=True, nogil=True)
+def _scaled_shift(a, y, c, out):
+    """out = a * (y - c)."""
+    for j in range(out.size):
+        out[j] = a[j] * (y[j] - c)
+
+
+@numba.njit(cache=True, nogil=True)
+def _lagrange_term(c, prefix, suffix, y, shift, nodes, first, i, out, lebesgue):
+    """Adds node i's term c * prefix * suffix * node value and its |basis|; suffix *= y - i."""
+    for j in range(out.size):
+        basis = c * prefix[j] * suffix[j]
+        out[j] += basis * nodes[first[j] + i]
+        lebesgue[j] += abs(basis)
+        suffix[j] *= y[j] - shift
 
 
 @numba.njit(cache=True, nogil=True)
@@ -287,16 +320,16 @@ def greedy_match(sorted_values, order, grid, visit):
     """
     n = sorted_values.size
     k = visit.size
-    # block_start/block_end: the run of equal values each sorted position belongs to
+    # block_start/block_end: the run of equal values each sorted position belongs to (written
+    # with selects, not branches: run lengths are data, and mispredictions cost more than the work)
     block_start = np.empty(n, dtype=np.int64)
     block_end = np.empty(n, dtype=np.int64)
-    s = 0
-    for p in range(1, n + 1):
-        if p == n or sorted_values[p] != sorted_values[s]:
-            for q in range(s, p):
-                block_start[q] = s
-                block_end[q] = p
-            s = p
+    block_start[0] = 0
+    for p in range(1, n):
+        block_start[p] = p if sorted_values[p] != sorted_values[p - 1] else block_start[p - 1]
+    block_end[n - 1] = n
+    for p in range(n - 2, -1, -1):
+        block_end[p] = p + 1 if sorted_values[p] != sorted_values[p + 1] else block_end[p + 1]
     # first sorted position with value >= grid point (grid is ascending)
     lower = np.empty(grid.size, dtype=np.int64)
     p = 0
