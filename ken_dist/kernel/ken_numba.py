@@ -324,12 +324,14 @@ def greedy_match(sorted_values, order, grid, visit):
     # with selects, not branches: run lengths are data, and mispredictions cost more than the work)
     block_start = np.empty(n, dtype=np.int64)
     block_end = np.empty(n, dtype=np.int64)
-    block_start[0] = 0
-    for p in range(1, n):
-        block_start[p] = p if sorted_values[p] != sorted_values[p - 1] else block_start[p - 1]
-    block_end[n - 1] = n
-    for p in range(n - 2, -1, -1):
-        block_end[p] = p + 1 if sorted_values[p] != sorted_values[p + 1] else block_end[p + 1]
+    start = 0
+    for p in range(n):
+        start = p if p == 0 or sorted_values[p] != sorted_values[p - 1] else start
+        block_start[p] = start
+    end = n
+    for p in range(n - 1, -1, -1):
+        end = p + 1 if p == n - 1 or sorted_values[p] != sorted_values[p + 1] else end
+        block_end[p] = end
     # first sorted position with value >= grid point (grid is ascending)
     lower = np.empty(grid.size, dtype=np.int64)
     p = 0
@@ -352,20 +354,29 @@ def greedy_match(sorted_values, order, grid, visit):
         d_min = min(d_left, d_right)
         best_pos = -1
         best_idx = n
+        # Distinct values on one side can tie in float32 distance, so each side is walked while
+        # the distance stays d_min; float32 distances are monotone on each side, so the next
+        # value (alive or not) tells whether any later one can still tie, without a find.
         q = right
         while q < n and abs(sorted_values[q] - g) == d_min:
             # q is the first alive entry of its block: the smallest index among equal values
             if order[q] < best_idx:
                 best_idx = order[q]
                 best_pos = q
-            q = _find_next(nxt, block_end[q])
+            e = block_end[q]
+            if e >= n or abs(sorted_values[e] - g) != d_min:
+                break
+            q = _find_next(nxt, e)
         q = left
         while q >= 0 and abs(sorted_values[q] - g) == d_min:
-            first = _find_next(nxt, block_start[q])
+            s = block_start[q]
+            first = _find_next(nxt, s)
             if order[first] < best_idx:
                 best_idx = order[first]
                 best_pos = first
-            q = _find_prev(prv, block_start[q] - 1)
+            if s == 0 or abs(sorted_values[s - 1] - g) != d_min:
+                break
+            q = _find_prev(prv, s - 1)
         picked[t] = best_idx
         nxt[best_pos] = best_pos + 1
         prv[best_pos + 1] = best_pos
