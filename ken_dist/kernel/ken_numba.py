@@ -51,16 +51,15 @@ def exact_density(values: np.ndarray, x: float, h: float) -> float:
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _run_moments(u, centre, inv_h, moments, b):
+def _run_moments(u, centre, inv_h, moments, b, s, power):
     """moments[b, p] = sum of s^p / p! over one box's sources u, s = (u - centre) / h; returns
     max |s|. Reductions the compiler may reorder (fastmath reassoc: vector lanes), which
-    _expansion_error's rounding term covers (any order)."""
-    s = np.empty(u.size, dtype=np.float64)
+    _expansion_error's rounding term covers (any order). s and power: scratch, u's size."""
     smax = 0.0
     for i in range(u.size):
         s[i] = (u[i] - centre) * inv_h
         smax = max(smax, abs(s[i]))
-    power = np.ones(u.size, dtype=np.float64)
+        power[i] = 1.0
     inv_fact = 1.0
     for p in range(P_TERMS):
         total = 0.0
@@ -86,6 +85,8 @@ def _box_moments(sorted_values, start, width, h, nbox):
     it). The sources are sorted, so each box is a run of them."""
     n = sorted_values.size
     moments = np.zeros((nbox, P_TERMS), dtype=np.float64)
+    s = np.empty(n, dtype=np.float64)
+    power = np.empty(n, dtype=np.float64)
     smax = 0.0
     inv_width = 1.0 / width
     inv_h = 1.0 / h
@@ -96,7 +97,8 @@ def _box_moments(sorted_values, start, width, h, nbox):
         last = first + 1
         while last < n and (sorted_values[last] < edge or b == nbox - 1):
             last += 1
-        smax = max(smax, _run_moments(sorted_values[first:last], start + b * width, inv_h, moments, b))
+        smax = max(smax, _run_moments(sorted_values[first:last], start + b * width, inv_h, moments, b,
+                                      s[first:last], power[first:last]))
         first = last
     return moments, smax * (1.0 + 1e-12)
 
