@@ -141,7 +141,7 @@ def density_estimates(values, sorted_values, grid, h):
     carries a rigorous bound: node error times the interpolation's Lebesgue constant at that
     point, the interpolation remainder (|w(x)| max|f^(M)| / M!), float64 rounding of positions.
     All bounds are in units of the bandwidth and of the largest density, so they do not depend
-    on the row's scale. With fewer grid points than nodes, each grid point sums the box
+    on the row's scale. With fewer grid points than occupied boxes, each grid point sums the box
     expansions directly; on small rows, and where h overflowed (the densities are then 0), the
     estimate is the literal sum (bound 0).
     """
@@ -170,7 +170,13 @@ def density_estimates(values, sorted_values, grid, h):
     # magnitude; f moves by at most d0 * exp(-1/2) / h per unit of position.
     position_err = 8.0 * EPS * (abs(lo) + abs(hi) + width) / h * math.exp(-0.5)
 
-    if n_nodes >= k:
+    occupied = 0
+    for b in range(nbox):
+        occupied += moments[b, 0] != 0.0
+    # Nodes cost ~(2 T D + 1) P vectorized multiply-adds per occupied box, the direct sum ~(2 T + 1)
+    # exp and Hermite recurrences per grid point: the direct sum only pays with more boxes than
+    # grid points.
+    if occupied > k:
         reach = T_WINDOW + smax  # in bandwidths: boxes beyond hold no source within T_WINDOW
         for j in range(k):
             x = np.float64(grid[j])
