@@ -20,7 +20,8 @@ interleaved with today's, its masks checked equal: "x baseline" is today's ms/ro
 (scikit-learn KernelDensity with Silverman's bandwidth scored on the np.linspace grid, rounded
 densities, a Python greedy nearest-unclaimed loop, the value-based mask), timed on the first
 --published-rows rows of each family; its masks are checked identical to ken_select(compat=
-"reference") and "x published" is its ms/row over the CPU path's. --oracle-rows times the tests'
+"reference") and "x published" is its ms/row over the CPU path's. It needs scikit-learn (`pip install
+scikit-learn`; ken_dist itself does not); --published-rows 0 skips it. --oracle-rows times the tests'
 literal pure-Python oracle the same way (slower still: it loops over every source in Python).
 """
 from __future__ import annotations
@@ -218,7 +219,11 @@ def main() -> None:
     wanted = None if not args.families else set(args.families.split(","))
     baseline = baseline_kernel(args.baseline) if args.baseline else None
     if args.published_rows:
-        published_mask(np.linspace(-1, 1, 64, dtype=np.float32), 8)  # imports scikit-learn untimed
+        try:
+            published_mask(np.linspace(-1, 1, 64, dtype=np.float32), 8)  # imports scikit-learn untimed
+        except ImportError:
+            raise SystemExit("the published-code comparison needs scikit-learn: pip install scikit-learn "
+                             "(or --published-rows 0 to skip it)") from None
 
     print(f"one thread; {args.rows} rows per family in chunks of {args.chunk}, families interleaved; "
           f"published code on {args.published_rows} rows per family; numpy {np.__version__}")
