@@ -30,7 +30,22 @@ def row(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
         far = rng.random(n) < 0.3
         v[far] = -rng.uniform(0.5, 4, int(far.sum()))
         return v
+    if kind == "sparse_outliers":  # weight-like: 0.2% of entries 20x larger
+        v = rng.standard_normal(n) * 0.02
+        v[rng.random(n) < 0.002] *= 20
+        return v
+    if kind == "laplace":
+        return rng.laplace(0.0, 0.02, n)
+    if kind == "student3":
+        return rng.standard_t(3, n) * 0.02
+    if kind == "delta":  # a fine-tuning delta's scale: the densities are ~100x larger integers
+        return rng.standard_normal(n) * 2e-4
+    if kind == "near_constant":  # LayerNorm-like: float32 steps of 1.0 are 1.2e-7, so many ties
+        return 1.0 + rng.standard_normal(n) * 1e-4
+    if kind == "uniform_weights":
+        return rng.uniform(-0.03, 0.03, n)
     return rng.uniform(-1, 1, n)
 
 
-KINDS = ["gauss", "cauchy", "student2", "outliers", "bf16", "zeros", "bimodal", "few_levels", "clustered", "uniform"]
+KINDS = ["gauss", "cauchy", "student2", "outliers", "bf16", "zeros", "bimodal", "few_levels", "clustered", "uniform",
+         "sparse_outliers", "uniform_weights", "laplace", "student3", "delta", "near_constant"]

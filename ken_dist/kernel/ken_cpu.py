@@ -35,7 +35,7 @@ def grids(rows: np.ndarray, k: int) -> np.ndarray:
 
 def sort_order(rows: np.ndarray) -> np.ndarray:
     """Each row's indices sorted by (value, index), -0.0 equal to 0.0 (ken_numba.radix_sort_order)."""
-    return ken_numba.radix_sort_order(np.ascontiguousarray(rows, dtype=np.float32))
+    return ken_numba.radix_sort_order(np.ascontiguousarray(rows, dtype=np.float32).view(np.uint32))
 
 
 def ken_masks(rows: np.ndarray, k: int, reference: bool) -> np.ndarray:
@@ -56,6 +56,34 @@ def ken_masks(rows: np.ndarray, k: int, reference: bool) -> np.ndarray:
     if reference:
         mask = value_mask(rows, mask)
     return mask
+
+
+def warm_up(on_compile=None) -> bool:
+    """Compile the CPU path's numba code, or load it from numba's on-disk cache, by selecting on
+    two tiny rows (the same argument types as real blocks, and rows long enough for every density
+    branch). on_compile() is called once, just before the first real compilation: not at all when
+    the cache serves everything. Returns whether anything was compiled.
+
+    Why: a job's actors would otherwise each compile the same code at once on a new machine;
+    run first (the driver does), the others load what this one cached."""
+    from numba.core import event
+
+    compiled = []
+
+    class FirstCompile(event.Listener):
+        def on_start(self, ev):
+            if not compiled and on_compile is not None:
+                on_compile()
+            compiled.append(True)
+
+        def on_end(self, ev):
+            pass
+
+    rows = np.stack([np.linspace(-1.0, 1.0, 512, dtype=np.float32) ** 3,
+                     np.linspace(0.0, 1.0, 512, dtype=np.float32)])
+    with event.install_listener("numba:compile", FirstCompile()):
+        ken_masks(rows, 200, False)
+    return bool(compiled)
 
 
 def value_mask(rows: np.ndarray, picked: np.ndarray) -> np.ndarray:

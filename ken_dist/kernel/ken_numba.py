@@ -8,10 +8,11 @@ compiled loops from a wheel, caches the machine code on disk, and keeps the code
 Cost per row (n values, k grid points), all exact:
 - bandwidth and grid use numpy itself, vectorized over the block, so their float32 rounding is
   numpy's by construction;
-- density: a truncated Hermite expansion of the Gaussian sum over boxes of width <= h, evaluated
-  through a table on the lattice the grid lies on (O(n*P + k*P*boxes) instead of O(n*k)). Each
-  estimate carries a rigorous error bound; where the bound cannot decide the integer rounding,
-  the density is recomputed by the literal O(n) sum;
+- density: a truncated Hermite expansion of the Gaussian sum over boxes one bandwidth wide,
+  evaluated on a lattice of a few nodes per bandwidth and interpolated to the grid points
+  (O(n*P + nodes*T*P + k*M) instead of O(n*k)). Each estimate carries a rigorous error bound in
+  units of the bandwidth and the largest density (so the same on every row scale); where the
+  bound cannot decide the integer rounding, the density is recomputed by the literal O(n) sum;
 - greedy match: the row sorted once, "next alive"/"previous alive" links with path halving,
   O((n + k) * alpha(n)) after the sort.
 """
@@ -23,12 +24,17 @@ import numba
 import numpy as np
 
 SQRT_2PI = math.sqrt(2.0 * math.pi)
-# Hermite expansion: P terms, boxes at most BETA * h wide, targets see sources within T * h.
-P_TERMS = 10
-BETA = 1.0
-T_WINDOW = 5.7
-# Cramer's inequality: |He_n(x)| exp(-x^2/4) <= CRAMER * sqrt(n!).
-CRAMER = 1.0865
+EPS = 2.0 ** -52
+# Hermite expansion of each box of sources (boxes one bandwidth wide, P terms); a box is seen
+# from points within T bandwidths of its sources. Both truncations stay below 1e-10 of the
+# largest possible density, so the rounding is decided almost everywhere, whatever the scale.
+P_TERMS = 15
+T_WINDOW = 7.2
+# Density nodes D per bandwidth; each grid point interpolates the M nodes around it.
+NODES_PER_H = 8
+M_INTERP = 10
+# Cramer's inequality: |He_n(x)| exp(-x^2/4) <= CRAMER * sqrt(n!) (constant rounded up).
+CRAMER = 1.086436
 # Below this many kernel evaluations per row the literal sum is as cheap as the expansion.
 BRUTE_FORCE_WORK = 32768
 
@@ -44,108 +50,252 @@ def exact_density(values: np.ndarray, x: float, h: float) -> float:
     return total / (values.size * h * SQRT_2PI)
 
 
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _run_moments(u, centre, inv_h, moments, b, s, power):
+    """moments[b, p] = sum of s^p / p! over one box's sources u, s = (u - centre) / h; returns
+    max |s|. Reductions the compiler may reorder (fastmath reassoc: vector lanes), which
+    _expansion_error's rounding term covers (any order). s and power: scratch, u's size."""
+    smax = 0.0
+    for i in range(u.size):
+        s[i] = (u[i] - centre) * inv_h
+        smax = max(smax, abs(s[i]))
+        power[i] = 1.0
+    inv_fact = 1.0
+    for p in range(P_TERMS):
+        total = 0.0
+        for i in range(u.size):
+            total += power[i]
+            power[i] *= s[i]
+        moments[b, p] = total * inv_fact
+        inv_fact /= p + 1
+    return smax
+
+
 @numba.njit(cache=True, nogil=True)
-def _rounded_density(values, sorted_values, grid, h):
-    """Rounded (half to even) KDE at each float32 grid point, exact up to the spec's float64 sum."""
+def _axpy(a, x, y):
+    """y += a * x (a separate function: its array arguments let the loop vectorize)."""
+    for i in range(y.size):
+        y[i] += a * x[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def _box_moments(sorted_values, start, width, h, nbox):
+    """A[b, p] = sum over box b's sources of s^p / p!, s = (u - centre_b) / h, centre_b =
+    start + b * width (start <= every value); and the largest |s| (the truncation bound needs
+    it). The sources are sorted, so each box is a run of them."""
+    n = sorted_values.size
+    moments = np.zeros((nbox, P_TERMS), dtype=np.float64)
+    s = np.empty(n, dtype=np.float64)
+    power = np.empty(n, dtype=np.float64)
+    smax = 0.0
+    inv_width = 1.0 / width
+    inv_h = 1.0 / h
+    first = 0
+    while first < n:
+        b = min(max(int((sorted_values[first] - start) * inv_width + 0.5), 0), nbox - 1)
+        edge = start + (b + 0.5) * width  # box b takes the values below its upper edge
+        last = first + 1
+        while last < n and (sorted_values[last] < edge or b == nbox - 1):
+            last += 1
+        smax = max(smax, _run_moments(sorted_values[first:last], start + b * width, inv_h, moments, b,
+                                      s[first:last], power[first:last]))
+        first = last
+    return moments, smax * (1.0 + 1e-12)
+
+
+@numba.njit(cache=True, nogil=True)
+def _expansion_error(smax, n):
+    """Bound on |expansion - exact| at any point, in units of the largest density d0 = 1/(h sqrt(2 pi)):
+    the Hermite remainder (Cramer, then a geometric tail), the sources beyond T bandwidths, and
+    float64 rounding (moments summed over <= n sources, P terms, table entries)."""
+    fact = 1.0
+    for p in range(1, P_TERMS + 1):
+        fact *= p
+    ratio = smax / math.sqrt(P_TERMS + 1.0)
+    remainder = CRAMER * smax ** P_TERMS / math.sqrt(fact) / (1.0 - ratio)
+    return remainder + math.exp(-0.5 * T_WINDOW * T_WINDOW) + 4.0 * (n + 4 * P_TERMS + 64) * EPS + 1e-13
+
+
+@numba.njit(cache=True, nogil=True)
+def _hermite_at(moments, b, t):
+    """sum_p A[b, p] He_p(t) exp(-t^2/2): box b's expansion at offset t (in bandwidths)."""
+    e = math.exp(-0.5 * t * t)
+    he_prev = 1.0
+    he = t
+    total = moments[b, 0] + moments[b, 1] * t
+    for p in range(1, P_TERMS - 1):
+        he_next = t * he - p * he_prev
+        he_prev = he
+        he = he_next
+        total += moments[b, p + 1] * he
+    return total * e
+
+
+@numba.njit(cache=True, nogil=True)
+def density_estimates(values, sorted_values, grid, h):
+    """(estimate, bound) of the KDE at each float32 grid point: |estimate - the spec's sum| <= bound.
+
+    The sources' Hermite expansions (boxes one bandwidth wide) are evaluated on a lattice of
+    NODES_PER_H nodes per bandwidth, through one table since nodes and box centres share the
+    lattice; each grid point then interpolates its M_INTERP nearest nodes (Lagrange form) and
+    carries a rigorous bound: node error times the interpolation's Lebesgue constant at that
+    point, the interpolation remainder (|w(x)| max|f^(M)| / M!), float64 rounding of positions.
+    All bounds are in units of the bandwidth and of the largest density, so they do not depend
+    on the row's scale. With fewer grid points than occupied boxes, each grid point sums the box
+    expansions directly; on small rows, and where h overflowed (the densities are then 0), the
+    estimate is the literal sum (bound 0).
+    """
     n = values.size
     k = grid.size
     out = np.empty(k, dtype=np.float64)
-    if k < 2 or n * k <= BRUTE_FORCE_WORK:
+    bound = np.zeros(k, dtype=np.float64)
+    if k < 2 or n * k <= BRUTE_FORCE_WORK or not h < math.inf:
         for j in range(k):
-            out[j] = np.rint(exact_density(values, np.float64(grid[j]), h))
-        return out
+            out[j] = exact_density(values, np.float64(grid[j]), h)
+        return out, bound
 
     d0 = 1.0 / (h * SQRT_2PI)  # the largest possible density
-    x0 = np.float64(grid[0])
-    # The float32 grid is x0 + j*step rounded; step is the float32 step numpy used.
-    step = np.float64(np.float32(np.float32(grid[k - 1]) - np.float32(grid[0])) / np.float32(k - 1))
-    if step <= 0.0:
+    norm = n * h * SQRT_2PI
+    lo = sorted_values[0]
+    hi = sorted_values[n - 1]
+    delta = h / NODES_PER_H
+    half_m = M_INTERP // 2
+    start = lo - half_m * delta  # node i sits at start + i * delta; box b's centre at node b * D
+    n_nodes = int(math.floor((hi - lo) / delta)) + M_INTERP + 2
+    width = NODES_PER_H * delta
+    nbox = (n_nodes - 1) // NODES_PER_H + 1
+    moments, smax = _box_moments(sorted_values, start, width, h, nbox)
+    node_err = _expansion_error(smax, n)
+    # float64 positions (start, centres, nodes, grid offsets) are off by a few ulp of the row's
+    # magnitude; f moves by at most d0 * exp(-1/2) / h per unit of position.
+    position_err = 8.0 * EPS * (abs(lo) + abs(hi) + width) / h * math.exp(-0.5)
+
+    occupied = 0
+    for b in range(nbox):
+        occupied += moments[b, 0] != 0.0
+    # Nodes cost ~(2 T D + 1) P vectorized multiply-adds per occupied box, the direct sum ~(2 T + 1)
+    # exp and Hermite recurrences per grid point: the direct sum only pays with more boxes than
+    # grid points.
+    if occupied > k:
+        reach = T_WINDOW + smax  # in bandwidths: boxes beyond hold no source within T_WINDOW
         for j in range(k):
-            out[j] = np.rint(exact_density(values, np.float64(grid[j]), h))
-        return out
-    # A common lattice of spacing `unit`: grid point j at index j*mt, box centre b at b*mb.
-    if step > BETA * h:
-        mt = int(math.ceil(step / (BETA * h)))
-        unit = step / mt
-        mb = 1
-    else:
-        mt = 1
-        unit = step
-        mb = max(1, int(math.floor(BETA * h / step)))
-    width = mb * unit
-    nbox = int(math.floor((sorted_values[n - 1] - x0) / width + 0.5)) + 1
+            x = np.float64(grid[j])
+            z = (x - start) / width
+            total = 0.0
+            for b in range(max(0, int(math.ceil(z - reach))), min(nbox - 1, int(math.floor(z + reach))) + 1):
+                if moments[b, 0] != 0.0:
+                    total += _hermite_at(moments, b, (x - (start + b * width)) / h)
+            out[j] = total / norm
+            bound[j] = d0 * (node_err + position_err)
+        return out, bound
 
-    # Moments of each box: A[b, p] = sum over its sources of (d/h)^p / p!, d = u - centre.
-    moments = np.zeros((nbox, P_TERMS), dtype=np.float64)
-    smax = 0.0
-    for i in range(n):
-        u = sorted_values[i]
-        b = int(math.floor((u - x0) / width + 0.5))
-        if b < 0:
-            b = 0
-        elif b >= nbox:
-            b = nbox - 1
-        s = (u - (x0 + b * width)) / h
-        if abs(s) > smax:
-            smax = abs(s)
-        term = 1.0
-        for p in range(P_TERMS):
-            moments[b, p] += term
-            term *= s / (p + 1)
-
-    # Table of He_p(t) exp(-t^2/2) at lattice offsets t = d*unit/h, |d| <= W.
-    reach = T_WINDOW * h + 0.5 * width
-    half = int(math.ceil(reach / unit))
+    # Table of He_p(t) exp(-t^2/2) at node offsets t = d / D, |d| <= half.
+    half = int(math.ceil((T_WINDOW + smax) * NODES_PER_H))
     table = np.empty((P_TERMS, 2 * half + 1), dtype=np.float64)
     for d in range(-half, half + 1):
-        t = d * unit / h
+        t = d / NODES_PER_H
         e = math.exp(-0.5 * t * t)
         he_prev = 1.0
         he = t
         table[0, d + half] = e
-        if P_TERMS > 1:
-            table[1, d + half] = t * e
+        table[1, d + half] = t * e
         for p in range(1, P_TERMS - 1):
             he_next = t * he - p * he_prev
             he_prev = he
             he = he_next
             table[p + 1, d + half] = he * e
-
-    acc = np.zeros(k, dtype=np.float64)
+    nodes = np.zeros(n_nodes, dtype=np.float64)
     for b in range(nbox):
         if moments[b, 0] == 0.0:
             continue
-        centre = b * mb
-        # targets j with |j*mt - centre| <= half
-        jlo = max(0, (centre - half + mt - 1) // mt)
-        jhi = min(k - 1, (centre + half) // mt)
+        centre = b * NODES_PER_H
+        ilo = max(0, centre - half)
+        ihi = min(n_nodes - 1, centre + half)
+        off = half - centre
         for p in range(P_TERMS):
-            a = moments[b, p]
-            row = table[p]
-            if mt == 1:  # contiguous: lets LLVM vectorize
-                off = half - centre
-                for j in range(jlo, jhi + 1):
-                    acc[j] += a * row[j + off]
-            else:
-                for j in range(jlo, jhi + 1):
-                    acc[j] += a * row[j * mt - centre + half]
+            _axpy(moments[b, p], table[p, ilo + off:ihi + 1 + off], nodes[ilo:ihi + 1])
 
-    # Rigorous bound on |estimate - f(grid[j])|, then decide each rounding or recompute.
+    # Lagrange form on M equispaced nodes 0..M-1: l_i(y) = c_i * prod_{j != i} (y - j), with
+    # c_i = 1 / prod_{j != i} (i - j) = (-1)^(M-1-i) / (i! (M-1-i)!).
+    coef = np.empty(M_INTERP, dtype=np.float64)
+    for i in range(M_INTERP):
+        c = 1.0
+        for j in range(M_INTERP):
+            if j != i:
+                c /= i - j
+        coef[i] = c
     fact = 1.0
-    for p in range(1, P_TERMS + 1):
-        fact *= p
-    smax *= 1.0 + 1e-12
-    slope = d0 * math.exp(-0.5) / h  # max |f'|
-    base_err = d0 * (CRAMER * smax ** P_TERMS / math.sqrt(fact)
-                     + math.exp(-0.5 * T_WINDOW * T_WINDOW) + 1e-9)
-    # centres and lattice points carry float64 rounding of their absolute position
-    base_err += 4e-16 * (abs(x0) + abs(sorted_values[n - 1]) + width) * slope
-    norm = n * h * SQRT_2PI
+    for i in range(1, M_INTERP + 1):
+        fact *= i
+    # |f^(M)| <= d0 * CRAMER * sqrt(M!) / h^M; node spacing delta = h / D.
+    remainder_scale = CRAMER / math.sqrt(fact) / float(NODES_PER_H) ** M_INTERP
+    z = np.empty(k, dtype=np.float64)
     for j in range(k):
-        f = acc[j] / norm
-        err = base_err + abs(np.float64(grid[j]) - (x0 + j * step)) * slope
-        if abs(f - math.floor(f) - 0.5) > err:
-            out[j] = np.rint(f)
+        z[j] = (np.float64(grid[j]) - start) / delta
+    lebesgue = np.empty(k, dtype=np.float64)
+    omega = np.empty(k, dtype=np.float64)
+    _interpolate(nodes, z, coef, out, lebesgue, omega)
+    for j in range(k):
+        out[j] /= norm
+        bound[j] = d0 * (lebesgue[j] * (node_err + position_err + 8.0 * M_INTERP * EPS)
+                         + omega[j] * remainder_scale)
+    return out, bound
+
+
+@numba.njit(cache=True, nogil=True)
+def _interpolate(nodes, z, coef, out, lebesgue, omega):
+    """At each lattice position z[j], the Lagrange interpolant of the M_INTERP nodes around it
+    (out), the Lebesgue function sum |l_i| there and |prod (z - node)|. Written power by power
+    over all positions (prefix and suffix products of (y - i)), so that each step is one loop
+    over the positions that vectorizes."""
+    k = z.size
+    first = np.empty(k, dtype=np.int64)
+    y = np.empty(k, dtype=np.float64)
+    top = nodes.size - M_INTERP
+    for j in range(k):
+        first[j] = min(max(int(math.floor(z[j])) - M_INTERP // 2 + 1, 0), top)
+        y[j] = z[j] - first[j]
+    prefix = np.empty((M_INTERP + 1, k), dtype=np.float64)
+    prefix[0, :] = 1.0
+    for i in range(M_INTERP):
+        _scaled_shift(prefix[i], y, float(i), prefix[i + 1])
+    suffix = np.ones(k, dtype=np.float64)
+    out[:] = 0.0
+    lebesgue[:] = 0.0
+    for i in range(M_INTERP - 1, -1, -1):
+        _lagrange_term(coef[i], prefix[i], suffix, y, float(i), nodes, first, i, out, lebesgue)
+    for j in range(k):
+        omega[j] = abs(prefix[M_INTERP, j])
+
+
+@numba.njit(cache=True, nogil=True)
+def _scaled_shift(a, y, c, out):
+    """out = a * (y - c)."""
+    for j in range(out.size):
+        out[j] = a[j] * (y[j] - c)
+
+
+@numba.njit(cache=True, nogil=True)
+def _lagrange_term(c, prefix, suffix, y, shift, nodes, first, i, out, lebesgue):
+    """Adds node i's term c * prefix * suffix * node value and its |basis|; suffix *= y - i."""
+    for j in range(out.size):
+        basis = c * prefix[j] * suffix[j]
+        out[j] += basis * nodes[first[j] + i]
+        lebesgue[j] += abs(basis)
+        suffix[j] *= y[j] - shift
+
+
+@numba.njit(cache=True, nogil=True)
+def _rounded_density(values, sorted_values, grid, h):
+    """Rounded (half to even) KDE at each float32 grid point, equal to rounding the spec's float64
+    sum: the estimate's rounding where its bound decides it, else the literal sum's."""
+    f, bound = density_estimates(values, sorted_values, grid, h)
+    out = np.empty(grid.size, dtype=np.float64)
+    for j in range(grid.size):
+        if bound[j] < 0.25 and abs(f[j] - math.floor(f[j]) - 0.5) > bound[j]:
+            out[j] = np.rint(f[j])
+        elif bound[j] == 0.0:  # the literal sum already
+            out[j] = np.rint(f[j])
         else:
             out[j] = np.rint(exact_density(values, np.float64(grid[j]), h))
     return out
@@ -178,16 +328,18 @@ def greedy_match(sorted_values, order, grid, visit):
     """
     n = sorted_values.size
     k = visit.size
-    # block_start/block_end: the run of equal values each sorted position belongs to
+    # block_start/block_end: the run of equal values each sorted position belongs to (written
+    # with selects, not branches: run lengths are data, and mispredictions cost more than the work)
     block_start = np.empty(n, dtype=np.int64)
     block_end = np.empty(n, dtype=np.int64)
-    s = 0
-    for p in range(1, n + 1):
-        if p == n or sorted_values[p] != sorted_values[s]:
-            for q in range(s, p):
-                block_start[q] = s
-                block_end[q] = p
-            s = p
+    start = 0
+    for p in range(n):
+        start = p if p == 0 or sorted_values[p] != sorted_values[p - 1] else start
+        block_start[p] = start
+    end = n
+    for p in range(n - 1, -1, -1):
+        end = p + 1 if p == n - 1 or sorted_values[p] != sorted_values[p + 1] else end
+        block_end[p] = end
     # first sorted position with value >= grid point (grid is ascending)
     lower = np.empty(grid.size, dtype=np.int64)
     p = 0
@@ -210,20 +362,29 @@ def greedy_match(sorted_values, order, grid, visit):
         d_min = min(d_left, d_right)
         best_pos = -1
         best_idx = n
+        # Distinct values on one side can tie in float32 distance, so each side is walked while
+        # the distance stays d_min; float32 distances are monotone on each side, so the next
+        # value (alive or not) tells whether any later one can still tie, without a find.
         q = right
         while q < n and abs(sorted_values[q] - g) == d_min:
             # q is the first alive entry of its block: the smallest index among equal values
             if order[q] < best_idx:
                 best_idx = order[q]
                 best_pos = q
-            q = _find_next(nxt, block_end[q])
+            e = block_end[q]
+            if e >= n or abs(sorted_values[e] - g) != d_min:
+                break
+            q = _find_next(nxt, e)
         q = left
         while q >= 0 and abs(sorted_values[q] - g) == d_min:
-            first = _find_next(nxt, block_start[q])
+            s = block_start[q]
+            first = _find_next(nxt, s)
             if order[first] < best_idx:
                 best_idx = order[first]
                 best_pos = first
-            q = _find_prev(prv, block_start[q] - 1)
+            if s == 0 or abs(sorted_values[s - 1] - g) != d_min:
+                break
+            q = _find_prev(prv, s - 1)
         picked[t] = best_idx
         nxt[best_pos] = best_pos + 1
         prv[best_pos + 1] = best_pos
@@ -235,13 +396,14 @@ def _visit_order(density):
     """Grid indices by rounded density, highest first; ties keep ascending index.
 
     Rounded densities are small non-negative integers, so a counting sort (stable by
-    construction) replaces the comparison sort when their range is small."""
+    construction) does it when their range is small; otherwise a bottom-up merge sort (stable:
+    on ties the left run goes first)."""
     k = density.size
     top = 0.0
     for j in range(k):
         top = max(top, density[j])
     if top > 4 * k + 1024:
-        return np.argsort(-density, kind="mergesort")
+        return _merge_sort_descending(density)
     levels = int(top) + 1
     count = np.zeros(levels + 1, dtype=np.int64)
     for j in range(k):
@@ -257,15 +419,49 @@ def _visit_order(density):
 
 
 @numba.njit(cache=True, nogil=True)
-def radix_sort_order(rows):
-    """Each row's indices sorted by (value, index), -0.0 equal to 0.0: a stable LSD radix sort
+def _merge_sort_descending(keys):
+    """Indices of keys, highest first, equal keys in ascending index (numpy's stable argsort of
+    -keys, without compiling numba's own sort for this rare case)."""
+    k = keys.size
+    order = np.arange(k)
+    spare = np.empty(k, dtype=np.int64)
+    width = 1
+    while width < k:
+        for lo in range(0, k, 2 * width):
+            mid = min(lo + width, k)
+            hi = min(lo + 2 * width, k)
+            a, b, t = lo, mid, lo
+            while a < mid and b < hi:
+                if keys[order[b]] > keys[order[a]]:
+                    spare[t] = order[b]
+                    b += 1
+                else:
+                    spare[t] = order[a]
+                    a += 1
+                t += 1
+            while a < mid:
+                spare[t] = order[a]
+                a += 1
+                t += 1
+            while b < hi:
+                spare[t] = order[b]
+                b += 1
+                t += 1
+        order, spare = spare, order
+        width *= 2
+    return order
+
+
+@numba.njit(cache=True, nogil=True)
+def radix_sort_order(bits):
+    """Each row's indices sorted by (value, index), -0.0 equal to 0.0, given the rows' float32
+    bits as uint32 (numpy's view: numba's own view costs compile time): a stable LSD radix sort
     of the order-preserving uint32 keys of the float32 bits (negatives: all bits flipped;
     positives: sign bit set), 3 passes of 11 bits, a pass skipped when every key shares its
     digit. Stability keeps equal values in index order. 1.6-3x faster than numpy sorting
     (value << 32 | index) uint64 keys (28% of actor time before)."""
-    r, n = rows.shape
+    r, n = bits.shape
     out = np.empty((r, n), np.int64)
-    bits = rows.view(np.uint32)
     keys = np.empty(n, np.uint32)
     keys2 = np.empty(n, np.uint32)
     idx = np.empty(n, np.int64)

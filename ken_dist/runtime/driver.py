@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import replace
@@ -268,12 +269,39 @@ def _store_error(store: Store, exc: OSError) -> KenError:
                     "fix permissions on its file system, then rerun the same command (it resumes)")
 
 
+class _KernelWarmUp(threading.Thread):
+    """Compiles the CPU kernel (numba) in the driver while Ray starts, so that the actors load
+    it from numba's on-disk cache instead of each compiling it at once on a new machine. Says so
+    in the progress lines only when it really compiles (the first run on this machine)."""
+
+    def __init__(self, progress: Progress):
+        super().__init__(name="ken-kernel-warm-up", daemon=True)
+        self.progress = progress
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        from ken_dist.kernel.ken_cpu import warm_up
+
+        try:
+            warm_up(lambda: self.progress.note("compiling the selection kernel (first run on this machine)"))
+        except BaseException as exc:  # re-raised in the driver's thread by wait()
+            self.error = exc
+
+    def wait(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
 def _run_units(store: Store, todo: list[WorkUnit], to_score: list[FineTunePlan], progress: Progress, *,
                address, workers, placement: str, out: list) -> None:
     """Start or join Ray, score the model-budget fine-tunes, run the units on an actor pool; `out`
     receives the _Dispatch of each pass (scoring first, if any; for the log and the timings)."""
+    warm_up = _KernelWarmUp(progress)
     started = _connect(address, workers)
     try:
+        warm_up.wait()
         blocks = len(todo) + sum(len(p.units) for p in to_score)
         kinds = plan_slots(ray.cluster_resources(), workers, placement, blocks)
         pool = ActorPool(store.root, kinds, note=progress.note)
