@@ -285,7 +285,7 @@ class _KernelWarmUp(threading.Thread):
 
         try:
             warm_up(lambda: self.progress.note("compiling the selection kernel (first run on this machine)"))
-        except BaseException as exc:  # re-raised in the driver's thread by wait()
+        except BaseException as exc:  # noqa: BLE001  (handed over: wait() re-raises it in the driver thread)
             self.error = exc
 
     def wait(self) -> None:
