@@ -82,19 +82,20 @@ def _index_dtype(numel: int) -> torch.dtype:
 
 
 def _decode_block(sub: Subnetwork, stored: str, block: dict, base_rows: bool):
-    """(flat int64 indices, raw value bytes, base value bytes or None) of one part, decoded whole."""
+    """(flat indices, raw value bytes, base values or None) of one part, decoded whole."""
     t = sub.entry(stored)
     n = t["row_len"]
+    index_dtype = np.int32 if _index_dtype(t["rows"] * n) == torch.int32 else np.int64
     idx, vals, base = [], [], []
     for first, keep, values in sub.kept(stored, block["row_start"], block["row_end"]):
         local = np.flatnonzero(keep)
-        idx.append(local + first * n)
+        idx.append((local + first * n).astype(index_dtype, copy=False))
         vals.append(values)
         if base_rows:
             rows = sub.base_rows(stored, first, first + keep.shape[0]).reshape(-1)
             base.append(rows[torch.from_numpy(local)])
     cat = np.concatenate
-    return (cat(idx) if idx else np.zeros(0, np.int64), cat(vals) if vals else np.zeros(0, np.uint8),
+    return (cat(idx) if idx else np.zeros(0, index_dtype), cat(vals) if vals else np.zeros(0, np.uint8),
             torch.cat(base) if base else None)
 
 
@@ -141,8 +142,8 @@ def decode_finetune(sub: Subnetwork, names: dict[str, str], model, *, workers: i
             base = _whole_base(sub, stored, flat) if with_base else None
         else:
             parts = [p for _, p in sorted(by_tensor.get(stored, []), key=lambda x: x[0])] or [
-                (np.zeros(0, np.int64), np.zeros(0, np.uint8), flat[:0])]
-            index = torch.from_numpy(np.concatenate([p[0] for p in parts])).to(device, _index_dtype(flat.numel()))
+                (np.zeros(0, np.int32), np.zeros(0, np.uint8), flat[:0])]
+            index = torch.from_numpy(np.concatenate([p[0] for p in parts])).to(device)
             values = torch.from_numpy(np.concatenate([p[1] for p in parts])).view(torch_dtype(t["dtype"]))
             base = torch.cat([p[2] for p in parts]) if with_base else None
             base_names[target] = t.get("base_name") or stored
@@ -176,16 +177,16 @@ class _Writer:
             buf = self._long[device] = torch.empty(e.index.numel(), dtype=torch.int64, device=device)
         return buf[: e.index.numel()].copy_(e.index, non_blocking=True)
 
-    def put(self, flat: torch.Tensor, e: Entries, values: torch.Tensor) -> int:
-        """flat[e's entries] = values."""
+    def put(self, flat: torch.Tensor, e: Entries, values: torch.Tensor, index=None) -> int:
+        """flat[e's entries] = values (index: e's index already widened by self.index)."""
         values = values.to(flat.device, non_blocking=True)
         if e.index is None:
             flat.copy_(values)
         else:
-            flat.index_copy_(0, self.index(e, flat.device), values)
+            flat.index_copy_(0, self.index(e, flat.device) if index is None else index, values)
         return values.numel()
 
-    def take(self, flat: torch.Tensor, e: Entries, out: torch.Tensor | None) -> torch.Tensor:
+    def take(self, flat: torch.Tensor, e: Entries, out: torch.Tensor | None, index=None) -> torch.Tensor:
         """flat[e's entries], into `out` when it is large enough (reused across switches)."""
         n = flat.numel() if e.index is None else e.index.numel()
         if out is None or out.numel() < n:
@@ -194,7 +195,7 @@ class _Writer:
         if e.index is None:
             dst.copy_(flat)
         else:
-            torch.index_select(flat, 0, self.index(e, flat.device), out=dst)
+            torch.index_select(flat, 0, self.index(e, flat.device) if index is None else index, out=dst)
         return out
 
 
@@ -343,9 +344,10 @@ class Switcher:
             if nxt is not None:
                 for target, e in nxt.tensors.items():
                     flat = tensors[target].data.view(-1)
-                    buf = self._saved_bufs[target] = self._writer.take(flat, e, self._saved_bufs.get(target))
+                    index = self._writer.index(e, flat.device)
+                    buf = self._saved_bufs[target] = self._writer.take(flat, e, self._saved_bufs.get(target), index)
                     self._saved[target] = buf[: e.values.numel()]
-                    written += self._writer.put(flat, e, e.values)
+                    written += self._writer.put(flat, e, e.values, index)
             self._active = nxt
         except BaseException:
             what = f"switch to {nxt.name if nxt else 'the base'!r}"
