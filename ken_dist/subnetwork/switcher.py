@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ken_dist.checkpoints.dtypes import torch_dtype
+from ken_dist.checkpoints.dtypes import itemsize, torch_dtype
 from ken_dist.checkpoints.reads import read_tensor
 from ken_dist.errors import InputError, KenError, StoreError
 from ken_dist.store.protocol import Store
@@ -81,22 +81,27 @@ def _index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
-def _decode_block(sub: Subnetwork, stored: str, block: dict, base_rows: bool):
-    """(flat indices, raw value bytes, base values or None) of one part, decoded whole."""
+def _decode_block(sub: Subnetwork, stored: str, block: dict, index: np.ndarray, raw: np.ndarray, start: int,
+                  base_rows: bool) -> torch.Tensor | None:
+    """Decode one part whole, straight into its slice of the tensor's arrays: flat indices into
+    index[start:], value bytes into raw; returns the base values under them when base_rows."""
     t = sub.entry(stored)
-    n = t["row_len"]
-    index_dtype = np.int32 if _index_dtype(t["rows"] * n) == torch.int32 else np.int64
-    idx, vals, base = [], [], []
+    n, size = t["row_len"], itemsize(t["dtype"])
+    pos, end, base = start, start + block["kept"], []
     for first, keep, values in sub.kept(stored, block["row_start"], block["row_end"]):
         local = np.flatnonzero(keep)
-        idx.append((local + first * n).astype(index_dtype, copy=False))
-        vals.append(values)
+        if pos + local.size > end:
+            pos = end + 1  # more than the manifest says: refused below
+            break
+        np.add(local, first * n, out=index[pos: pos + local.size], casting="unsafe")
+        raw[pos * size: (pos + local.size) * size] = values
         if base_rows:
-            rows = sub.base_rows(stored, first, first + keep.shape[0]).reshape(-1)
-            base.append(rows[torch.from_numpy(local)])
-    cat = np.concatenate
-    return (cat(idx) if idx else np.zeros(0, index_dtype), cat(vals) if vals else np.zeros(0, np.uint8),
-            torch.cat(base) if base else None)
+            base.append(sub.base_rows(stored, first, first + keep.shape[0]).reshape(-1)[torch.from_numpy(local)])
+        pos += local.size
+    if pos != end:
+        raise StoreError(f"part file {sub.store.resolve(block['file'])} of tensor {stored!r} holds another number "
+                         f"of kept entries than the manifest's {block['kept']}; delete it and rerun the prune command")
+    return torch.cat(base) if base else None
 
 
 def _whole_base(sub: Subnetwork, stored: str, held: torch.Tensor) -> torch.Tensor:
@@ -125,13 +130,25 @@ def decode_finetune(sub: Subnetwork, names: dict[str, str], model, *, workers: i
                 raise StoreError(f"part file {path} of tensor {stored!r} (fine-tune {sub.finetune!r}) is missing; "
                                  f"rerun the same `ken-dist prune` command (it rewrites missing blocks); the model "
                                  f"was not changed")
-    jobs = [(s, b) for s in names if sub.entry(s)["action"] == "prune" for b in sub.entry(s)["blocks"]]
+    arrays, jobs = {}, []  # per pruned tensor: its index and value arrays, filled part by part
+    for stored in names:
+        t = sub.entry(stored)
+        if t["action"] != "prune":
+            continue
+        kept = sum(b["kept"] for b in t["blocks"])
+        numpy_index = np.int32 if _index_dtype(flats[stored].numel()) == torch.int32 else np.int64
+        arrays[stored] = (np.empty(kept, numpy_index), np.empty(kept * itemsize(t["dtype"]), np.uint8))
+        start = 0
+        for block in sorted(t["blocks"], key=lambda b: b["row_start"]):
+            jobs.append((stored, block, start))
+            start += block["kept"]
     workers = max(1, workers or min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ken-decode") as pool:
-        decoded = list(pool.map(lambda job: _decode_block(sub, job[0], job[1], with_base), jobs))
-    by_tensor: dict[str, list] = {}
-    for (stored, block), part in zip(jobs, decoded):
-        by_tensor.setdefault(stored, []).append((block["row_start"], part))
+        bases = list(pool.map(lambda j: _decode_block(sub, j[0], j[1], *arrays[j[0]], j[2], with_base), jobs))
+    base_parts: dict[str, list] = {}
+    for (stored, _, _), base in zip(jobs, bases):
+        if base is not None:
+            base_parts.setdefault(stored, []).append(base)
     out, base_values, base_names = {}, {}, {}
     for stored, target in names.items():
         t, flat = sub.entry(stored), flats[stored]
@@ -141,11 +158,9 @@ def decode_finetune(sub: Subnetwork, names: dict[str, str], model, *, workers: i
             index, values = None, sub.get_tensor(stored).reshape(-1)
             base = _whole_base(sub, stored, flat) if with_base else None
         else:
-            parts = [p for _, p in sorted(by_tensor.get(stored, []), key=lambda x: x[0])] or [
-                (np.zeros(0, np.int32), np.zeros(0, np.uint8), flat[:0])]
-            index = torch.from_numpy(np.concatenate([p[0] for p in parts])).to(device)
-            values = torch.from_numpy(np.concatenate([p[1] for p in parts])).view(torch_dtype(t["dtype"]))
-            base = torch.cat([p[2] for p in parts]) if with_base else None
+            index = torch.from_numpy(arrays[stored][0]).to(device)
+            values = torch.from_numpy(arrays[stored][1]).view(torch_dtype(t["dtype"]))
+            base = torch.cat(base_parts.get(stored, [flat[:0]])) if with_base else None
             base_names[target] = t.get("base_name") or stored
         values = values.to(device=device, dtype=flat.dtype)
         if host:
