@@ -186,3 +186,23 @@ def test_tied_weights(tmp_path):
         assert differs(model, want[name]) == []
     switcher.base()
     assert base_differs(model, base) == []
+
+
+def test_a_manifest_that_miscounts_a_part_is_refused(heads, tmp_path):
+    """Parts decode straight into arrays sized by the manifest's kept counts; a count that
+    disagrees with the part is an error, not a short or overrun array."""
+    import shutil
+    store = tmp_path / "store"
+    shutil.copytree(heads["store"], store)
+    path = store / "finetunes" / "b" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    for delta in (1, -1):
+        manifest["tensors"][name]["blocks"][0]["kept"] += delta
+        path.write_text(json.dumps(manifest))
+        model = quiet(load_model, store, "a")
+        switcher = quiet(Switcher, model, store)
+        with pytest.raises(StoreError, match=rf"{name}.*another number of kept entries"):
+            quiet(switcher.use, "b")
+        assert differs(model, heads["want"]["a"]) == []
+        manifest["tensors"][name]["blocks"][0]["kept"] -= delta
