@@ -11,6 +11,13 @@
 (c) Rows/s of the CPU (numba) path on the first --cpu-rows of the same rows, measured in the same
     run, the ratio, and a check that both paths give identical masks on those rows.
 
+(d) Switching fine-tunes on the device (--switch 7b): a model of Llama-2-7B's shape with bf16
+    parameters on the device and 8 resident fine-tunes (random kept entries at --switch-keep, in
+    the Switcher's decoded form, on the device or with --switch-pinned in pinned host memory),
+    cycling Switcher.use against the bare index_copy_ of the same entries (switch_speed.py's
+    bare_scatter), both bracketed by torch.cuda.synchronize. The decoding (cold) path is
+    measured on the CPU by switch_speed.py. --switch tiny runs the same code on a small shape.
+
 On --device cpu the torch path runs on the CPU (the "torch" device of ken_select); use small
 --rows there. Target on an H200: >= 100k rows/s at 4096x2048.
 """
@@ -126,6 +133,58 @@ def bench_shape(n: int, k: int, args, device: str) -> None:
         raise SystemExit(f"torch path on {device} differs from the CPU path at {n}x{k}")
 
 
+def bench_switch(preset: str, device: str, keep: float, finetunes: int, cycles: int, pinned: bool) -> None:
+    import statistics
+    import tempfile
+
+    from switch_speed import bare_scatter
+
+    from ken_dist import Switcher
+    from ken_dist.store.protocol import Store
+    from ken_dist.subnetwork.switcher import Entries, Resident
+    from ken_dist.testing.synthetic import PRESETS
+
+    dev = torch.device("cuda" if device == "cuda" else "cpu")
+    model = torch.nn.Module()
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for name, shape in PRESETS[preset].tensors():
+        model.register_parameter(name.replace(".", "_"), torch.nn.Parameter(
+            torch.randn(shape, generator=gen, device=dev).to(torch.bfloat16), requires_grad=False))
+    params = sum(p.numel() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        switcher = Switcher(model, Store(tmp, create=True), pinned=pinned)
+        for i in range(finetunes):  # what decode_finetune builds, drawn at random on the device
+            tensors = {}
+            for name, p in model.named_parameters():
+                index = (torch.rand(p.numel(), generator=gen, device=dev) < keep).nonzero().view(-1).to(torch.int32)
+                values = torch.randn(index.numel(), generator=gen, device=dev).to(torch.bfloat16)
+                if pinned and dev.type == "cuda":
+                    index, values = index.cpu().pin_memory(), values.cpu().pin_memory()
+                tensors[name] = Entries(index, values)
+            switcher._residents[f"task{i}"] = Resident(f"task{i}", tensors, stored_bytes=0)
+        names = [f"task{i}" for i in range(finetunes)]
+        switcher.use(names[0])
+        for name in names[1:] + names[:1]:  # warm-up: allocates the saved-value and index buffers
+            switcher.use(name)
+        res, bare = [], []
+        for _ in range(cycles):
+            for name in names[1:] + names[:1]:
+                prev = switcher._residents[switcher.active]
+                sync(device)
+                t0 = time.perf_counter()
+                switcher.use(name)
+                sync(device)
+                res.append(time.perf_counter() - t0)
+                bare.append(bare_scatter(model, prev, switcher._residents[name], sync=lambda: sync(device)))
+        kept = statistics.median(r.entries for r in switcher._residents.values())
+        where = "pinned host memory" if pinned and dev.type == "cuda" else str(dev)
+        print(f"switch on {dev} ({preset}: {params / 1e6:,.0f}M bf16 params, {finetunes} fine-tunes resident in "
+              f"{where}, keep {keep}, {kept / 1e6:.0f}M kept entries each): Switcher.use median "
+              f"{statistics.median(res) * 1e3:.1f} ms, bare index_copy_ of the same entries "
+              f"{statistics.median(bare) * 1e3:.1f} ms, ratio {statistics.median(res) / statistics.median(bare):.2f} "
+              f"({len(res)} switches)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -136,6 +195,12 @@ def main() -> None:
                         help="bfloat16: rows rounded to bf16 (repeated values, like bf16 checkpoints)")
     parser.add_argument("--skip-golden", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--switch", choices=["7b", "tiny", "none"], default=None,
+                        help="(d) fine-tune switching at this shape (default 7b on cuda, tiny on cpu)")
+    parser.add_argument("--switch-keep", type=float, default=0.25)
+    parser.add_argument("--switch-finetunes", type=int, default=8)
+    parser.add_argument("--switch-cycles", type=int, default=2)
+    parser.add_argument("--switch-pinned", action="store_true", help="resident fine-tunes in pinned host memory")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -150,6 +215,9 @@ def main() -> None:
     for shape in args.shapes.split(","):
         n, k = map(int, shape.split("x"))
         bench_shape(n, k, args, device)
+    switch = args.switch or ("7b" if device == "cuda" else "tiny")
+    if switch != "none":
+        bench_switch(switch, device, args.switch_keep, args.switch_finetunes, args.switch_cycles, args.switch_pinned)
     if failed:
         raise SystemExit(f"{failed} golden rows differ on {device}")
 

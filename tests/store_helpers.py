@@ -55,11 +55,12 @@ def identity(path) -> dict:
     return {"source": str(path), "root": root, "revision": None, "files": files}
 
 
-def plan_for(ft: dict, block_rows: int = 2) -> dict:
+def plan_for(ft: dict, block_rows: int = 2, base_names=None) -> dict:
+    """Prune every float tensor (of those in base_names, when given: a new head is stored whole)."""
     plan = {}
     for name, t in ft.items():
         rows, row_len = row_geometry(t.shape)
-        prune = t.is_floating_point() and t.dim() > 0
+        prune = t.is_floating_point() and t.dim() > 0 and (base_names is None or name in base_names)
         plan[name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype),
                       "action": "prune" if prune else "whole", "rows": rows, "row_len": row_len,
                       "base_name": name if prune else None,
@@ -87,13 +88,13 @@ def write_all(store: Store, name: str, ft: dict, plan: dict, keep: float = 0.4, 
 
 
 def prune_into(store_path, name: str, ft: dict, bdir: str, fdir: str, *, keep: float = 0.4,
-               block_rows: int = 2, params: dict | None = None) -> dict:
+               block_rows: int = 2, params: dict | None = None, seed: int = 1, base_names=None) -> dict:
     """begin + write + commit + finalize, as the driver does; returns the masks."""
-    plan = plan_for(ft, block_rows)
+    plan = plan_for(ft, block_rows, base_names)
     with Store(store_path, create=True) as store:
         store.begin(name, params=params or PARAMS, base_identity=identity(bdir),
                     finetune_identity=identity(fdir), tensors=plan)
-        masks = write_all(store, name, ft, plan, keep=keep)
+        masks = write_all(store, name, ft, plan, keep=keep, seed=seed)
         store.finalize(name, summary={"test": True})
     return masks
 
@@ -114,3 +115,13 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.numel() == 0:
         return True
     return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def corrupt_part(store_path, finetune: str, tensor: str) -> str:
+    """Flip one byte in the middle of the last part file of `tensor`; returns the file's path."""
+    store = Store(store_path)
+    path = store.resolve(store.manifest(finetune)["tensors"][tensor]["blocks"][-1]["file"])
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    return path

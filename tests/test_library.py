@@ -14,11 +14,13 @@ import pytest
 import ray
 import torch
 import transformers
+from store_helpers import corrupt_part
 from tiny_models import make_finetune, make_hf_cache, make_tiny_bert, make_tiny_llama
 
 import ken_dist
 from ken_dist import KenError, load_model, materialize, open_subnetwork
 from ken_dist.cli import main as cli_main
+from ken_dist.errors import StoreError
 from ken_dist.job.plan import PruneParams
 from ken_dist.job.spec import FineTuneEntry, JobSpec
 from ken_dist.store.protocol import Store
@@ -350,19 +352,16 @@ def test_a_missing_part_names_file_and_tensor(store_copy):
 
 
 
-def test_a_corrupt_part_met_half_way_leaves_the_model_marked(store_copy):
+def test_a_corrupt_part_fails_the_swap_before_any_write(store_copy):
+    """swap decodes the whole target before writing: the model keeps fine-tune a, untouched."""
     name = "model.layers.1.mlp.down_proj.weight"
-    block = Store(store_copy).manifest("b")["tensors"][name]["blocks"][-1]
-    path = Store(store_copy).resolve(block["file"])
-    data = bytearray(open(path, "rb").read())
-    data[len(data) // 2] ^= 0xFF
-    open(path, "wb").write(bytes(data))
+    path = corrupt_part(store_copy, "b", name)
     m = quiet_load(store_copy, "a")
-    with pytest.raises(KenError, match=rf"{path}.*{name}.*corrupt.*stopped half way.*load it again"):
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(StoreError, match=rf"{path}.*{name}.*corrupt"):
         ken_dist.swap(m, store_copy, "a", "b", workers=1)
-    assert m.ken_subnetwork["finetune"] is None
-    with pytest.raises(KenError, match="unknown state.*stopped half way"):
-        ken_dist.swap(m, store_copy, "a", "b")
+    assert m.ken_subnetwork["finetune"] == "a"
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 # ---------------------------------------------------------------------------- inspect
 

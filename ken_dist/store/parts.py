@@ -314,21 +314,16 @@ def _as_ints(t) -> np.ndarray:
     return raw_bytes(t).view(bits_word(t.element_size()))
 
 
-def kept_index(keep: np.ndarray) -> np.ndarray:
-    """Flat indices of a [m, n] bool keep mask (an index array passes through)."""
-    return keep if keep.dtype.kind in "iu" else np.flatnonzero(keep)
-
-
 def put_kept(target, keep: np.ndarray, values, dtype=None) -> int:
     """target[keep] = values in place. target: a contiguous [m, n] tensor on any device; keep:
-    [m, n] bool numpy (or its kept_index); values: the kept entries in index order, as a tensor
+    [m, n] bool numpy; values: the kept entries in index order, as a tensor
     or as raw bytes (uint8 numpy) of `dtype` (default target's). On CPU with matching dtype the
     scatter runs on numpy flat indices over the bits, faster than torch's bool-mask indexing
     and without copying the values; otherwise values are converted and scattered with
     one index_copy_ on the target's device. Returns the entries written."""
     import torch
 
-    idx = kept_index(keep)
+    idx = np.flatnonzero(keep)
     if not idx.size:
         return 0
     dtype = dtype or target.dtype
@@ -343,13 +338,6 @@ def put_kept(target, keep: np.ndarray, values, dtype=None) -> int:
     else:
         flat.index_copy_(0, torch.from_numpy(idx).to(target.device), values.to(target.device, target.dtype))
     return int(idx.size)
-
-
-def take_kept(source, keep: np.ndarray):
-    """source[keep] for a contiguous [m, n] CPU tensor (numpy flat indices, see put_kept)."""
-    import torch
-
-    return torch.from_numpy(_as_ints(source.contiguous())[kept_index(keep)]).view(source.dtype)
 
 
 def apply_block(table: pa.Table, target, row_start: int, row_end: int,

@@ -542,14 +542,14 @@ class Store:
         path = self.resolve(rel)
         fix = "rerun the same `ken-dist prune` command (it rewrites missing blocks) or prune with --overwrite"
         if not os.path.isfile(path):
-            raise KenError(f"part file {path} of tensor {tensor!r} is missing; {fix}")
+            raise StoreError(f"part file {path} of tensor {tensor!r} is missing; {fix}")
         with open(path, "rb") as f:
             data = f.read()
         if verify and (len(data) != block["bytes"] or hashlib.sha256(data).hexdigest() != block["sha256"]):
-            raise KenError(f"part file {path} of tensor {tensor!r} is corrupt (size or sha256 differs from "
-                           f"the manifest); delete it and {fix}")
+            raise StoreError(f"part file {path} of tensor {tensor!r} is corrupt (size or sha256 differs from "
+                             f"the manifest); delete it and {fix}")
         try:
             return pq.read_table(pa.BufferReader(data))
         except (pa.ArrowException, OSError) as e:
-            raise KenError(f"part file {path} of tensor {tensor!r} is not readable Parquet ({e}); "
-                           f"delete it and {fix}") from None
+            raise StoreError(f"part file {path} of tensor {tensor!r} is not readable Parquet ({e}); "
+                             f"delete it and {fix}") from None

@@ -11,8 +11,9 @@ safetensors headers and a sample of its tensor bytes must hash the same, or a Ke
 `get_slice(name)[a:b]` reads only the part files whose row blocks overlap a..b and only rows a..b
 of the base (safetensors pread at the header's offsets): a row of a 70B model costs kilobytes.
 
-`rows`, `base_rows` and `kept` are the row-level access inject.py builds on (load_model,
-apply, swap write kept entries into a live model instead of building dense tensors).
+`rows`, `base_rows` and `kept` are the row-level access switcher.py builds on (load_model,
+apply, swap and Switcher write kept entries into a live model instead of building dense
+tensors); a value codec plugs in here and in store/parts.py, and they all follow.
 
 The base is found and verified by base.py; materialize.py writes the dense directory;
 inspect.py reports sizes.
@@ -135,7 +136,7 @@ class Subnetwork:
                                f"inconsistent ({e}); delete it and rerun the prune command") from None
         return self.rows(name, 0, t["rows"]).reshape(t["shape"])
 
-    # ---- row access (also used to inject into a model, inject.py) ----------------------------
+    # ---- row access (also used to write into a live model, switcher.py) ---------------------
     def base_rows(self, name: str, a: int, b: int) -> torch.Tensor:
         """Rows [a, b) of the base of pruned tensor `name` as [b - a, row_len]; reads only them."""
         t = self.entry(name)

@@ -1,0 +1,208 @@
+"""The resident Switcher: after any sequence of switches the model is bit for bit the stored
+fine-tune (as load_model builds it), base() is bit for bit the base, and a bad part changes nothing.
+
+Stores are written without Ray (store_helpers.prune_into: random masks, which exercise the
+switcher exactly as KEN's would): a bf16 Llama base with four fine-tunes that add a classifier
+head (score.weight, stored whole, the base lacks it), and a Llama with tied embeddings."""
+import json
+import random
+import threading
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from store_helpers import corrupt_part, prune_into
+from tiny_models import LLAMA, _load_dir, make_finetune, make_tiny_llama
+
+import ken_dist
+from ken_dist import Switcher, load_model
+from ken_dist.errors import InputError, StoreError
+
+transformers = pytest.importorskip("transformers")
+TASKS = ("a", "b", "c", "d")
+
+
+def prune_all(root, base, fts: dict, keep: float) -> str:
+    store = str(root / "store")
+    base_names = set(_load_dir(base))
+    for i, (name, path) in enumerate(fts.items()):
+        prune_into(store, name, _load_dir(path), base, path, keep=keep, block_rows=7, seed=10 + i,
+                   base_names=base_names)
+    return store
+
+
+def quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fine-tunes keep lm_head.weight, unused by the classifier
+        return fn(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    root = tmp_path_factory.mktemp("switch")
+    base = make_tiny_llama(root / "base", dtype=torch.bfloat16, seed=0)
+    fts = {name: make_finetune(base, root / name, seed=i + 1) for i, name in enumerate(TASKS)}
+    store = prune_all(root, base, fts, keep=0.3)
+    want = {name: {k: v.clone() for k, v in quiet(load_model, store, name).state_dict().items()} for name in TASKS}
+    return {"root": root, "base": base, "store": store, "want": want, **fts}
+
+
+def state(model) -> dict:
+    return model.state_dict()
+
+
+def differs(model, want: dict) -> list[str]:
+    got = state(model)
+    assert got.keys() == want.keys()
+    return [k for k in got if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
+
+
+def base_differs(model, base_dir: str) -> list[str]:
+    """Model tensors that differ from the base checkpoint's (tensors the base lacks are skipped)."""
+    base = load_file(f"{base_dir}/model.safetensors")
+    got = state(model)
+    return [k for k in base if k in got and not torch.equal(got[k], base[k])]
+
+
+def test_random_switches_with_evictions_equal_load_model(heads):
+    model = quiet(load_model, heads["store"], "a")
+    one = None
+    switcher = quiet(Switcher, model, heads["store"])
+    assert switcher.active == "a"
+    one = switcher.memory()["finetunes"]["a"]["bytes"]
+    switcher = quiet(Switcher, model, heads["store"], budget_bytes=int(one * 1.5))  # room for ~1 more
+    rng = random.Random(0)
+    sequence = [rng.choice(TASKS) for _ in range(14)] + ["b", "b", "a"]
+    cold_seen = 0
+    for step, name in enumerate(sequence):
+        report = quiet(switcher.use, name)
+        cold_seen += report["cold"]
+        assert switcher.active == name and model.ken_subnetwork["finetune"] == name
+        assert differs(model, heads["want"][name]) == [], f"after step {step}: use({name!r})"
+        assert len(switcher.resident()) <= 2
+        if step % 5 == 4:
+            switcher.base()
+            assert switcher.active is None and not hasattr(model, "ken_subnetwork")
+            assert base_differs(model, heads["base"]) == []
+    assert cold_seen > len(TASKS)  # evicted fine-tunes came back through the cold path
+    switcher.base()
+    assert base_differs(model, heads["base"]) == []
+    assert differs(model, heads["want"]["a"]) != []  # the base is not a fine-tune: the check can fail
+
+
+def test_a_plain_from_pretrained_base_and_its_head(heads):
+    """No record on the model: it holds the base; base() puts back even the head's initial
+    values (the base has no head, so that is what the model held before)."""
+    config = transformers.AutoConfig.from_pretrained(heads["a"])
+    model = quiet(transformers.LlamaForSequenceClassification.from_pretrained, heads["base"], config=config)
+    before = {k: v.clone() for k, v in state(model).items()}
+    switcher = Switcher(model, heads["store"], budget_bytes=0)
+    assert switcher.active is None
+    for name in ("c", "a", "c", "d"):
+        report = quiet(switcher.use, name)
+        assert report["cold"] and differs(model, heads["want"][name]) == []
+        assert switcher.resident() == [name]  # budget 0: only the active one stays
+    switcher.base()
+    assert differs(model, before) == []
+
+
+def test_a_model_in_float32_gets_converted_values(heads):
+    model = quiet(load_model, heads["store"], "b", dtype=torch.float32)
+    switcher = quiet(Switcher, model, heads["store"])
+    quiet(switcher.use, "d")
+    want = {k: v.to(torch.float32) for k, v in heads["want"]["d"].items()}
+    assert model.dtype == torch.float32 and differs(model, want) == []
+
+
+def test_a_corrupt_part_leaves_the_model_in_its_task(heads, tmp_path):
+    import shutil
+    store = tmp_path / "store"
+    shutil.copytree(heads["store"], store)
+    name = "model.layers.1.mlp.up_proj.weight"
+    path = corrupt_part(store, "c", name)
+    model = quiet(load_model, store, "a")
+    switcher = quiet(Switcher, model, store)
+    quiet(switcher.use, "b")
+    before = {k: v.clone() for k, v in state(model).items()}
+    with pytest.raises(StoreError, match=rf"{path}.*{name}.*corrupt"):
+        quiet(switcher.use, "c")
+    assert switcher.active == "b" and model.ken_subnetwork["finetune"] == "b"
+    assert differs(model, before) == [] and "c" not in switcher.resident()
+    quiet(switcher.use, "d")  # still usable
+    assert differs(model, heads["want"]["d"]) == []
+
+
+def test_changes_behind_its_back_are_refused(heads):
+    model = quiet(load_model, heads["store"], "a")
+    switcher = quiet(Switcher, model, heads["store"])
+    quiet(ken_dist.swap, model, heads["store"], "a", "b")
+    with pytest.raises(InputError, match="records fine-tune 'b' but this Switcher put 'a'"):
+        switcher.use("c")
+    with pytest.raises(InputError, match="budget_bytes"):
+        Switcher(model, heads["store"], budget_bytes=-1)
+
+
+def test_concurrent_switches_end_in_a_consistent_task(heads):
+    model = quiet(load_model, heads["store"], "a")
+    switcher = quiet(Switcher, model, heads["store"], budget_bytes=None)
+    errors = []
+
+    def worker(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(6):
+                quiet(switcher.use, rng.choice(TASKS))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert differs(model, heads["want"][switcher.active]) == []
+
+
+def test_tied_weights(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ken_dist.subnetwork.load_model import quiet_transformers
+    config = LlamaConfig(**{**LLAMA, "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    with quiet_transformers():
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    base = str(tmp_path / "base")
+    assert json.load(open(f"{base}/config.json"))["tie_word_embeddings"]
+    fts = {name: make_finetune(base, tmp_path / name, seed=i + 1, add_head=False) for i, name in enumerate("xy")}
+    store = prune_all(tmp_path, base, fts, keep=0.25)
+    want = {n: {k: v.clone() for k, v in load_model(store, n).state_dict().items()} for n in fts}
+    model = load_model(store, "x")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    switcher = Switcher(model, store, budget_bytes=0)
+    for name in ("y", "x", "y", "y"):
+        switcher.use(name)
+        assert differs(model, want[name]) == []
+    switcher.base()
+    assert base_differs(model, base) == []
+
+
+def test_a_manifest_that_miscounts_a_part_is_refused(heads, tmp_path):
+    """Parts decode straight into arrays sized by the manifest's kept counts; a count that
+    disagrees with the part is an error, not a short or overrun array."""
+    import shutil
+    store = tmp_path / "store"
+    shutil.copytree(heads["store"], store)
+    path = store / "finetunes" / "b" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    for delta in (1, -1):
+        manifest["tensors"][name]["blocks"][0]["kept"] += delta
+        path.write_text(json.dumps(manifest))
+        model = quiet(load_model, store, "a")
+        switcher = quiet(Switcher, model, store)
+        with pytest.raises(StoreError, match=rf"{name}.*another number of kept entries"):
+            quiet(switcher.use, "b")
+        assert differs(model, heads["want"]["a"]) == []
+        manifest["tensors"][name]["blocks"][0]["kept"] -= delta
