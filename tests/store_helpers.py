@@ -69,9 +69,10 @@ def plan_for(ft: dict, block_rows: int = 2, base_names=None) -> dict:
 
 
 def write_all(store: Store, name: str, ft: dict, plan: dict, keep: float = 0.4, seed: int = 1,
-              skip: int = 0) -> dict:
+              skip: int = 0, codec: str = "raw", base: dict | None = None) -> dict:
     """Write every planned block (all but the last `skip`) with random masks; commit them.
-    Returns {tensor: [rows, n] mask} for pruned tensors."""
+    A lossy `codec` needs `base` ({name: tensor} of the base). Returns {tensor: [rows, n] mask}
+    for pruned tensors."""
     gen = torch.Generator().manual_seed(seed)
     masks, records = {}, []
     for tname, t in plan.items():
@@ -81,20 +82,31 @@ def write_all(store: Store, name: str, ft: dict, plan: dict, keep: float = 0.4, 
         values = ft[tname].reshape(t["rows"], t["row_len"])
         mask = torch.rand(values.shape, generator=gen) < keep
         masks[tname] = mask
+        rows = base[t["base_name"]].reshape(t["rows"], t["row_len"]) if codec != "raw" else None
         for a, b in t["blocks"]:
-            records.append(store.write_block(name, tname, a, b, mask[a:b], values[a:b]))
+            records.append(store.write_block(name, tname, a, b, mask[a:b], values[a:b], codec=codec,
+                                             base=rows[a:b] if rows is not None else None))
     store.commit(name, records[: len(records) - skip])
     return masks
 
 
+def _load_base(bdir) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(os.listdir(bdir)) if f.endswith(".safetensors")
+            for k, v in load_file(os.path.join(bdir, f)).items()}
+
+
 def prune_into(store_path, name: str, ft: dict, bdir: str, fdir: str, *, keep: float = 0.4,
-               block_rows: int = 2, params: dict | None = None, seed: int = 1, base_names=None) -> dict:
+               block_rows: int = 2, params: dict | None = None, seed: int = 1, base_names=None,
+               codec: str = "raw") -> dict:
     """begin + write + commit + finalize, as the driver does; returns the masks."""
     plan = plan_for(ft, block_rows, base_names)
     with Store(store_path, create=True) as store:
         store.begin(name, params=params or PARAMS, base_identity=identity(bdir),
                     finetune_identity=identity(fdir), tensors=plan)
-        masks = write_all(store, name, ft, plan, keep=keep, seed=seed)
+        masks = write_all(store, name, ft, plan, keep=keep, seed=seed, codec=codec,
+                          base=_load_base(bdir) if codec != "raw" else None)
         store.finalize(name, summary={"test": True})
     return masks
 

@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 from store_helpers import corrupt_part, prune_into
 from tiny_models import LLAMA, _load_dir, make_finetune, make_tiny_llama
@@ -19,16 +20,15 @@ import ken_dist
 from ken_dist import Switcher, load_model
 from ken_dist.errors import InputError, StoreError
 
-transformers = pytest.importorskip("transformers")
 TASKS = ("a", "b", "c", "d")
 
 
-def prune_all(root, base, fts: dict, keep: float) -> str:
-    store = str(root / "store")
+def prune_all(root, base, fts: dict, keep: float, codec: str = "raw") -> str:
+    store = str(root / f"store-{codec}")
     base_names = set(_load_dir(base))
     for i, (name, path) in enumerate(fts.items()):
         prune_into(store, name, _load_dir(path), base, path, keep=keep, block_rows=7, seed=10 + i,
-                   base_names=base_names)
+                   base_names=base_names, codec=codec, params={"strategy": "random", "keep": keep, "values": codec})
     return store
 
 
@@ -206,3 +206,23 @@ def test_a_manifest_that_miscounts_a_part_is_refused(heads, tmp_path):
             quiet(switcher.use, "b")
         assert differs(model, heads["want"]["a"]) == []
         manifest["tensors"][name]["blocks"][0]["kept"] -= delta
+
+
+def test_a_lossy_format_2_store_switches_bit_for_bit_like_load_model(heads):
+    """Values stored with a lossy codec (format 2) reach the switcher through the same decoder as
+    load_model: switching equals loading, and base() still restores the base exactly."""
+    store = prune_all(heads["root"], heads["base"], {n: heads[n] for n in ("a", "b")}, keep=0.3, codec="int4")
+    assert json.load(open(f"{store}/finetunes/a/manifest.json"))["format_version"] == 2
+    want = {n: {k: v.clone() for k, v in quiet(load_model, store, n).state_dict().items()} for n in ("a", "b")}
+    assert differs_from(want["a"], heads["want"]["a"])  # the codec did change values
+    model = quiet(load_model, store, "a")
+    switcher = quiet(Switcher, model, store)
+    for name in ("b", "a", "b"):
+        quiet(switcher.use, name)
+        assert differs(model, want[name]) == []
+    switcher.base()
+    assert base_differs(model, heads["base"]) == []
+
+
+def differs_from(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
