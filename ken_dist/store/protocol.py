@@ -32,7 +32,7 @@ from ken_dist.checkpoints.dtypes import (
     storage_bits,
 )
 from ken_dist.checkpoints.geometry import row_geometry
-from ken_dist.errors import KenError
+from ken_dist.errors import KenError, StoreError
 from ken_dist.store.fs import (
     atomic_json,
     atomic_write,
@@ -43,7 +43,9 @@ from ken_dist.store.fs import (
     publish,
     sha256_file,
     tmp_path,
+    unescape_name,
 )
+from ken_dist.store.manifest_check import check_manifest
 from ken_dist.store.parts import PARQUET_OPTIONS, encode_block, write_whole_parquet
 
 FORMAT = "ken-subnetwork"
@@ -56,15 +58,34 @@ _PLAN_KEYS = ("shape", "dtype", "action", "rows", "row_len", "base_name")
 def check_format(obj: dict, where: str) -> None:
     """Refuse stores and manifests that this ken_dist cannot read."""
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise KenError(f"{where} is not a ken_dist subnetwork store file (format {obj.get('format')!r}, "
+        found = obj.get("format") if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
+        raise StoreError(f"{where} is not a ken_dist subnetwork store file (format {found!r}, "
                        f"expected {FORMAT!r}); point to the store directory written by `ken-dist prune`")
     v = obj.get("format_version")
     if not isinstance(v, int) or v < 1:
-        raise KenError(f"{where} has an invalid format_version {v!r}; the file is damaged")
+        raise StoreError(f"{where} has an invalid format_version {v!r}; the file is damaged")
     if v > FORMAT_VERSION:
         from ken_dist import __version__
-        raise KenError(f"{where} has format_version {v}, newer than this ken_dist {__version__} reads "
+        raise StoreError(f"{where} has format_version {v}, newer than this ken_dist {__version__} reads "
                        f"(up to {FORMAT_VERSION}); upgrade ken_dist (pip install -U ken-dist)")
+
+
+def _read_json(path: str, what: str):
+    """A store file's JSON document, or a StoreError naming the file (never a JSONDecodeError)."""
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
+        raise StoreError(f"{path}: cannot read the {what} ({e}); the file is damaged: restore it, or prune "
+                         f"again with --overwrite") from None
+
+
+def _dir_name(escaped: str) -> str:
+    """The fine-tune name a directory stands for (itself when it is not an escaped name)."""
+    try:
+        return unescape_name(escaped)
+    except (KenError, ValueError):
+        return escaped
 
 
 def _fingerprint(identity: dict) -> dict:
@@ -142,22 +163,21 @@ class Store:
         marker = os.path.join(self.root, MARKER)
         if not os.path.exists(marker):
             if not create:
-                raise KenError(f"{self.root} is not a ken_dist store (no {MARKER}); check the path, "
+                raise StoreError(f"{self.root} is not a ken_dist store (no {MARKER}); check the path, "
                                f"or create one with `ken-dist prune --store {path}`")
             if os.path.isdir(self.root) and os.listdir(self.root):
                 raise KenError(f"refusing to create a store in {self.root}: the directory is not empty "
                                f"and has no {MARKER}; choose an empty or new directory")
             os.makedirs(os.path.join(self.root, "finetunes"), exist_ok=True)
             atomic_json(marker, {"format": FORMAT, "format_version": FORMAT_VERSION})
-        with open(marker) as f:
-            check_format(json.load(f), marker)
+        check_format(_read_json(marker, "store marker"), marker)
 
     # ---- paths -------------------------------------------------------------------------------
     def resolve(self, rel: str) -> str:
         """Absolute path of a store-relative file, refused if it resolves outside the store."""
         path = os.path.realpath(os.path.join(self.root, *str(rel).split("/")))
         if not path.startswith(self.root + os.sep):
-            raise KenError(f"path {rel!r} resolves outside the store {self.root}; the manifest or "
+            raise StoreError(f"path {rel!r} resolves outside the store {self.root}; the manifest or "
                            f"journal is damaged or hostile")
         return path
 
@@ -240,11 +260,11 @@ class Store:
     def manifest(self, finetune: str) -> dict:
         path = self._manifest_path(finetune)
         if not os.path.exists(path):
-            raise KenError(f"store {self.root} has no fine-tune {finetune!r}; it holds: "
+            raise StoreError(f"store {self.root} has no fine-tune {finetune!r}; it holds: "
                            f"{', '.join(map(repr, self.finetunes())) or 'nothing yet'}")
-        with open(path) as f:
-            m = json.load(f)
+        m = _read_json(path, f"manifest of fine-tune {finetune!r}")
         check_format(m, path)
+        check_manifest(m, path, finetune)
         return m
 
     def finetunes(self) -> list[str]:
@@ -252,9 +272,13 @@ class Store:
         names = []
         for d in sorted(os.listdir(base)) if os.path.isdir(base) else []:
             path = os.path.join(base, d, "manifest.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    names.append(json.load(f).get("finetune", d))
+            if os.path.exists(path):  # the manifest's name (a long name is cut in the directory's)
+                try:
+                    with open(path, "rb") as f:
+                        name = json.load(f)["finetune"]
+                except (OSError, ValueError, TypeError, KeyError):
+                    name = None  # a broken manifest still lists its fine-tune; manifest() says what broke
+                names.append(name if isinstance(name, str) and name and escape_name(name) == d else _dir_name(d))
         return sorted(names)
 
     def begin(self, finetune: str, *, params: dict, base_identity: dict, finetune_identity: dict,
@@ -532,14 +556,14 @@ class Store:
         path = self.resolve(rel)
         fix = "rerun the same `ken-dist prune` command (it rewrites missing blocks) or prune with --overwrite"
         if not os.path.isfile(path):
-            raise KenError(f"part file {path} of tensor {tensor!r} is missing; {fix}")
+            raise StoreError(f"part file {path} of tensor {tensor!r} is missing; {fix}")
         with open(path, "rb") as f:
             data = f.read()
         if verify and (len(data) != block["bytes"] or hashlib.sha256(data).hexdigest() != block["sha256"]):
-            raise KenError(f"part file {path} of tensor {tensor!r} is corrupt (size or sha256 differs from "
+            raise StoreError(f"part file {path} of tensor {tensor!r} is corrupt (size or sha256 differs from "
                            f"the manifest); delete it and {fix}")
         try:
             return pq.read_table(pa.BufferReader(data))
         except (pa.ArrowException, OSError) as e:
-            raise KenError(f"part file {path} of tensor {tensor!r} is not readable Parquet ({e}); "
+            raise StoreError(f"part file {path} of tensor {tensor!r} is not readable Parquet ({e}); "
                            f"delete it and {fix}") from None

@@ -60,13 +60,13 @@ def time_limit(seconds: float = CASE_SECONDS):
 
 
 def snapshot(root: str) -> dict[str, tuple[int, int]]:
-    """{relative path: (size, mtime_ns)} of every file and directory under root (links not followed)."""
+    """{relative path: (size, mtime_ns)} of every file (and directory) under root (links not followed)."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            out[os.path.relpath(path, root)] = (st.st_size if not os.path.isdir(path) else 0, st.st_mtime_ns)
+            st = os.lstat(path)  # a directory counts by its existence (its mtime moves with any entry)
+            out[os.path.relpath(path, root)] = (0, 0) if os.path.isdir(path) else (st.st_size, st.st_mtime_ns)
     return out
 
 
