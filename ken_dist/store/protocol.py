@@ -80,6 +80,24 @@ def _read_json(path: str, what: str):
                          f"again with --overwrite") from None
 
 
+WHOLE_LEAF = "whole.parquet"
+
+
+def _block_leaf(row_start: int, row_end: int) -> str:
+    """The file name of the part holding rows [row_start, row_end) (docs/format.md, Layout)."""
+    return f"part-{int(row_start):010d}-{int(row_end):010d}.parquet"
+
+
+def _well_formed(rec) -> bool:
+    """A journal record with every field of its kind (anything else is not a commit, as a torn line)."""
+    if not isinstance(rec, dict) or not all(k in rec for k in _RECORD_KEYS):
+        return False
+    ints = [rec["row_start"], rec["row_end"], rec["kept"], rec["bytes"]]
+    return (isinstance(rec["tensor"], str) and rec["tensor"] != "" and isinstance(rec["file"], str)
+            and isinstance(rec["sha256"], str) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                        for v in ints) and rec["row_start"] < rec["row_end"])
+
+
 def _dir_name(escaped: str) -> str:
     """The fine-tune name a directory stands for (itself when it is not an escaped name)."""
     try:
@@ -175,7 +193,10 @@ class Store:
     # ---- paths -------------------------------------------------------------------------------
     def resolve(self, rel: str) -> str:
         """Absolute path of a store-relative file, refused if it resolves outside the store."""
-        path = os.path.realpath(os.path.join(self.root, *str(rel).split("/")))
+        try:
+            path = os.path.realpath(os.path.join(self.root, *str(rel).split("/")))
+        except ValueError:  # a NUL byte
+            path = ""
         if not path.startswith(self.root + os.sep):
             raise StoreError(f"path {rel!r} resolves outside the store {self.root}; the manifest or "
                            f"journal is damaged or hostile")
@@ -410,7 +431,7 @@ class Store:
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, **PARQUET_OPTIONS)
         data = memoryview(buf.getvalue())
-        rel = self._part_rel(finetune, tensor, f"part-{int(row_start):010d}-{int(row_end):010d}.parquet")
+        rel = self._part_rel(finetune, tensor, _block_leaf(row_start, row_end))
         path = self.resolve(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write(path, data)
@@ -425,7 +446,7 @@ class Store:
         self._begun(finetune)
         values, dtype = _bits(tensor, values, dtype)
         rows, _ = row_geometry(values.shape)
-        rel = self._part_rel(finetune, tensor, "whole.parquet")
+        rel = self._part_rel(finetune, tensor, WHOLE_LEAF)
         path = self.resolve(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = tmp_path(path)
@@ -478,7 +499,7 @@ class Store:
                         rec = json.loads(line)
                     except ValueError:
                         continue
-                    if isinstance(rec, dict) and all(k in rec for k in _RECORD_KEYS):
+                    if _well_formed(rec):
                         out.append(rec)
         return out
 
@@ -492,7 +513,10 @@ class Store:
                 path = self.resolve(rec["file"])
             except KenError:
                 continue
-            ok = os.path.isfile(path) and os.path.getsize(path) == rec["bytes"]
+            # the block's own file: a record naming another part of the same size is not this block
+            ok = rec["file"] in (self._part_rel(finetune, rec["tensor"], WHOLE_LEAF),
+                                 self._part_rel(finetune, rec["tensor"], _block_leaf(rec["row_start"], rec["row_end"])))
+            ok = ok and os.path.isfile(path) and os.path.getsize(path) == rec["bytes"]
             if ok and verify:
                 ok = sha256_file(path) == rec["sha256"]
             if ok:
