@@ -153,6 +153,8 @@ def plot_layers(views: list[MatrixView], *, max_pixels: int = 256, title: str | 
 
 def save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    tmp = path + ".tmp"  # whole or absent: a killed run never leaves a cut image under the real name
+    fig.savefig(tmp, dpi=DPI, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
     return path

@@ -19,6 +19,7 @@ import time
 from collections import defaultdict
 
 from ken_dist.errors import KenError
+from ken_dist.store.fs import atomic_json, atomic_write
 from ken_dist.subnetwork.view import open_subnetwork
 from ken_dist.viz import figures
 from ken_dist.viz.read import (
@@ -98,10 +99,7 @@ cluster.</p>
 </body></html>
 """
     path = os.path.join(out, "index.html")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(doc)
-    os.replace(tmp, path)
+    atomic_write(path, doc.encode("utf-8"))
     return path
 
 
@@ -150,8 +148,7 @@ def render(store, finetune: str, pattern: str | None, out: str, *, base=None, de
     seconds = time.time() - t0
     info = {"store": str(sub.store.root), "finetune": finetune, "pattern": pattern, "params": sub.manifest()["params"],
             "value_kind": "delta (fine-tuned - base)" if delta else "fine-tuned value", "seconds": seconds}
-    with open(os.path.join(out, "stats.json"), "w") as f:
-        json.dump({**info, "matrices": all_stats}, f, indent=1)
+    atomic_json(os.path.join(out, "stats.json"), {**info, "matrices": all_stats})  # whole or absent
     index = write_index(out, info, all_stats, figs)
     return {"index": index, "figures": [os.path.join(out, src) for _, src, _ in figs], "stats": all_stats,
             "seconds": time.time() - t0}

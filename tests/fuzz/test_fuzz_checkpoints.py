@@ -144,7 +144,7 @@ def _prune_with(fixtures, case: str, base: str, ft: str, monkeypatch) -> tuple[i
 
 
 @given(data=st.data(), which=st.sampled_from(["base", "finetune"]))
-@fuzz_settings(80)
+@fuzz_settings(40)
 def test_prune_of_a_mutated_checkpoint_refuses_or_prunes_those_weights(fixtures, data, which, monkeypatch):
     from safetensors.torch import save_file
 
