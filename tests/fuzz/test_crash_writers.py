@@ -92,7 +92,7 @@ def test_materialize_killed_at_random_points_is_absent_or_whole_and_reruns_clean
     want = tree(clean)
     rng = random.Random(SEED)
     killed = 0
-    for i in range(kill_points(3)):
+    for i in range(kill_points(2)):
         out = str(tmp_path / f"out{i}")
         proc = start(cli("materialize", store, "--finetune", "sft", "--out", out))
         if i % 2:  # while writing: the temporary directory exists
@@ -192,7 +192,7 @@ def test_model_budget_prune_killed_at_random_points_resumes_to_the_clean_store(f
     rng = random.Random(SEED + 2)
     store = str(tmp_path / "killed")
     killed = 0
-    for i in range(kill_points(2)):
+    for i in range(kill_points(1)):
         tag = new_tag()
         proc = start(prune(store), tag)
         killed += kill_after(proc, rng.uniform(0.3, 1.0) * took)
