@@ -15,8 +15,8 @@ import signal
 import sys
 import traceback
 
-import torch
 from hypothesis import HealthCheck, settings
+from store_helpers import same_bits  # noqa: F401  (bit equality, shared with the store tests)
 
 from ken_dist.errors import KenError
 
@@ -149,11 +149,3 @@ def library_call(fn, *args, **kw):
             return fn(*args, **kw), None
         except KenError as exc:
             return None, exc
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
-        return False
-    if a.numel() == 0:
-        return True
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))

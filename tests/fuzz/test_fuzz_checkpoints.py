@@ -79,9 +79,13 @@ def test_mutated_safetensors_reads_right_or_is_refused(fixtures, data, which):
             assert_same_tensors(got, safetensors_reads(src), desc)
 
 
-def _write_index(case: str, fixtures, text: bytes) -> str:
+def _write_index(case: str, fixtures, text) -> str:
+    """The sharded fine-tune with its index replaced by `text`, or ("delete", shard): a shard removed."""
     ckpt = os.path.join(case, "sharded")
     shutil.copytree(fixtures["sharded_ft"], ckpt)
+    if isinstance(text, tuple):
+        os.unlink(os.path.join(ckpt, text[1]))
+        return ckpt
     with open(os.path.join(ckpt, "model.safetensors.index.json"), "wb") as f:
         f.write(text)
     return ckpt
@@ -93,9 +97,12 @@ def index_mutation(draw, doc: dict):
     out with '..' or absolute) besides generic JSON mutations."""
     wmap = doc["weight_map"]
     names, shards = sorted(wmap), sorted(set(wmap.values()))
-    kind = draw(st.sampled_from(["json", "json", "moved", "escape", "drop", "extra"]))
+    kind = draw(st.sampled_from(["json", "json", "moved", "escape", "drop", "extra", "shard-gone"]))
     if kind == "json":
         return draw(json_text_mutation(doc))
+    if kind == "shard-gone":  # the index intact, one of its shard files deleted
+        shard = draw(st.sampled_from(shards))
+        return f"shard file {shard} deleted", ("delete", shard), False
     new = json.loads(json.dumps(doc))
     name = draw(st.sampled_from(names))
     if kind == "moved":
