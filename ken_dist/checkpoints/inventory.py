@@ -231,8 +231,9 @@ def _from_index(source: str, root: str, index: str, revision: str | None) -> Che
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{index}: cannot read the shard index ({e}); {CORRUPT_FIX}") from e
     wmap = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
-        raise CheckpointError(f"{index}: no 'weight_map' object of tensor -> shard file; {CORRUPT_FIX}")
+    if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
+        raise CheckpointError(f"{index}: no 'weight_map' object of tensor -> shard file (or it is empty); "
+                              f"{CORRUPT_FIX}")
     shards = []
     for rel in dict.fromkeys(wmap.values()):
         path = os.path.normpath(os.path.join(root, rel))

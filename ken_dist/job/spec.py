@@ -146,17 +146,15 @@ def parse_bytes(text) -> int:
         raise InputError(f"not a byte size: {text!r}; write a whole number of bytes (67108864) or a number "
                          f"with a unit (64MiB, 1.5GB)")
     number, unit, binary = m.group(1), (m.group(2) or "").upper(), m.group(3)
-    if not unit:
-        if "." in number:
-            raise InputError(f"byte size {text!r} has a fraction but no unit; write whole bytes or add a unit "
-                             f"(e.g. 1.5MiB)")
-        value = int(number)
-    else:
-        exact = Fraction(number) * (1024 if binary else 1000) ** _SCALE[unit]  # exact: 0.3GiB is not whole
-        if exact.denominator != 1:
-            raise InputError(f"byte size {text!r} is not a whole number of bytes ({float(exact):.10g}); use a "
-                             f"smaller unit")
-        value = int(exact)
+    if "." in number and not unit and not str(text).rstrip().endswith(("b", "B")):
+        raise InputError(f"byte size {text!r} has a fraction but no unit; write whole bytes or add a unit "
+                         f"(e.g. 1.5MiB)")
+    scale = (1024 if binary else 1000) ** _SCALE[unit] if unit else 1
+    exact = Fraction(number) * scale  # exact: 0.3GiB is not a whole number of bytes
+    if exact.denominator != 1:
+        raise InputError(f"byte size {text!r} is not a whole number of bytes ({float(exact):.10g}); use a "
+                         f"smaller unit")
+    value = int(exact)
     if value <= 0:
         raise InputError(f"byte size must be positive: {text!r}")
     return value
