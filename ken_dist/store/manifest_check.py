@@ -50,6 +50,22 @@ def _identity(field: str, ident) -> None:
               "is not a string")
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def bad_record_field(rec: dict) -> str | None:
+    """The first field of a committed block record (journal line or manifest block) that is
+    missing or of the wrong type, or None; optional fields are checked when present."""
+    checks = {"file": lambda v: isinstance(v, str) and v != "", "bytes": _is_int, "sha256": lambda v: isinstance(v, str),
+              "kept": _is_int}
+    for key, ok in checks.items():
+        if not ok(rec.get(key)):
+            return key
+    optional = {"kept_row_min": _is_int, "kept_row_max": _is_int, "budget": _is_int, "bound_bytes": _is_number}
+    return next((key for key, ok in optional.items() if key in rec and not ok(rec[key])), None)
+
+
 def _blocks(where: str, t: dict, complete: bool) -> None:
     blocks = t.get("blocks")
     _need(isinstance(blocks, list), f"{where}.blocks", "is not a list")
@@ -62,18 +78,10 @@ def _blocks(where: str, t: dict, complete: bool) -> None:
         _need(a == edge and e > a, bw, f"rows [{a}, {e}) do not continue the blocks before it at row {edge} "
                                        f"(blocks must tile [0, {rows}) in order, without gaps or overlaps)")
         edge = e
-        _need(b.get("budget") is None or _is_int(b["budget"]), f"{bw}.budget", "is not a non-negative integer")
+        _need("budget" not in b or _is_int(b["budget"]), f"{bw}.budget", "is not a non-negative integer")
         if complete:
-            _need(isinstance(b.get("file"), str) and b["file"] != "", f"{bw}.file", "is not a path")
-            _need(_is_int(b.get("bytes")), f"{bw}.bytes", "is not a non-negative integer")
-            _need(isinstance(b.get("sha256"), str), f"{bw}.sha256", "is not a string")
-            _need(_is_int(b.get("kept")), f"{bw}.kept", "is not a non-negative integer")
-            for key in ("kept_row_min", "kept_row_max"):
-                _need(b.get(key) is None or _is_int(b[key]), f"{bw}.{key}", "is not a non-negative integer")
-            _need(b.get("bound_bytes") is None or (isinstance(b["bound_bytes"], (int, float))
-                                                   and not isinstance(b["bound_bytes"], bool)
-                                                   and math.isfinite(b["bound_bytes"])),
-                  f"{bw}.bound_bytes", "is not a finite number")
+            bad = bad_record_field(b)
+            _need(bad is None, f"{bw}.{bad}", "is missing or of the wrong type")
     _need(edge == rows and (t["action"] == "prune" or len(blocks) == 1), f"{where}.blocks",
           f"end at row {edge}, but the tensor has {rows} rows" if edge != rows else "of a whole tensor are not "
           "one block")

@@ -91,6 +91,14 @@ def encode_block(row_start: int, mask, values) -> tuple[pa.Table, dict]:
     return table, stats
 
 
+def _check_types(table: pa.Table, columns: tuple[str, ...]) -> None:
+    """An integer first column and binary others (a float or string column is not this format)."""
+    types = [table.schema.field(c).type for c in columns]
+    if not pa.types.is_integer(types[0]) or not all(pa.types.is_binary(t) or pa.types.is_large_binary(t)
+                                                   for t in types[1:]):
+        raise ValueError(f"column types {[str(t) for t in types]}, expected an integer column then binary ones")
+
+
 def _column_chunks(table: pa.Table, name: str):
     return table.column(name).chunks
 
@@ -126,6 +134,7 @@ def block_rows(table: pa.Table, n: int, itemsize: int, row_start: int, row_end: 
     tensor) when the part disagrees with itself or with the block it claims to hold."""
     if tuple(table.column_names) != BLOCK_COLUMNS:
         raise ValueError(f"columns {table.column_names}, expected {list(BLOCK_COLUMNS)}")
+    _check_types(table, BLOCK_COLUMNS)
     lo = row_start if lo is None else lo
     hi = row_end if hi is None else hi
     nbytes_row = (n + 7) // 8
@@ -243,6 +252,7 @@ def decode_whole(table: pa.Table, dtype, shape: list[int]):
 
     if tuple(table.column_names) != WHOLE_COLUMNS:
         raise ValueError(f"columns {table.column_names}, expected {list(WHOLE_COLUMNS)}")
+    _check_types(table, WHOLE_COLUMNS)
     numel = math.prod(shape)
     expected = numel * torch.empty(0, dtype=dtype).element_size()
     out = bytearray(expected)

@@ -45,7 +45,7 @@ from ken_dist.store.fs import (
     tmp_path,
     unescape_name,
 )
-from ken_dist.store.manifest_check import check_manifest
+from ken_dist.store.manifest_check import bad_record_field, check_manifest
 from ken_dist.store.parts import PARQUET_OPTIONS, encode_block, write_whole_parquet
 
 FORMAT = "ken-subnetwork"
@@ -90,12 +90,11 @@ def _block_leaf(row_start: int, row_end: int) -> str:
 
 def _well_formed(rec) -> bool:
     """A journal record with every field of its kind (anything else is not a commit, as a torn line)."""
-    if not isinstance(rec, dict) or not all(k in rec for k in _RECORD_KEYS):
+    if not isinstance(rec, dict) or not all(k in rec for k in _RECORD_KEYS) or bad_record_field(rec) is not None:
         return False
-    ints = [rec["row_start"], rec["row_end"], rec["kept"], rec["bytes"]]
-    return (isinstance(rec["tensor"], str) and rec["tensor"] != "" and isinstance(rec["file"], str)
-            and isinstance(rec["sha256"], str) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                                                        for v in ints) and rec["row_start"] < rec["row_end"])
+    rows = [rec["row_start"], rec["row_end"]]
+    return (isinstance(rec["tensor"], str) and rec["tensor"] != ""
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in rows) and rows[0] < rows[1])
 
 
 def _dir_name(escaped: str) -> str:

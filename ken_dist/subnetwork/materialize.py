@@ -49,12 +49,12 @@ def _header(tensors: dict, names: list[str]) -> tuple[bytes, list[str]]:
     return encode_header([(n, tensors[n]["dtype"], tensors[n]["shape"]) for n in order], {"format": "pt"}), order
 
 
-def _copy_side_files(src_root: str | None, dst: str) -> list[str]:
+def _copy_side_files(src_root: str | None, dst: str, where: str) -> list[str]:
     """config.json, tokenizer and generation files (everything but weights) from the fine-tune."""
     if not src_root or not os.path.isdir(src_root):
-        raise CheckpointError(f"fine-tune directory {src_root} (recorded in the manifest) is gone, so config.json "
-                       f"and tokenizer files cannot be copied; pass finetune_root=... (--finetune-root) "
-                       f"pointing at the fine-tune's files")
+        raise CheckpointError(f"fine-tune directory {src_root} (recorded as finetune_identity.root in {where}) is "
+                              f"gone, so config.json and tokenizer files cannot be copied; restore it, or call "
+                              f"materialize(..., finetune_root=DIR) with the fine-tune's files")
     copied = []
     for fn in sorted(os.listdir(src_root)):
         src = os.path.join(src_root, fn)
@@ -67,7 +67,8 @@ def _copy_side_files(src_root: str | None, dst: str) -> list[str]:
 
 def _write_all(sub, tensors: dict, root, tmp: str, max_shard_bytes: int):
     """Side files, shards and index into `tmp`; (copied, shard names, total bytes, weight map, groups)."""
-    copied = _copy_side_files(os.fspath(root) if root else None, tmp)
+    where = f"the manifest of fine-tune {sub.finetune!r} in store {sub.store.root}"
+    copied = _copy_side_files(os.fspath(root) if root else None, tmp, where)
     groups = plan_shards(tensors, max_shard_bytes)
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])

@@ -26,7 +26,7 @@ import torch
 from ken_dist.checkpoints.dtypes import itemsize, torch_dtype
 from ken_dist.checkpoints.inventory import Checkpoint
 from ken_dist.checkpoints.reads import read_rows
-from ken_dist.errors import InputError, StoreError
+from ken_dist.errors import CheckpointError, InputError, StoreError
 from ken_dist.store.parts import block_rows, decode_whole, put_kept
 from ken_dist.store.protocol import Store
 from ken_dist.subnetwork.base import open_verified_base
@@ -84,7 +84,10 @@ class Subnetwork:
     def base_checkpoint(self) -> Checkpoint:
         """The base, opened on first use and checked against the manifest (subnetwork/base.py)."""
         if self._base is None:
-            self._base = open_verified_base(self._manifest, self._base_arg, self.finetune)
+            try:
+                self._base = open_verified_base(self._manifest, self._base_arg, self.finetune)
+            except CheckpointError as exc:  # say which store's record led there
+                raise CheckpointError(f"{exc} (fine-tune {self.finetune!r} of store {self.store.root})") from None
         return self._base
 
     # ---- safe_open-like surface --------------------------------------------------------------
