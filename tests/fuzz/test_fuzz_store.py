@@ -346,3 +346,16 @@ def test_refused_materialize_leaves_no_temporary_output(fixtures):
         rc, _, err = run_cli(["materialize", store, "--finetune", "ft", "--out", out])
         assert_cli_error(rc, err, part)
         assert not os.path.exists(out) and not os.path.exists(out + ".tmp"), os.listdir(case)
+
+
+def test_refused_viz_leaves_no_half_report(fixtures):
+    m = _manifest(fixtures["toy_store"])
+    with workspace(fixtures["cases"], store=fixtures["toy_store"]) as case:
+        store = os.path.join(case, "store")
+        part = os.path.join(store, m["tensors"]["b.weight"]["blocks"][-1]["file"])  # after a.weight's figures
+        with open(part, "r+b") as f:
+            f.write(b"garbage")
+        out = os.path.join(case, "viz")
+        rc, _, err = run_cli(["viz", store, "--finetune", "ft", "--out", out, "--quiet"])
+        assert_cli_error(rc, err, part)
+        assert not os.path.exists(out), sorted(os.listdir(out))
