@@ -114,10 +114,11 @@ class _DuplicateKey(Exception):
 def _unique_keys(pairs: list) -> dict:
     """json object hook: a repeated key is an error (Python keeps the last value silently, and
     safetensors refuses the file), so a header cannot name one tensor twice."""
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        seen = set()
-        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    doc = {}
+    for key, value in pairs:
+        if key in doc:
+            raise _DuplicateKey(key)
+        doc[key] = value
     return doc
 
 
