@@ -90,19 +90,36 @@ def read_header(path: str) -> FileHeader:
     if len(raw) != n:
         raise _corrupt(path, f"file ended inside the {n}-byte header")
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _corrupt(path, f"header is not valid JSON ({e})") from e
+    except _DuplicateKey as e:
+        raise _corrupt(path, f"the header names {e.args[0]!r} twice (a JSON object with a repeated key)") from None
     if not isinstance(doc, dict):
         raise _corrupt(path, f"header is a JSON {type(doc).__name__}, expected an object")
     metadata = doc.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise _corrupt(path, "header __metadata__ is not a JSON object")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(path, "header __metadata__ is not a JSON object of strings")
     data_len = size - 8 - n
     entries = [_entry(path, name, spec, data_len) for name, spec in doc.items()]
     _check_tiling(path, entries, data_len)
     sha = hashlib.sha256(head + raw).hexdigest()
     return FileHeader(path, size, sha, 8 + n, tuple(entries), dict(metadata))
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json object hook: a repeated key is an error (Python keeps the last value silently, and
+    safetensors refuses the file), so a header cannot name one tensor twice."""
+    doc = {}
+    for key, value in pairs:
+        if key in doc:
+            raise _DuplicateKey(key)
+        doc[key] = value
+    return doc
 
 
 def _entry(path: str, name: str, spec, data_len: int) -> HeaderEntry:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from ken_dist.checkpoints.geometry import row_geometry
@@ -230,8 +231,9 @@ def _from_index(source: str, root: str, index: str, revision: str | None) -> Che
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{index}: cannot read the shard index ({e}); {CORRUPT_FIX}") from e
     wmap = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
-        raise CheckpointError(f"{index}: no 'weight_map' object of tensor -> shard file; {CORRUPT_FIX}")
+    if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
+        raise CheckpointError(f"{index}: no 'weight_map' object of tensor -> shard file (or it is empty); "
+                              f"{CORRUPT_FIX}")
     shards = []
     for rel in dict.fromkeys(wmap.values()):
         path = os.path.normpath(os.path.join(root, rel))
@@ -241,6 +243,11 @@ def _from_index(source: str, root: str, index: str, revision: str | None) -> Che
             raise CheckpointError(f"{index}: lists shard {rel!r} which is missing from {root}; the "
                            f"download looks incomplete; re-download or re-save it")
         shards.append(path)
+    unlisted = _unlisted_shards(wmap.values())
+    if unlisted:
+        raise CheckpointError(f"{index}: lists no tensor of shard(s) {', '.join(unlisted[:5])} although its "
+                              f"shards are numbered as one set; the index is damaged or out of date; "
+                              f"{CORRUPT_FIX}")
     ckpt = _build(source, root, revision, sorted(shards))
     listed = {n: os.path.normpath(os.path.join(root, r)) for n, r in wmap.items()}
     stray = [f"{n} (in {os.path.basename(i.file)})" for n, i in ckpt.tensors.items()
@@ -253,6 +260,22 @@ def _from_index(source: str, root: str, index: str, revision: str | None) -> Che
         raise CheckpointError(f"{index}: index out of sync with its shards ({len(bad)} tensors: "
                        f"{'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}); {CORRUPT_FIX}")
     return ckpt
+
+
+_SHARD_NAME = re.compile(r"(.*)-(\d+)-of-(\d+)\.safetensors")
+
+
+def _unlisted_shards(listed) -> list[str]:
+    """Shards of a numbered set (`model-00002-of-00004.safetensors`) that the index never names:
+    the tensors of a shard dropped from the index would otherwise vanish without a word."""
+    listed, missing = set(listed), []
+    for rel in sorted(listed):
+        m = _SHARD_NAME.fullmatch(rel)
+        if m:
+            width, total = len(m.group(2)), int(m.group(3))
+            missing += [name for i in range(1, total + 1)
+                        if (name := f"{m.group(1)}-{i:0{width}d}-of-{m.group(3)}.safetensors") not in listed]
+    return sorted(set(missing))
 
 
 def _build(source: str, root: str, revision: str | None, files: list[str]) -> Checkpoint:

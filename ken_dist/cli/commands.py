@@ -8,7 +8,7 @@ import sys
 import time
 
 from ken_dist.cli.summary import human_bytes, print_summary, ratio_text
-from ken_dist.errors import KenError
+from ken_dist.errors import InputError, KenError
 
 EPILOG = """examples:
   ken-dist demo
@@ -109,15 +109,20 @@ def cmd_inspect(args) -> int:
                            f"{', '.join(report['finetunes']) or 'none'}")
         report["finetunes"] = {args.finetune: report["finetunes"][args.finetune]}
     if args.tensor:
-        pattern = re.compile(args.tensor)
+        pattern = _regex(args.tensor, "--tensor")
         for ft in report["finetunes"].values():
-            ft["tensors"] = {k: v for k, v in ft["tensors"].items() if pattern.search(k)}
+            if "tensors" in ft:
+                ft["tensors"] = {k: v for k, v in ft["tensors"].items() if pattern.search(k)}
+    broken = {name: ft["error"] for name, ft in report["finetunes"].items() if "error" in ft}
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
-        return 0
+        return _inspect_failed(args.store, broken)
     print(f"store {args.store} (layout version {report.get('format_version')}; each fine-tune's format version below)")
     for name, ft in report["finetunes"].items():
+        if name in broken:
+            print(f"\nfine-tune {name!r} [UNREADABLE]  {ft['error']}")
+            continue
         state = "complete" if ft.get("complete") else "INCOMPLETE"
         print(f"\nfine-tune {name!r} [{state}]  params {ft.get('params')}  (format version {ft['format_version']})")
         print(f"  kept {ft['kept_params']:,} / {ft['pruned_params']:,} pruned weights; stored {human_bytes(ft['stored_bytes'])}"
@@ -133,7 +138,24 @@ def cmd_inspect(args) -> int:
                         if t["action"] == "prune" else "-")
                 print(f"  {tname:<48} {t['action']:>6} {rows:>24} {100 * t['kept_fraction']:>6.1f}% "
                       f"{human_bytes(t['bytes']):>10} {ratio_text(t['ratio']):>8}")
-    return 0
+    return _inspect_failed(args.store, broken)
+
+
+def _inspect_failed(store: str, broken: dict[str, str]) -> int:
+    """Exit 2 with one error line when some fine-tune could not be read (the others were shown)."""
+    if not broken:
+        return 0
+    names = ", ".join(map(repr, broken))
+    print(f"ken-dist: error: store {store}: {len(broken)} fine-tune(s) cannot be read ({names}), shown as "
+          f"UNREADABLE above; {next(iter(broken.values()))}", file=sys.stderr)
+    return 2
+
+
+def _regex(text: str, option: str):
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise InputError(f"{option} {text!r} is not a valid regular expression: {exc}") from None
 
 
 def cmd_demo(args) -> int:

@@ -23,6 +23,9 @@ def print_summary(store_path: str, names: list[str], seconds: float, stream=None
     report = inspect_store(store_path)
     for name in names:
         ft = report["finetunes"][name]
+        if "error" in ft:
+            print(f"fine-tune {name!r}: cannot be summarised: {ft['error']}", file=stream)
+            continue
         print(f"fine-tune {name!r}: {ft['tensors_pruned']} tensors pruned, {ft['tensors_whole']} stored whole; "
               f"kept {ft['kept_params']:,} of {ft['pruned_params']:,} pruned weights "
               f"({100 * ft['kept_params'] / max(1, ft['pruned_params']):.1f}%)", file=stream)

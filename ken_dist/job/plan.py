@@ -10,7 +10,7 @@ import zlib
 from dataclasses import asdict, dataclass, field
 
 from ken_dist.checkpoints.inventory import Checkpoint, TensorInfo
-from ken_dist.errors import KenError
+from ken_dist.errors import InputError, KenError
 from ken_dist.job.match import match_checkpoints
 from ken_dist.kernel import COMPAT_MODES, STRATEGIES
 from ken_dist.kernel.rows import resolve_k
@@ -31,20 +31,20 @@ class PruneParams:
 
     def validate(self, where: str) -> None:
         if self.strategy not in STRATEGIES:
-            raise KenError(f"{where}: unknown strategy {self.strategy!r}; choose one of: "
+            raise InputError(f"{where}: unknown strategy {self.strategy!r}; choose one of: "
                            f"{', '.join(sorted(STRATEGIES))}")
         if self.compat not in COMPAT_MODES:
-            raise KenError(f"{where}: compat must be one of {', '.join(COMPAT_MODES)}, got {self.compat!r}")
+            raise InputError(f"{where}: compat must be one of {', '.join(COMPAT_MODES)}, got {self.compat!r}")
         if self.compat == "reference" and self.strategy != "ken":
-            raise KenError(f"{where}: compat 'reference' applies to strategy 'ken' only")
+            raise InputError(f"{where}: compat 'reference' applies to strategy 'ken' only")
         try:
             resolve_k(1 << 30, self.k, self.keep)
         except KenError as exc:
-            raise KenError(f"{where}: {exc}") from None
+            raise InputError(f"{where}: {exc}") from None
         try:
             parse_codec(self.values)
         except ValueError as exc:
-            raise KenError(f"{where}: {exc}") from None
+            raise InputError(f"{where}: {exc}") from None
 
     @property
     def codec(self) -> Codec:
@@ -117,7 +117,7 @@ def plan_finetune(base: Checkpoint, spec: FineTuneSpec, *, block_bytes: int = DE
                   ignore_missing=None) -> FineTunePlan:
     """Validate one fine-tune against the base and cut it into work units."""
     if block_bytes <= 0:
-        raise KenError(f"--block-bytes must be positive, got {block_bytes}")
+        raise InputError(f"--block-bytes must be positive, got {block_bytes}")
     spec.params.validate(f"fine-tune {spec.name!r}")
     matches = match_checkpoints(base, spec.checkpoint, include=include, exclude=exclude,
                                 preset=preset, prefix_map=prefix_map, ignore_missing=ignore_missing)

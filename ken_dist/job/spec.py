@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
 from pathlib import Path
 
 from ken_dist.checkpoints.inventory import Checkpoint, open_checkpoint
@@ -42,6 +43,10 @@ class JobSpec:
     placement: str = "mixed"  # see ken_dist.runtime.pool: mixed, gpu or cpu
 
     def __post_init__(self):
+        for what, path in [("base", self.base), ("store", self.store)] + [
+                (f"fine-tune {ft.name!r} source", ft.source) for ft in self.finetunes]:
+            if not isinstance(path, str) or not path or "\x00" in path:
+                raise InputError(f"the {what} {path!r} is not a usable path (empty, or holds a NUL byte)")
         if not self.finetunes:
             raise InputError("the job has no fine-tunes: give at least one FINETUNE (or `finetunes:` in the job file)")
         seen = set()
@@ -142,16 +147,15 @@ def parse_bytes(text) -> int:
         raise InputError(f"not a byte size: {text!r}; write a whole number of bytes (67108864) or a number "
                          f"with a unit (64MiB, 1.5GB)")
     number, unit, binary = m.group(1), (m.group(2) or "").upper(), m.group(3)
-    if not unit:
-        if "." in number:
-            raise InputError(f"byte size {text!r} has a fraction but no unit; write whole bytes or add a unit "
-                             f"(e.g. 1.5MiB)")
-        value = int(number)
-    else:
-        exact = float(number) * (1024 if binary else 1000) ** _SCALE[unit]
-        value = round(exact)
-        if abs(exact - value) > 1e-6 * max(1.0, exact):
-            raise InputError(f"byte size {text!r} is not a whole number of bytes ({exact:g}); use a smaller unit")
+    if "." in number and not unit and not str(text).rstrip().endswith(("b", "B")):
+        raise InputError(f"byte size {text!r} has a fraction but no unit; write whole bytes or add a unit "
+                         f"(e.g. 1.5MiB)")
+    scale = (1024 if binary else 1000) ** _SCALE[unit] if unit else 1
+    exact = Fraction(number) * scale  # exact: 0.3GiB is not a whole number of bytes
+    if exact.denominator != 1:
+        raise InputError(f"byte size {text!r} is not a whole number of bytes ({float(exact):.10g}); use a "
+                         f"smaller unit")
+    value = int(exact)
     if value <= 0:
         raise InputError(f"byte size must be positive: {text!r}")
     return value

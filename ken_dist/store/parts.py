@@ -196,6 +196,21 @@ def encode_block(row_start: int, mask, values, *, codec: Codec = RAW_CODEC, base
     return pa.table(columns), stats
 
 
+def _check_types(table: pa.Table, columns: tuple[str, ...]) -> None:
+    """An integer first column, a list of integers for `positions`, binary for the others (a float
+    or string column is not this format)."""
+    for name in columns:
+        typ = table.schema.field(name).type
+        if name in ("row", "offset"):
+            ok = pa.types.is_integer(typ)
+        elif name == "positions":
+            ok = (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and pa.types.is_integer(typ.value_type)
+        else:
+            ok = pa.types.is_binary(typ) or pa.types.is_large_binary(typ)
+        if not ok:
+            raise ValueError(f"column {name!r} has type {typ}, which this format does not use")
+
+
 def _binary_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(offsets relative to the first value, data) of a binary array chunk, zero copy."""
     if arr.null_count:
@@ -249,6 +264,7 @@ def block_rows(table: pa.Table, n: int, dtype: str, row_start: int, row_end: int
     if index not in INDEX_KINDS or tuple(table.column_names) != expected:
         raise ValueError(f"columns {table.column_names}, expected {list(expected)} for values {codec.spec!r} "
                          f"and index {index!r}")
+    _check_types(table, expected)
     if codec.lossy and base_rows is None:
         raise ValueError(f"values {codec.spec!r} are rebuilt from the base, and no base rows were given")
     size = itemsize(dtype)
@@ -383,6 +399,7 @@ def decode_whole(table: pa.Table, dtype, shape: list[int]):
 
     if tuple(table.column_names) != WHOLE_COLUMNS:
         raise ValueError(f"columns {table.column_names}, expected {list(WHOLE_COLUMNS)}")
+    _check_types(table, WHOLE_COLUMNS)
     numel = math.prod(shape)
     expected = numel * torch.empty(0, dtype=dtype).element_size()
     out = bytearray(expected)

@@ -45,7 +45,9 @@ from ken_dist.store.fs import (
     now,
     read_jsonl,
     sha256_file,
+    unescape_name,
 )
+from ken_dist.store.manifest_check import bad_record_field, check_manifest
 from ken_dist.store.parts import encode_block, part_bytes, write_whole_parquet
 
 log = logging.getLogger(__name__)
@@ -64,15 +66,16 @@ def check_format(obj: dict, where: str, newest: int | None = None) -> None:
     by default FORMAT_VERSION, the manifests' version; the store marker passes MARKER_VERSION)."""
     newest = FORMAT_VERSION if newest is None else newest
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise KenError(f"{where} is not a ken_dist subnetwork store file (format {obj.get('format')!r}, "
-                       f"expected {FORMAT!r}); point to the store directory written by `ken-dist prune`")
+        found = obj.get("format") if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
+        raise StoreError(f"{where} is not a ken_dist subnetwork store file (format {found!r}, "
+                         f"expected {FORMAT!r}); point to the store directory written by `ken-dist prune`")
     v = obj.get("format_version")
     if not isinstance(v, int) or v < 1:
-        raise KenError(f"{where} has an invalid format_version {v!r}; the file is damaged")
+        raise StoreError(f"{where} has an invalid format_version {v!r}; the file is damaged")
     if v > newest:
         from ken_dist import __version__
-        raise KenError(f"{where} has format_version {v}, newer than this ken_dist {__version__} reads "
-                       f"(up to {newest}); upgrade ken_dist (pip install -U ken-dist)")
+        raise StoreError(f"{where} has format_version {v}, newer than this ken_dist {__version__} reads "
+                         f"(up to {newest}); upgrade ken_dist (pip install -U ken-dist)")
 
 
 def manifest_version(params: dict, blocks=()) -> int:
@@ -80,6 +83,41 @@ def manifest_version(params: dict, blocks=()) -> int:
     codec or an index list. Raw bitmask fine-tunes stay version 1, readable by every release."""
     lossy = parse_codec(params.get("values", "raw")).lossy if isinstance(params, dict) else False
     return 2 if lossy or any(k in b for b in blocks for k in _V2_BLOCK_KEYS) else 1
+
+
+def _read_json(path: str, what: str):
+    """A store file's JSON document, or a StoreError naming the file (never a JSONDecodeError)."""
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
+        raise StoreError(f"{path}: cannot read the {what} ({e}); the file is damaged: restore it, or prune "
+                         f"again with --overwrite") from None
+
+
+WHOLE_LEAF = "whole.parquet"
+
+
+def _block_leaf(row_start: int, row_end: int) -> str:
+    """The file name of the part holding rows [row_start, row_end) (docs/format.md, Layout)."""
+    return f"part-{int(row_start):010d}-{int(row_end):010d}.parquet"
+
+
+def _well_formed(rec) -> bool:
+    """A journal record with every field of its kind (anything else is not a commit, as a torn line)."""
+    if not isinstance(rec, dict) or not all(k in rec for k in _RECORD_KEYS) or bad_record_field(rec) is not None:
+        return False
+    rows = [rec["row_start"], rec["row_end"]]
+    return (isinstance(rec["tensor"], str) and rec["tensor"] != ""
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in rows) and rows[0] < rows[1])
+
+
+def _dir_name(escaped: str) -> str:
+    """The fine-tune name a directory stands for (itself when it is not an escaped name)."""
+    try:
+        return unescape_name(escaped)
+    except (KenError, ValueError):
+        return escaped
 
 
 def _fingerprint(identity: dict) -> dict:
@@ -156,22 +194,24 @@ class Store:
         marker = os.path.join(self.root, MARKER)
         if not os.path.exists(marker):
             if not create:
-                raise KenError(f"{self.root} is not a ken_dist store (no {MARKER}); check the path, "
+                raise StoreError(f"{self.root} is not a ken_dist store (no {MARKER}); check the path, "
                                f"or create one with `ken-dist prune --store {path}`")
             if os.path.isdir(self.root) and os.listdir(self.root):
                 raise KenError(f"refusing to create a store in {self.root}: the directory is not empty "
                                f"and has no {MARKER}; choose an empty or new directory")
             os.makedirs(os.path.join(self.root, "finetunes"), exist_ok=True)
             atomic_json(marker, {"format": FORMAT, "format_version": MARKER_VERSION})
-        with open(marker) as f:
-            check_format(json.load(f), marker, MARKER_VERSION)
+        check_format(_read_json(marker, "store marker"), marker, MARKER_VERSION)
 
     # ---- paths -------------------------------------------------------------------------------
     def resolve(self, rel: str) -> str:
         """Absolute path of a store-relative file, refused if it resolves outside the store."""
-        path = os.path.realpath(os.path.join(self.root, *str(rel).split("/")))
+        try:
+            path = os.path.realpath(os.path.join(self.root, *str(rel).split("/")))
+        except ValueError:  # a NUL byte
+            path = ""
         if not path.startswith(self.root + os.sep):
-            raise KenError(f"path {rel!r} resolves outside the store {self.root}; the manifest or "
+            raise StoreError(f"path {rel!r} resolves outside the store {self.root}; the manifest or "
                            f"journal is damaged or hostile")
         return path
 
@@ -257,11 +297,11 @@ class Store:
     def manifest(self, finetune: str) -> dict:
         path = self._manifest_path(finetune)
         if not os.path.exists(path):
-            raise KenError(f"store {self.root} has no fine-tune {finetune!r}; it holds: "
+            raise StoreError(f"store {self.root} has no fine-tune {finetune!r}; it holds: "
                            f"{', '.join(map(repr, self.finetunes())) or 'nothing yet'}")
-        with open(path) as f:
-            m = json.load(f)
+        m = _read_json(path, f"manifest of fine-tune {finetune!r}")
         check_format(m, path)
+        check_manifest(m, path, finetune)
         return m
 
     def manifest_size(self, finetune: str) -> int:
@@ -273,9 +313,13 @@ class Store:
         names = []
         for d in sorted(os.listdir(base)) if os.path.isdir(base) else []:
             path = os.path.join(base, d, "manifest.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    names.append(json.load(f).get("finetune", d))
+            if os.path.exists(path):  # the manifest's name (a long name is cut in the directory's)
+                try:
+                    with open(path, "rb") as f:
+                        name = json.load(f)["finetune"]
+                except (OSError, ValueError, TypeError, KeyError):
+                    name = None  # a broken manifest still lists its fine-tune; manifest() says what broke
+                names.append(name if isinstance(name, str) and name and escape_name(name) == d else _dir_name(d))
         return sorted(names)
 
     def begin(self, finetune: str, *, params: dict, base_identity: dict, finetune_identity: dict,
@@ -418,7 +462,7 @@ class Store:
         except ValueError as exc:
             raise StoreError(f"tensor {tensor!r} rows [{row_start}, {row_end}): {exc}") from None
         data = part_bytes(table)
-        rel = self._part_rel(finetune, tensor, f"part-{int(row_start):010d}-{int(row_end):010d}.parquet")
+        rel = self._part_rel(finetune, tensor, _block_leaf(row_start, row_end))
         path = self.resolve(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write(path, data)
@@ -434,7 +478,7 @@ class Store:
         self._begun(finetune)
         values, dtype = _bits(tensor, values, dtype)
         rows, _ = row_geometry(values.shape)
-        rel = self._part_rel(finetune, tensor, "whole.parquet")
+        rel = self._part_rel(finetune, tensor, WHOLE_LEAF)
         path = self.resolve(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_output(path) as tmp:
@@ -462,8 +506,7 @@ class Store:
 
     def journal(self, finetune: str) -> list[dict]:
         """Committed records in commit order; a torn or garbled line is not a commit and is skipped."""
-        return [rec for rec in read_jsonl(self._journal(finetune))
-                if isinstance(rec, dict) and all(k in rec for k in _RECORD_KEYS)]
+        return [rec for rec in read_jsonl(self._journal(finetune)) if _well_formed(rec)]
 
     def completed_blocks(self, finetune: str, *, verify: bool = False) -> dict:
         """{(tensor, row_start, row_end): record} for committed blocks whose part file exists with
@@ -475,7 +518,10 @@ class Store:
                 path = self.resolve(rec["file"])
             except KenError:
                 continue
-            ok = os.path.isfile(path) and os.path.getsize(path) == rec["bytes"]
+            # the block's own file: a record naming another part of the same size is not this block
+            ok = rec["file"] in (self._part_rel(finetune, rec["tensor"], WHOLE_LEAF),
+                                 self._part_rel(finetune, rec["tensor"], _block_leaf(rec["row_start"], rec["row_end"])))
+            ok = ok and os.path.isfile(path) and os.path.getsize(path) == rec["bytes"]
             if ok and verify:
                 ok = sha256_file(path) == rec["sha256"]
             if ok:
@@ -547,9 +593,9 @@ class Store:
             data = f.read()
         if verify and (len(data) != block["bytes"] or hashlib.sha256(data).hexdigest() != block["sha256"]):
             raise StoreError(f"part file {path} of tensor {tensor!r} is corrupt (size or sha256 differs from "
-                             f"the manifest); delete it and {fix}")
+                           f"the manifest); delete it and {fix}")
         try:
             return pq.read_table(pa.BufferReader(data))
         except (pa.ArrowException, OSError) as e:
             raise StoreError(f"part file {path} of tensor {tensor!r} is not readable Parquet ({e}); "
-                             f"delete it and {fix}") from None
+                           f"delete it and {fix}") from None

@@ -84,7 +84,7 @@ def verify_base(ckpt: Checkpoint, manifest: dict, finetune: str) -> Checkpoint:
         info = ckpt.tensors.get(t["base_name"])
         if info is None:
             problems.append(f"it has no tensor {t['base_name']!r} (base of {name!r})")
-        elif info.dtype != t["dtype"] or tuple(info.row_geometry) != (t["rows"], t["row_len"]):
+        elif info.dtype != t["dtype"] or list(info.shape) != list(t["shape"]):  # shape, not just rows
             problems.append(f"base tensor {t['base_name']!r} is {info.dtype} {list(info.shape)}, but {name!r} "
                             f"was pruned as {t['dtype']} {t['shape']}")
     if problems:

@@ -17,7 +17,7 @@ import shutil
 
 from ken_dist.checkpoints.dtypes import itemsize, torch_dtype
 from ken_dist.checkpoints.header import encode_header
-from ken_dist.errors import KenError
+from ken_dist.errors import CheckpointError, InputError, KenError, StoreError
 from ken_dist.store.fs import fsync_path
 from ken_dist.store.parts import raw_bytes
 
@@ -49,12 +49,12 @@ def _header(tensors: dict, names: list[str]) -> tuple[bytes, list[str]]:
     return encode_header([(n, tensors[n]["dtype"], tensors[n]["shape"]) for n in order], {"format": "pt"}), order
 
 
-def _copy_side_files(src_root: str | None, dst: str) -> list[str]:
+def _copy_side_files(src_root: str | None, dst: str, where: str) -> list[str]:
     """config.json, tokenizer and generation files (everything but weights) from the fine-tune."""
     if not src_root or not os.path.isdir(src_root):
-        raise KenError(f"fine-tune directory {src_root} (recorded in the manifest) is gone, so config.json "
-                       f"and tokenizer files cannot be copied; pass finetune_root=... (--finetune-root) "
-                       f"pointing at the fine-tune's files")
+        raise CheckpointError(f"fine-tune directory {src_root} (recorded as finetune_identity.root in {where}) is "
+                              f"gone, so config.json and tokenizer files cannot be copied; restore it, or call "
+                              f"materialize(..., finetune_root=DIR) with the fine-tune's files")
     copied = []
     for fn in sorted(os.listdir(src_root)):
         src = os.path.join(src_root, fn)
@@ -63,6 +63,53 @@ def _copy_side_files(src_root: str | None, dst: str) -> list[str]:
         shutil.copyfile(src, os.path.join(dst, fn))  # follows HF-cache symlinks to the blobs
         copied.append(fn)
     return copied
+
+
+def _write_all(sub, tensors: dict, root, tmp: str, max_shard_bytes: int):
+    """Side files, shards and index into `tmp`; (copied, shard names, total bytes, weight map, groups)."""
+    where = f"the manifest of fine-tune {sub.finetune!r} in store {sub.store.root}"
+    copied = _copy_side_files(os.fspath(root) if root else None, tmp, where)
+    groups = plan_shards(tensors, max_shard_bytes)
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    weight_map, total = {}, 0
+    for fname, group in zip(names, groups):
+        header, order = _header(tensors, group)
+        path = os.path.join(tmp, fname)
+        with open(path, "wb") as f:
+            f.write(header)
+            for n in order:
+                t = sub.get_tensor(n)
+                want = tensors[n]
+                if list(t.shape) != list(want["shape"]) or t.dtype != torch_dtype(want["dtype"]):
+                    raise StoreError(f"tensor {n!r} rebuilt as {t.dtype} {list(t.shape)}, manifest says "
+                                   f"{want['dtype']} {want['shape']}; the store is damaged")
+                f.write(memoryview(raw_bytes(t)))
+                total += t.numel() * t.element_size()
+                weight_map[n] = fname
+            f.flush()
+            os.fsync(f.fileno())
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return copied, names, total, weight_map, groups
+
+
+def _discard(tmp: str, exc: BaseException) -> None:
+    """Remove a refused run's partial output; if that fails too, say where it was left."""
+    try:
+        shutil.rmtree(tmp)
+    except OSError as e:
+        note = (f"; its partial output could not be removed ({e.strerror or e}) and is left at {tmp}: "
+                f"delete it by hand")
+        if isinstance(exc, KenError):
+            exc.args = (f"{exc.args[0] if exc.args else exc}{note}",) + exc.args[1:]
+        else:
+            exc.add_note(note.lstrip("; "))
 
 
 def materialize(store, finetune: str, out_dir, base=None, max_shard_bytes: int = 5 * 2**30, *,
@@ -76,50 +123,27 @@ def materialize(store, finetune: str, out_dir, base=None, max_shard_bytes: int =
     from ken_dist.subnetwork.view import open_subnetwork
 
     if max_shard_bytes <= 0:
-        raise KenError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        raise InputError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     out_dir = os.path.abspath(os.fspath(out_dir)).rstrip(os.sep)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or (os.listdir(out_dir) and not overwrite)):
-        raise KenError(f"refusing to write into {out_dir}: it exists and is not an empty directory; "
+        raise InputError(f"refusing to write into {out_dir}: it exists and is not an empty directory; "
                        f"pass overwrite=True (--overwrite) or choose another directory")
     tmp = out_dir + ".tmp"
     if os.path.exists(tmp):
         if not os.path.exists(os.path.join(tmp, _MARKER)):
-            raise KenError(f"{tmp} exists and was not left by ken_dist; move it away and retry")
+            raise InputError(f"{tmp} exists and was not left by ken_dist; move it away and retry")
         shutil.rmtree(tmp)
     with open_subnetwork(store, finetune, base) as sub:
         manifest = sub.manifest()
-        tensors = manifest["tensors"]
         root = finetune_root if finetune_root is not None else (manifest["finetune_identity"] or {}).get("root")
         os.makedirs(tmp)
         open(os.path.join(tmp, _MARKER), "w").close()
-        copied = _copy_side_files(os.fspath(root) if root else None, tmp)
-        groups = plan_shards(tensors, max_shard_bytes)
-        names = (["model.safetensors"] if len(groups) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
-        weight_map, total = {}, 0
-        for fname, group in zip(names, groups):
-            header, order = _header(tensors, group)
-            path = os.path.join(tmp, fname)
-            with open(path, "wb") as f:
-                f.write(header)
-                for n in order:
-                    t = sub.get_tensor(n)
-                    want = tensors[n]
-                    if list(t.shape) != list(want["shape"]) or t.dtype != torch_dtype(want["dtype"]):
-                        raise KenError(f"tensor {n!r} rebuilt as {t.dtype} {list(t.shape)}, manifest says "
-                                       f"{want['dtype']} {want['shape']}; the store is damaged")
-                    f.write(memoryview(raw_bytes(t)))
-                    total += t.numel() * t.element_size()
-                    weight_map[n] = fname
-                f.flush()
-                os.fsync(f.fileno())
-        if len(groups) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump(index, f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
+        try:
+            copied, names, total, weight_map, groups = _write_all(sub, manifest["tensors"], root, tmp,
+                                                                  max_shard_bytes)
+        except BaseException as exc:
+            _discard(tmp, exc)
+            raise
     os.unlink(os.path.join(tmp, _MARKER))
     fsync_path(tmp)
     old = None

@@ -27,7 +27,7 @@ import torch
 from ken_dist.checkpoints.dtypes import torch_dtype
 from ken_dist.checkpoints.inventory import Checkpoint
 from ken_dist.checkpoints.reads import read_rows, read_rows_array
-from ken_dist.errors import InputError, StoreError
+from ken_dist.errors import CheckpointError, InputError, StoreError
 from ken_dist.store.codecs import RAW
 from ken_dist.store.parts import block_rows, decode_whole, put_kept
 from ken_dist.store.protocol import Store
@@ -86,7 +86,10 @@ class Subnetwork:
     def base_checkpoint(self) -> Checkpoint:
         """The base, opened on first use and checked against the manifest (subnetwork/base.py)."""
         if self._base is None:
-            self._base = open_verified_base(self._manifest, self._base_arg, self.finetune)
+            try:
+                self._base = open_verified_base(self._manifest, self._base_arg, self.finetune)
+            except CheckpointError as exc:  # say which store's record led there
+                raise CheckpointError(f"{exc} (fine-tune {self.finetune!r} of store {self.store.root})") from None
         return self._base
 
     # ---- safe_open-like surface --------------------------------------------------------------

@@ -21,6 +21,7 @@ from matplotlib import colormaps
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 
+from ken_dist.store.fs import atomic_output
 from ken_dist.viz.read import MatrixView
 
 VALUE_CMAP = "RdBu_r"
@@ -155,5 +156,6 @@ def plot_layers(views: list[MatrixView], *, max_pixels: int = 256, title: str | 
 def save(fig: Figure, path: str) -> str:
     """Write `fig` as a PNG at `path` (directories created); returns the path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    with atomic_output(path) as tmp:  # whole or absent: a killed run never leaves a cut image
+        fig.savefig(tmp, dpi=DPI, format="png")
     return path

@@ -15,6 +15,7 @@ import html
 import json
 import os
 import re
+import shutil
 import time
 from collections import defaultdict
 
@@ -103,12 +104,24 @@ cluster.</p>
     return path
 
 
-def render(store, finetune: str, pattern: str | None, out: str, *, base=None, delta: bool = False,
-           max_pixels: int = DEFAULT_MAX_PIXELS, single: bool = True, layers: bool = True,
-           verify: bool = True, progress=None) -> dict:
+def render(store, finetune: str, pattern: str | None, out: str, **options) -> dict:
     """Write every KENviz figure for the tensors of `finetune` matching `pattern` (re.search) into `out`.
 
-    Returns {"index": path, "figures": [...], "stats": [...], "seconds": s}."""
+    Options: base, delta, max_pixels, single, layers, verify, progress (see _render). Returns
+    {"index": path, "figures": [...], "stats": [...], "seconds": s}. A refused run (a corrupt
+    part met halfway) removes `out` when it created it, so no half report is left behind."""
+    created = not os.path.exists(out)
+    try:
+        return _render(store, finetune, pattern, out, **options)
+    except BaseException:
+        if created and os.path.isdir(out):
+            shutil.rmtree(out)
+        raise
+
+
+def _render(store, finetune: str, pattern: str | None, out: str, *, base=None, delta: bool = False,
+            max_pixels: int = DEFAULT_MAX_PIXELS, single: bool = True, layers: bool = True,
+            verify: bool = True, progress=None) -> dict:
     t0 = time.time()
     sub = open_subnetwork(store, finetune, base, verify=verify)
     names = select_tensors(sub, pattern)
@@ -148,7 +161,7 @@ def render(store, finetune: str, pattern: str | None, out: str, *, base=None, de
     seconds = time.time() - t0
     info = {"store": str(sub.store.root), "finetune": finetune, "pattern": pattern, "params": sub.manifest()["params"],
             "value_kind": "delta (fine-tuned - base)" if delta else "fine-tuned value", "seconds": seconds}
-    atomic_json(os.path.join(out, "stats.json"), {**info, "matrices": all_stats})
+    atomic_json(os.path.join(out, "stats.json"), {**info, "matrices": all_stats})  # whole or absent
     index = write_index(out, info, all_stats, figs)
     return {"index": index, "figures": [os.path.join(out, src) for _, src, _ in figs], "stats": all_stats,
             "seconds": time.time() - t0}
