@@ -278,7 +278,8 @@ def test_raw_store_stays_version_1_and_low_keep_raw_becomes_version_2(tmp_path):
     store2 = Store(tmp_path / "store2", create=True)
     big = torch.randn(64, 4096)
     one = torch.rand(64, 4096, generator=torch.Generator().manual_seed(2)) < 0.01
-    store2.begin("ft", params=PARAMS, base_identity={}, finetune_identity={},
+    nowhere = {"source": None, "root": str(tmp_path / "no-checkpoint"), "revision": None, "files": []}
+    store2.begin("ft", params=PARAMS, base_identity=nowhere, finetune_identity=nowhere,
                  tensors={"w": {"shape": [64, 4096], "dtype": "F32", "action": "prune", "rows": 64, "row_len": 4096,
                                 "base_name": "w", "blocks": [[0, 64]]}})
     rec = store2.write_block("ft", "w", 0, 64, one, big)
