@@ -57,7 +57,7 @@ def assert_same_tensors(got: dict, want: dict, what: str) -> None:
 
 
 @given(data=st.data(), which=st.sampled_from(["toy_ft", "toy_base", "real_ft"]))
-@fuzz_settings(300)
+@fuzz_settings(500)
 def test_mutated_safetensors_reads_right_or_is_refused(fixtures, data, which):
     src = os.path.join(fixtures[which], "model.safetensors")
     with open(src, "rb") as f:
@@ -122,7 +122,7 @@ def index_mutation(draw, doc: dict):
 
 
 @given(data=st.data())
-@fuzz_settings(200)
+@fuzz_settings(400)
 def test_mutated_shard_index_reads_right_or_is_refused(fixtures, data):
     with open(os.path.join(fixtures["sharded_ft"], "model.safetensors.index.json"), "rb") as f:
         doc = json.load(f)
@@ -151,7 +151,7 @@ def _prune_with(fixtures, case: str, base: str, ft: str, monkeypatch) -> tuple[i
 
 
 @given(data=st.data(), which=st.sampled_from(["base", "finetune"]))
-@fuzz_settings(40)
+@fuzz_settings(200)
 def test_prune_of_a_mutated_checkpoint_refuses_or_prunes_those_weights(fixtures, data, which, monkeypatch):
     from safetensors.torch import save_file
 

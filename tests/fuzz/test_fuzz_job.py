@@ -88,7 +88,7 @@ def _job_doc(case: str) -> dict:
 
 
 @given(data=st.data())
-@fuzz_settings(120)
+@fuzz_settings(400)
 def test_mutated_job_file_is_refused_or_runs_that_job(fixtures, data, monkeypatch):
     from ken_dist.runtime import driver
 
@@ -223,7 +223,7 @@ def cli_args(draw, case: str, fixtures):
 
 
 @given(data=st.data())
-@fuzz_settings(120)
+@fuzz_settings(400)
 def test_mutated_cli_arguments_are_refused_or_run(fixtures, data, monkeypatch):
     from ken_dist.runtime import driver
 
@@ -293,7 +293,7 @@ def journal_mutation(draw, lines: list[bytes], planned: list[tuple], files: list
 
 
 @given(data=st.data())
-@fuzz_settings(60)
+@fuzz_settings(200)
 def test_resume_from_a_mutated_journal_gives_the_clean_store(fixtures, data, monkeypatch):
     from ken_dist.runtime import driver
 

@@ -128,7 +128,7 @@ def manifest_mutation(draw, doc: dict):
 
 
 @given(data=st.data(), which=st.sampled_from(["ken_store.json", MANIFEST, MANIFEST]))
-@fuzz_settings(120)
+@fuzz_settings(400)
 def test_mutated_store_json_is_refused_or_rebuilds_bit_for_bit(fixtures, data, which):
     src = os.path.join(fixtures["toy_store"], which)
     with open(src) as f:
@@ -268,7 +268,7 @@ def _reference_whole(path: str, t: dict):
 
 
 @given(data=st.data(), verify=st.booleans())
-@fuzz_settings(150)
+@fuzz_settings(400)
 def test_mutated_part_is_refused_or_read_as_it_decodes(fixtures, data, verify):
     from ken_dist.checkpoints.inventory import open_checkpoint
     from ken_dist.checkpoints.reads import read_tensor
