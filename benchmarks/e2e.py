@@ -20,7 +20,7 @@ What it measures, all on the same generated fine-tune (benchmarks/make_checkpoin
   posix_fadvise(DONTNEED), which drops just these files and works without root) and warm.
 - memory: peak RSS (VmHWM, sampled from /proc every 0.2 s) of the driver, each selection actor
   and Ray's own processes, and the peak of their sum.
-- store: bytes vs the information bound (ken_dist.subnetwork.view.inspect_store).
+- store: bytes vs the information bound (ken_dist.subnetwork.inspect.inspect_store).
 - machine load: CPU seconds burnt by processes that are not ours during each run (/proc/stat minus
   our process tree), so that a missed target on a shared machine is visible as such.
 

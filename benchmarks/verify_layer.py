@@ -2,7 +2,7 @@
 
 For every tensor of layer L (1-D tensors are one row), the store's reconstruction
 `open_subnetwork(store, name).get_tensor(t)` must equal `torch.where(ken_select(ft, keep), ft, base)`
-with ft and base read straight from the checkpoints. Used for the README's Scale runs:
+with ft and base read straight from the checkpoints. Used for the scale runs of docs/performance.md:
 
     python benchmarks/verify_layer.py /tmp/k7b/store ft /tmp/k7b/base /tmp/k7b/finetune --layer 17
 """

@@ -1,4 +1,4 @@
-"""Blocks as numpy storage bits (ken_dist/dtypes.py): exact widening, exact bytes, the same rows
+"""Blocks as numpy storage bits (ken_dist/checkpoints/dtypes.py): exact widening, exact bytes, the same rows
 as torch reads. The CPU actors depend on these to run without torch."""
 import numpy as np
 import pytest

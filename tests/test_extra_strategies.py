@@ -1,4 +1,4 @@
-"""Strategies of ken_dist/kernel/extra_strategies.py: registered, exactly k per row, defined by
+"""Strategies of ken_dist/kernel/strategies/delta.py: registered, exactly k per row, defined by
 their one-line rules (ken-delta is ken_select on fine-tuned - base)."""
 from __future__ import annotations
 

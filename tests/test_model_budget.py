@@ -1,5 +1,5 @@
 """One keep budget per fine-tune (strategies of scope "model"): the histogram allocation of
-ken_dist/budget.py, and the two-pass pipeline (scoring pass, budgets in the manifest, resume)."""
+ken_dist/kernel/strategies/budget.py, and the two-pass pipeline (scoring pass, budgets in the manifest, resume)."""
 from __future__ import annotations
 
 import io

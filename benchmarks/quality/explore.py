@@ -1,6 +1,6 @@
 """Quick in-memory exploration of selection rules (no store, no Ray): mask every tensor of the
 cached fine-tune with a rule, rebuild in memory, score. Used to search for a better rule; every
-number reported in the README comes from run.py, through the real pipeline.
+number reported in docs/quality.md comes from run.py, through the real pipeline.
 
     python benchmarks/quality/explore.py --seed 0 --keep 0.25 --rules magnitude ken-delta
     python benchmarks/quality/explore.py --rules magnitude --whole 'LayerNorm|bias'   # diagnose

@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", action="append", help="store name of each fine-tune (default: its directory name)")
     from ken_dist.kernel import STRATEGIES
     p.add_argument("--strategy", default="ken", help=f"one of {', '.join(sorted(STRATEGIES))} (default ken, the "
-                   "paper's rule; README 'Quality' says which to use when)")
+                   "paper's rule; docs/quality.md says which to use when)")
     p.add_argument("--compat", default="index", choices=["index", "reference"],
                    help="index: exactly k per row (default); reference: the published code's value-based mask")
     p.add_argument("--seed", type=int, default=0, help="seed of seeded strategies (random)")

@@ -87,7 +87,7 @@ def _read_block(unit: WorkUnit, device=None, *, store: bool = False):
 
 
 def score_unit(unit: WorkUnit) -> dict:
-    """Scoring pass of a model-budget strategy (ken_dist/budget.py): the block's score histogram."""
+    """Scoring pass of a model-budget strategy (ken_dist/kernel/strategies/budget.py): the block's score histogram."""
     values, base = _read_block(unit)
     try:
         scores = block_scores(unit.params.strategy, to_float32(values, unit.ft_info.dtype),

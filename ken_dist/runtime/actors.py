@@ -35,7 +35,7 @@ class SelectionActor:
         return record
 
     def score(self, unit) -> dict:
-        """The unit's score histogram (scoring pass of a model-budget strategy, ken_dist/budget.py)."""
+        """The unit's score histogram (scoring pass of a model-budget strategy, ken_dist/kernel/strategies/budget.py)."""
         return score_unit(unit)
 
 

@@ -237,7 +237,7 @@ def _begin_all(store: Store, base, plans: list[FineTunePlan], overwrite: bool):
 def _score_and_budget(store: Store, plans: list[FineTunePlan], pool: ActorPool, progress: Progress,
                       out: list) -> list:
     """Scoring pass of the model-budget fine-tunes on the pool (its _Dispatch appended to `out`),
-    then each block's budget recorded in the store (ken_dist/budget.py); returns their units,
+    then each block's budget recorded in the store (ken_dist/kernel/strategies/budget.py); returns their units,
     budgets attached."""
     units = [u for p in plans for u in p.units if u.action == "prune"]
     progress.note(f"scoring pass ({', '.join(p.spec.name for p in plans)}: one keep budget per fine-tune): "

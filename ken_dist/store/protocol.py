@@ -374,7 +374,7 @@ class Store:
         return "new" if old is None else "resume"
 
     def set_budgets(self, finetune: str, budgets: dict, summary: dict) -> None:
-        """Record each planned block's keep budget (strategies of scope "model", ken_dist/budget.py)
+        """Record each planned block's keep budget (strategies of scope "model", ken_dist/kernel/strategies/budget.py)
         before any block runs, so that a resumed run selects with the same budgets."""
         self.acquire(finetune)
         manifest = self.manifest(finetune)

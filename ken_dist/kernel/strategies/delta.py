@@ -7,7 +7,7 @@ minus base. `ken-delta` and `lowrank-delta` keep exactly min(k, n) entries per r
 baselines; `lowrank-delta-block` keeps k * rows per block, the `*-model` ones a budget for the
 whole fine-tune (scope, see registry.py).
 
-Measured on a real fine-tune in benchmarks/quality/ (README, "Quality"):
+Measured on a real fine-tune in benchmarks/quality/ (docs/quality.md):
 
 - `ken-delta`: the KEN rule (shared/spec/ken-selection.md) run on the row of differences
   `fine-tuned - base` (float32) instead of on the fine-tuned values. KEN keeps entries where the
@@ -37,7 +37,7 @@ Measured on a real fine-tune in benchmarks/quality/ (README, "Quality"):
   quarter of their entries and the rest less. The budget is split between blocks by a scoring
   pass before any block is selected (budget.py); `select` needs that block's `budget`.
   delta * L and delta * delta are both in units of delta squared, so scores of different
-  tensors compare. Results on the benchmark: README, "Quality".
+  tensors compare. Results on the benchmark: docs/quality.md.
 """
 from __future__ import annotations
 
