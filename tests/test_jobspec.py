@@ -76,3 +76,14 @@ def test_defaults_overrides_and_sizes(tmp_path):
     assert (b.name, b.source, b.params.k, b.params.keep) == ("b", "/m/b2", 7, None)
     assert (c.name, c.revision, c.params.keep) == ("c", "v1", 0.5)
     assert (job.block_bytes, job.address, job.workers, job.placement) == (2**20, "auto", 3, "cpu")
+
+
+def test_a_path_no_file_name_can_hold_is_refused(tmp_path):
+    """A YAML escape can write a lone UTF-16 surrogate, which the OS cannot encode (found by
+    tests/fuzz: it ended in a UnicodeEncodeError traceback when the store was opened)."""
+    from ken_dist.errors import InputError
+
+    job = tmp_path / "job.yaml"
+    job.write_text('base: ./base\nstore: "./s\\ud800"\nkeep: 0.25\nfinetunes: [./ft]\n')
+    with pytest.raises(InputError, match="not a usable path"):
+        load_job_file(job)

@@ -5,6 +5,7 @@ the offending field, so a typo fails before a cluster is touched.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
@@ -16,6 +17,15 @@ from ken_dist.job.match import PRESETS
 from ken_dist.job.plan import DEFAULT_BLOCK_BYTES, FineTuneSpec, PruneParams
 
 PLACEMENTS = ("mixed", "gpu", "cpu")  # actor placement policies, see ken_dist.runtime.pool
+
+
+def _encodable(path: str) -> bool:
+    """True when the OS can take `path` as a file name (os.fsencode: a YAML "\\ud800" escape cannot)."""
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -45,8 +55,9 @@ class JobSpec:
     def __post_init__(self):
         for what, path in [("base", self.base), ("store", self.store)] + [
                 (f"fine-tune {ft.name!r} source", ft.source) for ft in self.finetunes]:
-            if not isinstance(path, str) or not path or "\x00" in path:
-                raise InputError(f"the {what} {path!r} is not a usable path (empty, or holds a NUL byte)")
+            if not isinstance(path, str) or not path or "\x00" in path or not _encodable(path):
+                raise InputError(f"the {what} {path!r} is not a usable path (empty, holds a NUL byte, or "
+                                 f"characters no file name can hold, such as a lone UTF-16 surrogate)")
         if not self.finetunes:
             raise InputError("the job has no fine-tunes: give at least one FINETUNE (or `finetunes:` in the job file)")
         seen = set()

@@ -17,7 +17,7 @@ from ken_dist.store.protocol import Store
 class SelectionActor:
     def __init__(self, store_path: str, want_gpu: bool):
         self.store = Store(store_path)
-        self.device = "cpu"  # CPU actors never import torch (execute.py): they start ~1.5 s sooner
+        self.device = "cpu"  # CPU actors never import torch (job/execute.py): they start sooner
         if want_gpu:
             import torch
 
