@@ -191,6 +191,15 @@ def run_seed(seed: int, strategies, keeps, preset, workers: int, values=("raw",)
     train_info = json.loads((ft_dir / "train.json").read_text())
     done = {cell_key(c) for c in load_cells()}
     ev = None
+    recorded = [c for c in load_cells() if c["seed"] == seed and c["strategy"] == "full fine-tune"]
+    if recorded:  # cells scored on an earlier copy of this fine-tune: mix only if it is the same model
+        ev = Evaluator(ft_dir)
+        now = ev.score(None)["accuracy"]
+        if abs(now - recorded[-1]["accuracy"]) > 1e-9:
+            raise SystemExit(f"seed {seed}: the fine-tune in {ft_dir} scores {now:.4f}, the cells in {CELLS} were "
+                             f"scored on one that scored {recorded[-1]['accuracy']:.4f}; the fine-tune is not the "
+                             f"same model, so its cells cannot be mixed: move {CELLS.name} aside and rerun")
+        log(f"seed {seed}: fine-tune reproduces the recorded accuracy {now:.4f}")
     for ref in ("full fine-tune", "base + head"):
         if (seed, ref, None, None, "raw") in done:
             continue
