@@ -23,7 +23,8 @@ from ken_dist.store.protocol import Store
 # cost a worker ~1.3 GB; in chunks of 4M entries it costs ~170 MB whatever --block-bytes is.
 # Selection of scope "row" strategies is row by row (row i depends only on its values, seed and
 # absolute index), so chunking gives the same mask; the others see the whole block at once (the
-# low-rank rules hold ~40 bytes per entry then). GPUs get larger chunks: they need the batch.
+# low-rank rules hold ~40 bytes per entry then). GPUs get larger chunks: they need the batch
+# (the torch path on the CPU, device "torch", keeps the CPU's).
 SELECT_CHUNK_ELEMENTS = {"cpu": 1 << 22, "gpu": 1 << 25}
 
 
@@ -35,7 +36,7 @@ def _select_in_chunks(unit: WorkUnit, rows, base, device):
     """The block's mask: numpy on the CPU (rows and base: storage bits, widened chunk by chunk),
     a CPU torch tensor from a GPU (rows and base: torch tensors, rows already on the device)."""
     cpu = _on_cpu(device)
-    chunk = SELECT_CHUNK_ELEMENTS["cpu" if cpu else "gpu"]
+    chunk = SELECT_CHUNK_ELEMENTS["cpu" if cpu or device == "torch" else "gpu"]
     step = max(1, chunk // max(1, rows.shape[1]))
     if STRATEGIES[unit.params.strategy].scope != "row":
         step = rows.shape[0]

@@ -11,17 +11,21 @@ import ray
 
 from ken_dist.job.execute import process_unit, score_unit
 from ken_dist.job.log import peak_rss
+from ken_dist.kernel import STRATEGIES
+from ken_dist.runtime.warmup import LOAD_GRACE_S, KernelWarmUp, cpu_device_for
 from ken_dist.store.protocol import Store
 
 
 class SelectionActor:
     def __init__(self, store_path: str, want_gpu: bool):
         self.store = Store(store_path)
-        self.device = "cpu"  # CPU actors never import torch (job/execute.py): they start sooner
+        self.device = "cpu"  # CPU actors import torch only for the kernel's torch path (warmup.py)
         if want_gpu:
             import torch
 
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.warm = KernelWarmUp() if self.device == "cpu" else None
+        self.grace_s = LOAD_GRACE_S  # the first unit may wait this long for the cached kernel
 
     def info(self) -> dict:
         """Who this worker is, for the job log: pid, node, device, GPUs Ray assigned, peak RSS."""
@@ -30,7 +34,12 @@ class SelectionActor:
 
     def run(self, unit) -> dict:
         """The unit's block record, plus `worker` (info(), taken after the unit: peak RSS so far)."""
-        record = process_unit(unit, self.store, device=self.device)
+        device = self.device
+        if device == "cpu":
+            device = cpu_device_for(STRATEGIES[unit.params.strategy], self.warm, self.grace_s)
+            self.grace_s = 0.0
+        record = process_unit(unit, self.store, device=device)
+        record["kernel_path"] = device
         record["worker"] = self.info()
         return record
 

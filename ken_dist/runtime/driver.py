@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import threading
 import time
 from collections import deque
 from dataclasses import replace
@@ -28,6 +27,7 @@ from ken_dist.job.spec import JobSpec
 from ken_dist.kernel import STRATEGIES
 from ken_dist.kernel.strategies.budget import allocate, total_budget
 from ken_dist.runtime.pool import WATCH_S, ActorPool, Slot, plan_slots
+from ken_dist.runtime.warmup import KernelWarmUp
 from ken_dist.store.protocol import Store
 
 IN_FLIGHT_PER_ACTOR = 2
@@ -120,6 +120,7 @@ class _Dispatch:
         self.blocks_run: dict = {}
         self.first_submit: float | None = None  # when the first actor got work: start-up ends here
         self.last_result: float | None = None
+        self.uncompiled_blocks = 0  # run on the kernel's torch path while numba compiled (warmup.py)
 
     def run(self) -> None:
         """Until every unit is committed: give work to the ready actors, then wait for a result or
@@ -164,6 +165,8 @@ class _Dispatch:
             self.progress.advance(unit.finetune, unit.elements)
             return
         worker = record.pop("worker", None) or {}
+        if record.pop("kernel_path", None) == "torch":
+            self.uncompiled_blocks += 1
         self.store.commit(unit.finetune, [record])
         self.committed.add(key)
         self.blocks_run[unit.finetune] = self.blocks_run.get(unit.finetune, 0) + 1
@@ -269,39 +272,14 @@ def _store_error(store: Store, exc: OSError) -> KenError:
                     "fix permissions on its file system, then rerun the same command (it resumes)")
 
 
-class _KernelWarmUp(threading.Thread):
-    """Compiles the CPU kernel (numba) in the driver while Ray starts, so that the actors load
-    it from numba's on-disk cache instead of each compiling it at once on a new machine. Says so
-    in the progress lines only when it really compiles (the first run on this machine)."""
-
-    def __init__(self, progress: Progress):
-        super().__init__(name="ken-kernel-warm-up", daemon=True)
-        self.progress = progress
-        self.error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        from ken_dist.kernel.ken_cpu import warm_up
-
-        try:
-            warm_up(lambda: self.progress.note("compiling the selection kernel (first run on this machine)"))
-        except BaseException as exc:  # noqa: BLE001  (handed over: wait() re-raises it in the driver thread)
-            self.error = exc
-
-    def wait(self) -> None:
-        self.join()
-        if self.error is not None:
-            raise self.error
-
-
 def _run_units(store: Store, todo: list[WorkUnit], to_score: list[FineTunePlan], progress: Progress, *,
                address, workers, placement: str, out: list) -> None:
     """Start or join Ray, score the model-budget fine-tunes, run the units on an actor pool; `out`
     receives the _Dispatch of each pass (scoring first, if any; for the log and the timings)."""
-    warm_up = _KernelWarmUp(progress)
+    warm_up = KernelWarmUp(lambda: progress.note("compiling the selection kernel (first run on this machine; "
+                                                  "meanwhile blocks run on its torch path, same masks)"))
     started = _connect(address, workers)
     try:
-        warm_up.wait()
         blocks = len(todo) + sum(len(p.units) for p in to_score)
         kinds = plan_slots(ray.cluster_resources(), workers, placement, blocks)
         pool = ActorPool(store.root, kinds, note=progress.note)
@@ -317,6 +295,10 @@ def _run_units(store: Store, todo: list[WorkUnit], to_score: list[FineTunePlan],
             finally:
                 dispatch.cancel()
                 dispatch.add_workers(pool.describe())
+            if dispatch.uncompiled_blocks:
+                progress.note(f"{dispatch.uncompiled_blocks} block(s) ran on the kernel's torch path; "
+                              + ("the compiled kernel is cached for the next runs" if warm_up.ready.is_set() else
+                                 "the kernel is still compiling: the next run on this machine continues it"))
         finally:
             pool.shutdown()
     finally:

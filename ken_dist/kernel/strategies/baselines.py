@@ -12,7 +12,7 @@ from ken_dist.kernel.ken import ken_mask
 from ken_dist.kernel.strategies.registry import register, top_k_mask
 
 
-@register("ken")
+@register("ken", compiled_kernel=True)
 def ken(rows, base, k, *, seed, row_offset, compat, device):
     """KEN: k fine-tuned values per row picked by the Gaussian KDE rule (the paper)."""
     return ken_mask(rows, k, compat=compat, device=device)

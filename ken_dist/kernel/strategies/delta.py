@@ -81,7 +81,7 @@ def _delta(rows: np.ndarray, base: np.ndarray) -> np.ndarray:
     return np.subtract(rows, base, dtype=np.float32)
 
 
-@register("ken-delta", needs_base=True)
+@register("ken-delta", needs_base=True, compiled_kernel=True)
 def ken_delta(rows, base, k, *, seed, row_offset, compat, device):
     """KEN's KDE rule applied to the row of differences fine-tuned - base (exactly k per row)."""
     return ken_mask(_delta(rows, base), k, compat="index", device=device)

@@ -35,20 +35,23 @@ class Strategy:
     needs_base: bool
     doc: str
     scope: str = "row"
+    compiled_kernel: bool = False  # selects through KEN's numba kernel on the CPU (compiled on first use)
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def register(name: str, *, needs_base: bool = False, scope: str = "row"):
-    """Decorator adding a strategy to the registry under `name` (scope: see the module docstring)."""
+def register(name: str, *, needs_base: bool = False, scope: str = "row", compiled_kernel: bool = False):
+    """Decorator adding a strategy to the registry under `name` (scope: see the module docstring;
+    compiled_kernel: it calls ken_mask, whose CPU path numba compiles once per machine)."""
     if scope not in SCOPES:
         raise InputError(f"strategy {name!r}: scope must be one of {', '.join(SCOPES)}, got {scope!r}")
 
     def wrap(fn: StrategyFn) -> StrategyFn:
         if name in STRATEGIES:
             raise InputError(f"strategy {name!r} is registered twice")
-        STRATEGIES[name] = Strategy(name, fn, needs_base, (fn.__doc__ or "").strip().split("\n")[0], scope)
+        STRATEGIES[name] = Strategy(name, fn, needs_base, (fn.__doc__ or "").strip().split("\n")[0], scope,
+                                    compiled_kernel)
         return fn
     return wrap
 
