@@ -13,7 +13,7 @@ The split is fixed (a seed-0 permutation: 3000 train, 1000 test) whatever the fi
 A second task for checking that a recipe carries over (issue 13), chosen with `set_task("reviews")`
 (run.py --task reviews): `polarity-en-pang&lee1.csv` from the same archive, 1500 movie reviews of
 ~750 words (750 positive / 750 negative), a seed-0 split of 1000 train / 500 test, max length 128
-tokens (the reviews' first ~100 words: a fine-tune step costs 6 s at 256 tokens and about a third
+tokens (the reviews' first ~100 words: a fine-tune step costs 6 s at 256 tokens and roughly half
 of that at 128 on the 2-core machine); its fine-tunes, cells and report files carry the task's name.
 """
 from __future__ import annotations
