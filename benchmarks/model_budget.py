@@ -1,0 +1,224 @@
+"""A model-budget strategy's job against its block-budget twin, side by side on one generated pair.
+
+    python benchmarks/model_budget.py                       # 477M-parameter bf16 pair (e2e.py's default shape)
+    python benchmarks/model_budget.py --hidden 2560 --intermediate 6912 --layers 4 --vocab 24000 \\
+        --heads 20 --kv-heads 4 --workdir /tmp/ken-mb398   # the 398M pair of docs/performance.md
+    python benchmarks/model_budget.py --stages 4            # + where one block's time goes, in process
+
+What it measures (all on the same generated fine-tune, benchmarks/make_checkpoint.py's generator):
+- jobs: `run_job` with --block-strategy and --model-strategy, alternating (block, model, model,
+  block, ... --rounds pairs) on one private local Ray with --workers actors, page cache warm (the
+  first, untimed, run of each reads the files once): wall time model / block, and the passes'
+  own times (scoring, selection) from run_job's timings.
+- store: with --reference STORE (a store of the same job written by another ken_dist, e.g. the
+  release before a change), every block of the model strategy's store is compared with the
+  reference: same budget, same part bytes (sha256), and the same rebuilt tensors.
+- stages (--stages N): on the N largest blocks, in this process, one thread: read (fine-tune +
+  base), score, histogram, top-`budget` mask, part write; what each pass of a model job costs.
+
+Results also go to WORKDIR/model_budget.json.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+DEFAULT_SHAPE = dict(hidden=2048, intermediate=5632, layers=8, vocab=16000, heads=16, kv_heads=16)
+
+
+def _job(args, strategy: str, store: str):
+    from ken_dist.job.plan import PruneParams
+    from ken_dist.job.spec import FineTuneEntry, JobSpec
+
+    params = PruneParams(strategy=strategy, keep=args.keep, values=args.values)
+    return JobSpec(base=args.base, store=store, block_bytes=args.block_bytes,
+                   finetunes=(FineTuneEntry("ft", args.ft, None, params),))
+
+
+def stages(args) -> dict:
+    """Seconds per stage over the N largest blocks, one thread, in this process."""
+    import numpy as np
+
+    from ken_dist.checkpoints.dtypes import to_float32
+    from ken_dist.checkpoints.reads import read_rows_array
+    from ken_dist.job.plan import plan_finetune
+    from ken_dist.kernel import block_scores
+    from ken_dist.kernel.strategies.budget import score_histogram
+    from ken_dist.kernel.strategies.registry import block_top_mask
+    from ken_dist.store.protocol import Store
+
+    job = _job(args, args.model_strategy, "/nonexistent")
+    spec = job.open_finetunes()[0]
+    plan = plan_finetune(job.open_base(), spec, block_bytes=job.block_bytes)
+    units = sorted((u for u in plan.units if u.action == "prune"), key=lambda u: -u.elements)[:args.stages]
+    tot = dict.fromkeys(("read", "score", "histogram", "mask", "write"), 0.0)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
+        store = Store(os.path.join(scratch, "s"), create=True)
+        store.begin("ft", params=spec.params.as_dict(), base_identity={}, finetune_identity={},
+                    tensors=plan.tensors)
+        for u in units:
+            t0 = time.perf_counter()
+            ft = read_rows_array(u.ft_info, u.row_start, u.row_end)
+            base = read_rows_array(u.base_info, u.row_start, u.row_end)
+            t1 = time.perf_counter()
+            scores = block_scores(spec.params.strategy, to_float32(ft, u.ft_info.dtype),
+                                  to_float32(base, u.base_info.dtype))
+            t2 = time.perf_counter()
+            score_histogram(scores)
+            t3 = time.perf_counter()
+            mask = block_top_mask(scores, int(round(args.keep * scores.size)))
+            t4 = time.perf_counter()
+            store.write_block("ft", u.tensor, u.row_start, u.row_end, mask, ft, u.ft_info.dtype,
+                              codec=spec.params.codec, base=base)
+            t5 = time.perf_counter()
+            for k, a, b in (("read", t0, t1), ("score", t1, t2), ("histogram", t2, t3), ("mask", t3, t4),
+                            ("write", t4, t5)):
+                tot[k] += b - a
+        store.close()
+    elements = sum(u.elements for u in units)
+    return {"blocks": len(units), "elements": elements, **{k: round(v, 3) for k, v in tot.items()},
+            "dtype": units[0].ft_info.dtype if units else None, "scores_dtype": str(np.float64)}
+
+
+def compare_stores(reference: str, store: str) -> dict:
+    """Same blocks, budgets and part bytes (sha256) as the reference store, and the same rebuilt tensors."""
+    import torch
+
+    from ken_dist.store.protocol import Store
+    from ken_dist.subnetwork.view import open_subnetwork
+
+    ref, new = Store(reference).manifest("ft"), Store(store).manifest("ft")
+    blocks = same_bytes = same_budget = 0
+    for name, t in ref["tensors"].items():
+        for a, b in zip(t["blocks"], new["tensors"][name]["blocks"]):
+            blocks += 1
+            same_bytes += a["sha256"] == b["sha256"] and a["bytes"] == b["bytes"]
+            same_budget += a.get("budget") == b.get("budget")
+    tensors = same_tensors = 0
+    with open_subnetwork(reference, "ft") as r, open_subnetwork(store, "ft") as n:
+        for name in ref["tensors"]:
+            tensors += 1
+            same_tensors += torch.equal(r.get_tensor(name), n.get_tensor(name))
+    return {"blocks": blocks, "same_part_bytes": same_bytes, "same_budget": same_budget,
+            "tensors": tensors, "same_tensors": same_tensors,
+            "same_budget_summary": ref.get("budget") == new.get("budget")}
+
+
+def jobs(args) -> dict:
+    import ray
+
+    from ken_dist.runtime import run_job
+
+    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+    out: dict = {"block": [], "model": []}
+    stores = {k: os.path.join(args.workdir, f"store-{k}") for k in out}
+    strategy = {"block": args.block_strategy, "model": args.model_strategy}
+    order = ["block", "model"]
+    try:
+        for kind in order if args.warmup else ():  # untimed: the page cache holds both checkpoints afterwards
+            run_job(_job(args, strategy[kind], stores[kind]), workers=args.workers, overwrite=True, quiet=True)
+        for r in range(args.rounds):
+            for kind in (order if r % 2 == 0 else order[::-1]):
+                log = io.StringIO()
+                t0 = time.perf_counter()
+                result = run_job(_job(args, strategy[kind], stores[kind]), workers=args.workers, overwrite=True,
+                                 stream=log)
+                wall = time.perf_counter() - t0
+                notes = [line for line in log.getvalue().splitlines() if "spill" in line or "fell back" in line]
+                out[kind].append({"wall": round(wall, 3), **result.timings, "notes": notes})
+                print(f"round {r + 1} {strategy[kind]}: {wall:.2f} s {result.timings}" +
+                      ("".join(f"\n    {n}" for n in notes)), flush=True)
+    finally:
+        ray.shutdown()
+    walls = {k: [x["wall"] for x in v] for k, v in out.items()}
+    out["ratio_per_round"] = [round(m / b, 3) for b, m in zip(walls["block"], walls["model"])]
+    out["ratio"] = round(sum(walls["model"]) / sum(walls["block"]), 3)
+    if args.reference:
+        out["store_vs_reference"] = compare_stores(args.reference, stores["model"])
+    if args.keep_store:
+        dest = args.keep_store
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(stores["model"], dest)
+    return out
+
+
+def main(argv=None) -> int:
+    from ken_dist.cli.commands import byte_size
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="/tmp/ken-model-budget")
+    p.add_argument("--ckpt", default=None, help="an existing pair (base/ and finetune/) instead of WORKDIR/ckpt")
+    for k in DEFAULT_SHAPE:
+        p.add_argument(f"--{k.replace('_', '-')}", dest=k, type=int, default=None)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--keep", type=float, default=0.25)
+    p.add_argument("--values", default="raw", help="value codec of both jobs")
+    p.add_argument("--block-bytes", type=byte_size, default=None)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="block/model pairs, alternating order")
+    p.add_argument("--block-strategy", default="lowrank-delta-block")
+    p.add_argument("--model-strategy", default="lowrank-delta-model")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="no untimed first run of each (the pair is in the page cache already)")
+    p.add_argument("--stages", type=int, default=0, help="per-stage timing on the N largest blocks")
+    p.add_argument("--no-jobs", action="store_true", help="only the per-stage timing")
+    p.add_argument("--reference", default=None, help="a store of the model job to compare with")
+    p.add_argument("--keep-store", default=None, help="copy the model job's store here afterwards")
+    args = p.parse_args(argv)
+
+    from ken_dist.job.plan import DEFAULT_BLOCK_BYTES
+    from ken_dist.testing.synthetic import LlamaShape, write_pair
+
+    args.block_bytes = args.block_bytes or DEFAULT_BLOCK_BYTES
+    fields = dict(DEFAULT_SHAPE)
+    fields.update({k: getattr(args, k) for k in DEFAULT_SHAPE if getattr(args, k) is not None})
+    os.makedirs(args.workdir, exist_ok=True)
+    ckpt = args.ckpt or os.path.join(args.workdir, "ckpt")
+    marker = os.path.join(ckpt, "shape.json")
+    want = {"shape": fields, "dtype": args.dtype}
+    if not (os.path.exists(marker) and json.load(open(marker)) == want):
+        if args.ckpt:
+            print(f"{ckpt} holds another shape than asked ({marker})", file=sys.stderr)
+            return 2
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shape = LlamaShape(**fields)
+        t = time.perf_counter()
+        write_pair(ckpt, shape, dtype=args.dtype)
+        with open(marker, "w") as f:
+            json.dump(want, f)
+        print(f"generated {shape.parameters():,}-parameter {args.dtype} pair in {time.perf_counter() - t:.1f} s")
+    args.base, args.ft = os.path.join(ckpt, "base"), os.path.join(ckpt, "finetune")
+    res: dict = {"shape": fields, "dtype": args.dtype, "keep": args.keep, "values": args.values,
+                 "workers": args.workers, "block_bytes": args.block_bytes,
+                 "strategies": [args.block_strategy, args.model_strategy],
+                 "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if args.stages:
+        res["stages"] = stages(args)
+        s = res["stages"]
+        print(f"stages over the {s['blocks']} largest blocks ({s['elements']:,} entries), seconds: "
+              + ", ".join(f"{k} {s[k]}" for k in ("read", "score", "histogram", "mask", "write")), flush=True)
+    if not args.no_jobs:
+        res["jobs"] = jobs(args)
+        j = res["jobs"]
+        print(f"{args.model_strategy} / {args.block_strategy} wall, {args.workers} workers: {j['ratio']} "
+              f"(per round {j['ratio_per_round']})")
+        if "store_vs_reference" in j:
+            print(f"store vs reference: {j['store_vs_reference']}")
+    with open(os.path.join(args.workdir, "model_budget.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
