@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -128,6 +130,10 @@ def test_pipeline_spends_one_budget_and_resumes_with_it(tmp_path, pair, strategy
     log = io.StringIO()
     run_job(job, workers=2, stream=log)
     assert "scoring pass" in log.getvalue()
+    blocks = re.search(r"(\d+) block\(s\) selected from their spilled candidates, (\d+) read and scored "
+                       r"again", log.getvalue())
+    assert blocks and int(blocks[1]) > 3 * int(blocks[2]), log.getvalue()   # one pass for most blocks
+    assert not os.path.exists(_spill_dir(job.store))                          # dropped once complete
     units, budgets, elements = _independent_budgets(job)
     assert len(units) > 3
     store = Store(job.store)
@@ -158,6 +164,7 @@ def test_pipeline_spends_one_budget_and_resumes_with_it(tmp_path, pair, strategy
     log = io.StringIO()
     result = run_job(job, workers=2, stream=log)
     assert "scoring pass" not in log.getvalue()
+    assert "0 block(s) selected from their spilled candidates, 1 read and scored again" in log.getvalue()
     assert result.blocks_run == {"task": 1} and result["task"]["complete"]
     assert json.loads(open(journal).read().splitlines()[-1])["budget"] == dropped["budget"]
     again = run_job(job, workers=2, stream=io.StringIO())
@@ -194,3 +201,103 @@ def test_k_gives_the_same_total_as_k_per_row(tmp_path, pair):
     assert manifest["budget"]["total"] == want == sum(t["kept"] for t in pruned)
     assert any(b["kept"] != (b["row_end"] - b["row_start"]) * min(3, t["row_len"])
                for t in pruned for b in t["blocks"])  # not k per row: the budget moved
+
+
+# ------------------------------------------------------------------------------ one pass: candidate spills
+def _serial(job, *, spill: bool) -> dict:
+    """The driver's two passes in this process, without Ray: score every block (spilling its
+    candidates when `spill`), allocate, select. Returns {block key: built from its spill}."""
+    from ken_dist.job.execute import process_unit, score_unit
+    from ken_dist.kernel.strategies.budget import total_budget
+    from ken_dist.runtime.driver import plan_job
+
+    base, (plan,) = plan_job(job)
+    name, params = plan.spec.name, plan.spec.params
+    prune = [u for u in plan.units if u.action == "prune"]
+    with Store(job.store, create=True) as store:
+        store.begin(name, params=params.as_dict(), base_identity=base.identity(),
+                    finetune_identity=plan.spec.checkpoint.identity(), tensors=plan.tensors)
+        scored = {u.key: score_unit(u, store if spill else None) for u in prune}
+        assert all(("spilled" in r) == spill and "spill_error" not in r for r in scored.values())
+        budgets, summary = allocate({k: (r["bins"], r["counts"]) for k, r in scored.items()},
+                                    total_budget([(u.rows, u.ft_info.row_geometry[1]) for u in prune],
+                                                 params.keep, params.k))
+        store.set_budgets(name, budgets, summary)
+        records = [process_unit(replace(u, budget=budgets.get(u.key)), store) for u in plan.units]
+        store.commit(name, records)
+        store.finalize(name, summary={})
+    return {(r["tensor"], r["row_start"], r["row_end"]): r["from_spill"] for r in records if "from_spill" in r}
+
+
+def _spill_dir(store) -> str:
+    return os.path.join(str(store), "finetunes", "task", "spill")
+
+
+@pytest.mark.parametrize("strategy,values", [("lowrank-delta-model", "raw"), ("magnitude-model", "raw"),
+                                             ("lowrank-delta-model", "int4")])
+@pytest.mark.parametrize("shares", [2.0, 0.9])
+def test_selection_from_the_spill_writes_the_parts_of_a_second_read(tmp_path, pair, monkeypatch, strategy, values,
+                                                                     shares):
+    """The same store, byte for byte (parts, budgets, manifest), whether blocks are built from the
+    scoring pass's candidates or read and scored again; `shares` 0.9 keeps too few candidates for
+    some blocks, which fall back, in the same job."""
+    from cluster_helpers import assert_same_store
+
+    from ken_dist.job import execute
+
+    monkeypatch.setattr(execute, "SPILL_SHARES", shares)
+    monkeypatch.setattr(execute, "SPILL_MAX_SHARES", shares + 0.5)
+    job = JobSpec(base=pair[0], store=str(tmp_path / "spilled"), block_bytes=3000, ignore_missing=(r"^lm_head\.",),
+                  finetunes=(FineTuneEntry("task", pair[1], None,
+                                           PruneParams(strategy=strategy, keep=0.25, values=values)),))
+    used = _serial(job, spill=True)
+    again = _serial(replace(job, store=str(tmp_path / "read-again")), spill=False)
+    assert not any(again.values()) and len(used) == len(again) > 3
+    if shares == 2.0:
+        assert sum(used.values()) >= 0.8 * len(used)      # most blocks fit twice their share
+    else:
+        assert 0 < sum(used.values()) < len(used)         # both paths in one job
+    assert_same_store(tmp_path / "spilled", tmp_path / "read-again", "task")
+    assert not os.path.exists(_spill_dir(tmp_path / "spilled"))   # finalize dropped them
+
+
+def test_a_damaged_stale_or_foreign_spill_is_never_used(tmp_path, pair):
+    """Spills are checked against the block, the parameters and their CRC: anything else means
+    reading the block again, never a wrong part."""
+    from cluster_helpers import assert_same_store
+
+    from ken_dist.job.execute import _from_spill, process_unit, score_unit
+    from ken_dist.runtime.driver import plan_job
+    from ken_dist.store.spill import read_spill
+
+    job = _job(pair, tmp_path / "store")
+    base, (plan,) = plan_job(job)
+    prune = sorted((u for u in plan.units if u.action == "prune"), key=lambda u: -u.elements)
+    store = Store(job.store, create=True)
+    store.begin("task", params=plan.spec.params.as_dict(), base_identity=base.identity(),
+                finetune_identity=plan.spec.checkpoint.identity(), tensors=plan.tensors)
+    for u in prune[:3]:
+        assert score_unit(u, store)["spilled"] > 0
+    a, b, c = (replace(u, budget=1) for u in prune[:3])
+    assert _from_spill(a, store) is not None
+    path = store.spill_path("task", *a.key)
+    data = bytearray(open(path, "rb").read())
+    data[-3] ^= 0x40                                                    # a flipped bit in the payload
+    open(path, "wb").write(bytes(data))
+    assert _from_spill(a, store) is None
+    open(path, "wb").write(bytes(data[:-10]))                          # torn
+    assert _from_spill(a, store) is None
+    os.replace(store.spill_path("task", *b.key), path)                 # another block's spill
+    assert _from_spill(a, store) is None
+    other = replace(c, params=replace(c.params, keep=0.5))             # scored under other parameters
+    assert read_spill(store.spill_path("task", *c.key), {}) is None and _from_spill(other, store) is None
+    assert _from_spill(replace(c, budget=c.elements), store) is None    # budget above the candidates
+    assert process_unit(a, store)["from_spill"] is False
+    store.close()
+
+    # and the stores still come out identical to a run without spills
+    job2 = replace(job, store=str(tmp_path / "clean"))
+    _serial(job2, spill=False)
+    job3 = replace(job, store=str(tmp_path / "spilled"))
+    _serial(job3, spill=True)
+    assert_same_store(job2.store, job3.store, "task")

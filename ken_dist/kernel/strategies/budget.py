@@ -20,25 +20,57 @@ pass recomputes exactly the scores the scoring pass binned.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 BINS = 1 << 16
+_LITTLE = sys.byteorder == "little"
 
 
 def score_bins(scores: np.ndarray) -> np.ndarray:
-    """Bin (uint16) of each score; a larger score never gets a smaller bin."""
-    with np.errstate(over="ignore"):  # beyond float32: +-inf, still in order
-        s32 = (np.asarray(scores, dtype=np.float64) + 0.0).astype(np.float32)  # + 0.0 turns -0 into +0
-    bits = s32.reshape(-1).view(np.uint32)
-    key = np.where(bits & np.uint32(0x80000000), ~bits, bits | np.uint32(0x80000000))
-    return (key >> np.uint32(16)).astype(np.uint16)
+    """Bin (uint16, flat) of each score; a larger score never gets a smaller bin.
+
+    The bin is the top 16 bits of the float32 score made sortable as an unsigned integer (sign
+    bit flipped for positives, every bit for negatives), computed on the high halves only."""
+    with np.errstate(over="ignore"):  # beyond float32: +-inf, still in order; + 0.0 turns -0 into +0
+        s32 = np.add(np.asarray(scores, dtype=np.float64).reshape(-1), 0.0, dtype=np.float32)
+    high = s32.view(np.uint16)[1::2] if _LITTLE else s32.view(np.uint16)[0::2]
+    negative = high >> np.uint16(15)
+    return high ^ (negative * np.uint16(0x7FFF) | np.uint16(0x8000))
+
+
+def bin_histogram(bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse histogram of score_bins' output: (occupied bins ascending, uint16; their counts, int64)."""
+    counts = np.bincount(bins, minlength=BINS)
+    occupied = np.flatnonzero(counts)
+    return occupied.astype(np.uint16), counts[occupied].astype(np.int64)
 
 
 def score_histogram(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sparse histogram of a block's scores: (occupied bins ascending, uint16; their counts, int64)."""
-    counts = np.bincount(score_bins(scores), minlength=BINS)
-    bins = np.flatnonzero(counts)
-    return bins.astype(np.uint16), counts[bins].astype(np.int64)
+    return bin_histogram(score_bins(scores))
+
+
+def candidate_floor(hist: tuple[np.ndarray, np.ndarray], want: int, cap: int) -> tuple[int, int] | None:
+    """(lowest bin, entries from it up) of a block's candidates for a later selection: whole bins
+    from the top until at least `want` entries, unless that passes `cap`, then one bin less.
+
+    Whole bins make the candidates a prefix of the block's order (score descending, then flat index
+    ascending): every candidate scores above every other entry, because a larger bin means a
+    larger score. So any budget up to their count selects among them exactly what it selects
+    among all the block's entries (block_top_mask on the candidates, kept in flat-index order).
+    None when no bin fits (want <= 0, or the top bin alone passes `cap`)."""
+    bins, counts = hist
+    if want <= 0 or not bins.size:
+        return None
+    from_top = np.cumsum(counts[::-1])
+    i = min(int(np.searchsorted(from_top, want)), from_top.size - 1)  # first bin reaching want (or the last)
+    if from_top[i] > cap:
+        i -= 1
+    if i < 0:
+        return None
+    return int(bins[bins.size - 1 - i]), int(from_top[i])
 
 
 def total_budget(rows_and_lengths, keep: float | None, k: int | None) -> int:
