@@ -4,17 +4,19 @@
     python benchmarks/model_budget.py --hidden 2560 --intermediate 6912 --layers 4 --vocab 24000 \\
         --heads 20 --kv-heads 4 --workdir /tmp/ken-mb398   # the 398M pair of docs/performance.md
     python benchmarks/model_budget.py --stages 4            # + where one block's time goes, in process
+    git archive v0 | tar -x -C /tmp/v0 && python benchmarks/model_budget.py --baseline-code /tmp/v0   # vs a release
 
 What it measures (all on the same generated fine-tune, benchmarks/make_checkpoint.py's generator):
-- jobs: `run_job` with --block-strategy and --model-strategy, alternating (block, model, model,
-  block, ... --rounds pairs) on one private local Ray with --workers actors, page cache warm (the
-  first, untimed, run of each reads the files once): wall time model / block, and the passes'
-  own times (scoring, selection) from run_job's timings.
-- store: with --reference STORE (a store of the same job written by another ken_dist, e.g. the
-  release before a change), every block of the model strategy's store is compared with the
-  reference: same budget, same part bytes (sha256), and the same rebuilt tensors.
+- jobs: `run_job` with --block-strategy and --model-strategy (and, with --baseline-code DIR, the
+  model strategy again with the ken_dist checked out at DIR), each in a fresh process on a private
+  local Ray with --workers actors, --rounds rounds with the order rotated every round: wall time of
+  each model job / the block job, and the passes' own times (scoring, selection) from run_job's
+  timings, with the progress lines on spilled candidates.
+- store: with --baseline-code, every block of the model store is compared with the baseline's:
+  same budget, same part bytes (sha256), and the same rebuilt tensors.
 - stages (--stages N): on the N largest blocks, in this process, one thread: read (fine-tune +
-  base), score, histogram, top-`budget` mask, part write; what each pass of a model job costs.
+  base), score, histogram, top-`budget` mask, part write: what each pass of a two-pass model job
+  costs.
 
 Results also go to WORKDIR/model_budget.json.
 """
@@ -25,6 +27,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -114,42 +117,62 @@ def compare_stores(reference: str, store: str) -> dict:
             "same_budget_summary": ref.get("budget") == new.get("budget")}
 
 
-def jobs(args) -> dict:
+def child_job(args) -> dict:
+    """One run_job on a private local Ray, in this (child) process: wall time, timings, progress notes."""
     import ray
 
     from ken_dist.runtime import run_job
 
     ray.init(address="local", num_cpus=args.workers, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
-    out: dict = {"block": [], "model": []}
-    stores = {k: os.path.join(args.workdir, f"store-{k}") for k in out}
-    strategy = {"block": args.block_strategy, "model": args.model_strategy}
-    order = ["block", "model"]
     try:
-        for kind in order if args.warmup else ():  # untimed: the page cache holds both checkpoints afterwards
-            run_job(_job(args, strategy[kind], stores[kind]), workers=args.workers, overwrite=True, quiet=True)
-        for r in range(args.rounds):
-            for kind in (order if r % 2 == 0 else order[::-1]):
-                log = io.StringIO()
-                t0 = time.perf_counter()
-                result = run_job(_job(args, strategy[kind], stores[kind]), workers=args.workers, overwrite=True,
-                                 stream=log)
-                wall = time.perf_counter() - t0
-                notes = [line for line in log.getvalue().splitlines() if "spill" in line or "fell back" in line]
-                out[kind].append({"wall": round(wall, 3), **result.timings, "notes": notes})
-                print(f"round {r + 1} {strategy[kind]}: {wall:.2f} s {result.timings}" +
-                      ("".join(f"\n    {n}" for n in notes)), flush=True)
+        log = io.StringIO()
+        t0 = time.perf_counter()
+        result = run_job(_job(args, args.child_strategy, args.child_store), workers=args.workers, overwrite=True,
+                         stream=log)
+        wall = time.perf_counter() - t0
     finally:
         ray.shutdown()
-    walls = {k: [x["wall"] for x in v] for k, v in out.items()}
-    out["ratio_per_round"] = [round(m / b, 3) for b, m in zip(walls["block"], walls["model"])]
-    out["ratio"] = round(sum(walls["model"]) / sum(walls["block"]), 3)
-    if args.reference:
-        out["store_vs_reference"] = compare_stores(args.reference, stores["model"])
-    if args.keep_store:
-        dest = args.keep_store
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(stores["model"], dest)
+    notes = [line for line in log.getvalue().splitlines() if "candidates" in line]
+    return {"wall": round(wall, 3), **result.timings, "notes": notes}
+
+
+def run_child(args, kind: str, strategy: str, code: str) -> dict:
+    """child_job with the ken_dist found at `code` (a checkout), from a fresh process."""
+    env = dict(os.environ, PYTHONPATH=code)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-strategy", strategy,
+           "--child-store", os.path.join(args.workdir, f"store-{kind}"), "--ckpt", os.path.dirname(args.base),
+           "--workdir", args.workdir, "--keep", str(args.keep), "--values", args.values,
+           "--block-bytes", str(args.block_bytes), "--workers", str(args.workers), "--dtype", args.dtype,
+           *[x for k in DEFAULT_SHAPE for x in (f"--{k.replace('_', '-')}", str(args.shape[k]))]]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{kind} job failed:\n{done.stdout}\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def jobs(args) -> dict:
+    """--rounds rounds of the contenders, the order rotated each round."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    contenders = [("block", args.block_strategy, here), ("model", args.model_strategy, here)]
+    if args.baseline_code:
+        contenders.append(("model-baseline", args.model_strategy, os.path.abspath(args.baseline_code)))
+    out: dict = {kind: [] for kind, _, _ in contenders}
+    for r in range(args.rounds):
+        k = r % len(contenders)
+        for kind, strategy, code in contenders[k:] + contenders[:k]:
+            res = run_child(args, kind, strategy, code)
+            out[kind].append(res)
+            print(f"round {r + 1} {kind} ({strategy}): {res['wall']:.2f} s " +
+                  ", ".join(f"{t} {res[t]}" for t in ("startup_seconds", "scoring_seconds", "selection_seconds")
+                            if t in res) + "".join(f"\n    {n}" for n in res["notes"]), flush=True)
+    walls = {kind: sum(x["wall"] for x in v) for kind, v in out.items()}
+    out["ratio"] = {kind: round(w / walls["block"], 3) for kind, w in walls.items() if kind != "block"}
+    out["ratio_per_round"] = {kind: [round(m["wall"] / b["wall"], 3) for b, m in zip(out["block"], out[kind])]
+                              for kind in out["ratio"]}
+    if args.baseline_code:
+        out["store_vs_baseline"] = compare_stores(os.path.join(args.workdir, "store-model-baseline"),
+                                                  os.path.join(args.workdir, "store-model"))
     return out
 
 
@@ -169,12 +192,13 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="block/model pairs, alternating order")
     p.add_argument("--block-strategy", default="lowrank-delta-block")
     p.add_argument("--model-strategy", default="lowrank-delta-model")
-    p.add_argument("--no-warmup", dest="warmup", action="store_false",
-                   help="no untimed first run of each (the pair is in the page cache already)")
     p.add_argument("--stages", type=int, default=0, help="per-stage timing on the N largest blocks")
     p.add_argument("--no-jobs", action="store_true", help="only the per-stage timing")
-    p.add_argument("--reference", default=None, help="a store of the model job to compare with")
-    p.add_argument("--keep-store", default=None, help="copy the model job's store here afterwards")
+    p.add_argument("--baseline-code", default=None,
+                   help="a checkout of another ken_dist (e.g. the release before a change): its model job joins "
+                        "the rotation, and its store is compared with this one's")
+    p.add_argument("--child-strategy", help=argparse.SUPPRESS)
+    p.add_argument("--child-store", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     from ken_dist.job.plan import DEFAULT_BLOCK_BYTES
@@ -199,6 +223,10 @@ def main(argv=None) -> int:
             json.dump(want, f)
         print(f"generated {shape.parameters():,}-parameter {args.dtype} pair in {time.perf_counter() - t:.1f} s")
     args.base, args.ft = os.path.join(ckpt, "base"), os.path.join(ckpt, "finetune")
+    args.shape = fields
+    if args.child_strategy:
+        print(json.dumps(child_job(args)))
+        return 0
     res: dict = {"shape": fields, "dtype": args.dtype, "keep": args.keep, "values": args.values,
                  "workers": args.workers, "block_bytes": args.block_bytes,
                  "strategies": [args.block_strategy, args.model_strategy],
@@ -211,10 +239,11 @@ def main(argv=None) -> int:
     if not args.no_jobs:
         res["jobs"] = jobs(args)
         j = res["jobs"]
-        print(f"{args.model_strategy} / {args.block_strategy} wall, {args.workers} workers: {j['ratio']} "
-              f"(per round {j['ratio_per_round']})")
-        if "store_vs_reference" in j:
-            print(f"store vs reference: {j['store_vs_reference']}")
+        for kind, ratio in j["ratio"].items():
+            print(f"{kind} / block wall ({args.model_strategy} / {args.block_strategy}), {args.workers} workers: "
+                  f"{ratio} (per round {j['ratio_per_round'][kind]})")
+        if "store_vs_baseline" in j:
+            print(f"model store vs the baseline code's: {j['store_vs_baseline']}")
     with open(os.path.join(args.workdir, "model_budget.json"), "w") as f:
         json.dump(res, f, indent=1)
     return 0

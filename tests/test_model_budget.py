@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from cluster_helpers import assert_same_store, serial_model_reference
 from tiny_models import make_finetune, make_tiny_llama
 
 from ken_dist import select
@@ -21,6 +22,10 @@ from ken_dist.kernel import block_scores
 from ken_dist.kernel.strategies.budget import (
     BINS,
     allocate,
+    bin_histogram,
+    candidate_floor,
+    candidate_order,
+    kept_in_groups,
     score_bins,
     score_histogram,
     total_budget,
@@ -86,6 +91,42 @@ def test_boundary_bin_is_shared_in_proportion():
     assert allocate(hists, 3)[0] == {("a", 0, 1): 2, ("b", 0, 1): 1}   # 2.25 : 0.75, remainder to b
     assert allocate({}, 5) == ({}, {"total": 0, "elements": 0, "boundary_bin": None, "from_boundary": 0})
     assert BINS == 65536
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_budget_over_the_candidates_keeps_what_it_keeps_over_the_whole_block(seed):
+    """candidate_floor + candidate_order + kept_in_groups (what the selection pass reads of a spill)
+    give block_top_mask of the whole block for every budget up to the candidates' count, ties
+    and zeros of both signs included."""
+    for scores in _blocks(seed).values():
+        bins, hist = score_bins(scores), score_histogram(scores)
+        assert [a.tolist() for a in bin_histogram(bins)] == [a.tolist() for a in hist]
+        for want in sorted({0, 1, scores.size // 4, scores.size // 2, scores.size}):
+            floor = candidate_floor(hist, want, cap=scores.size)
+            if floor is None:
+                assert want == 0
+                continue
+            positions, groups = candidate_order(bins, hist, floor[0])
+            assert positions.size == floor[1] == groups.sum() >= want
+            flat = scores.reshape(-1)
+            assert flat[positions].min() >= np.delete(flat, positions).max(initial=-np.inf)  # a prefix
+            for budget in range(positions.size + 1):
+                whole, end = kept_in_groups(groups, budget)
+                kept = np.concatenate([positions[:whole],
+                                       positions[whole:end][block_top_mask(flat[positions[whole:end]],
+                                                                           budget - whole)]])
+                mask = np.zeros(scores.size, bool)
+                mask[kept] = True
+                assert np.array_equal(mask.reshape(scores.shape), block_top_mask(scores, budget)), budget
+
+
+def test_candidates_stop_below_a_bin_that_passes_the_cap():
+    hist = (np.array([1, 2, 3], np.uint16), np.array([5, 100, 4]))
+    assert candidate_floor(hist, 4, 10) == (3, 4)
+    assert candidate_floor(hist, 5, 10) == (3, 4)      # bin 2 would pass the cap of 10
+    assert candidate_floor(hist, 5, 104) == (2, 104)
+    assert candidate_floor(hist, 200, 1000) == (1, 109)
+    assert candidate_floor(hist, 0, 10) is None and candidate_floor((hist[0], np.array([1, 1, 50])), 5, 10) is None
 
 
 def test_total_budget_from_keep_or_k():
@@ -204,31 +245,6 @@ def test_k_gives_the_same_total_as_k_per_row(tmp_path, pair):
 
 
 # ------------------------------------------------------------------------------ one pass: candidate spills
-def _serial(job, *, spill: bool) -> dict:
-    """The driver's two passes in this process, without Ray: score every block (spilling its
-    candidates when `spill`), allocate, select. Returns {block key: built from its spill}."""
-    from ken_dist.job.execute import process_unit, score_unit
-    from ken_dist.kernel.strategies.budget import total_budget
-    from ken_dist.runtime.driver import plan_job
-
-    base, (plan,) = plan_job(job)
-    name, params = plan.spec.name, plan.spec.params
-    prune = [u for u in plan.units if u.action == "prune"]
-    with Store(job.store, create=True) as store:
-        store.begin(name, params=params.as_dict(), base_identity=base.identity(),
-                    finetune_identity=plan.spec.checkpoint.identity(), tensors=plan.tensors)
-        scored = {u.key: score_unit(u, store if spill else None) for u in prune}
-        assert all(("spilled" in r) == spill and "spill_error" not in r for r in scored.values())
-        budgets, summary = allocate({k: (r["bins"], r["counts"]) for k, r in scored.items()},
-                                    total_budget([(u.rows, u.ft_info.row_geometry[1]) for u in prune],
-                                                 params.keep, params.k))
-        store.set_budgets(name, budgets, summary)
-        records = [process_unit(replace(u, budget=budgets.get(u.key)), store) for u in plan.units]
-        store.commit(name, records)
-        store.finalize(name, summary={})
-    return {(r["tensor"], r["row_start"], r["row_end"]): r["from_spill"] for r in records if "from_spill" in r}
-
-
 def _spill_dir(store) -> str:
     return os.path.join(str(store), "finetunes", "task", "spill")
 
@@ -241,8 +257,6 @@ def test_selection_from_the_spill_writes_the_parts_of_a_second_read(tmp_path, pa
     """The same store, byte for byte (parts, budgets, manifest), whether blocks are built from the
     scoring pass's candidates or read and scored again; `shares` 0.9 keeps too few candidates for
     some blocks, which fall back, in the same job."""
-    from cluster_helpers import assert_same_store
-
     from ken_dist.job import execute
 
     monkeypatch.setattr(execute, "SPILL_SHARES", shares)
@@ -250,8 +264,8 @@ def test_selection_from_the_spill_writes_the_parts_of_a_second_read(tmp_path, pa
     job = JobSpec(base=pair[0], store=str(tmp_path / "spilled"), block_bytes=3000, ignore_missing=(r"^lm_head\.",),
                   finetunes=(FineTuneEntry("task", pair[1], None,
                                            PruneParams(strategy=strategy, keep=0.25, values=values)),))
-    used = _serial(job, spill=True)
-    again = _serial(replace(job, store=str(tmp_path / "read-again")), spill=False)
+    used = serial_model_reference(job, spill=True)
+    again = serial_model_reference(replace(job, store=str(tmp_path / "read-again")), spill=False)
     assert not any(again.values()) and len(used) == len(again) > 3
     if shares == 2.0:
         assert sum(used.values()) >= 0.8 * len(used)      # most blocks fit twice their share
@@ -262,13 +276,11 @@ def test_selection_from_the_spill_writes_the_parts_of_a_second_read(tmp_path, pa
 
 
 def test_a_damaged_stale_or_foreign_spill_is_never_used(tmp_path, pair):
-    """Spills are checked against the block, the parameters and their CRC: anything else means
+    """Spills are checked against the block, the parameters and their size: anything else means
     reading the block again, never a wrong part."""
-    from cluster_helpers import assert_same_store
-
     from ken_dist.job.execute import _from_spill, process_unit, score_unit
     from ken_dist.runtime.driver import plan_job
-    from ken_dist.store.spill import read_spill
+    from ken_dist.store.spill import open_spill
 
     job = _job(pair, tmp_path / "store")
     base, (plan,) = plan_job(job)
@@ -281,23 +293,24 @@ def test_a_damaged_stale_or_foreign_spill_is_never_used(tmp_path, pair):
     a, b, c = (replace(u, budget=1) for u in prune[:3])
     assert _from_spill(a, store) is not None
     path = store.spill_path("task", *a.key)
-    data = bytearray(open(path, "rb").read())
-    data[-3] ^= 0x40                                                    # a flipped bit in the payload
-    open(path, "wb").write(bytes(data))
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-10])                                  # torn
     assert _from_spill(a, store) is None
-    open(path, "wb").write(bytes(data[:-10]))                          # torn
+    open(path, "wb").write(data + b"\0")                               # longer than its header says
+    assert _from_spill(a, store) is None
+    open(path, "wb").write(data.replace(b'"identity"', b'"identitx"'))  # a damaged header
     assert _from_spill(a, store) is None
     os.replace(store.spill_path("task", *b.key), path)                 # another block's spill
     assert _from_spill(a, store) is None
     other = replace(c, params=replace(c.params, keep=0.5))             # scored under other parameters
-    assert read_spill(store.spill_path("task", *c.key), {}) is None and _from_spill(other, store) is None
+    assert open_spill(store.spill_path("task", *c.key), {}) is None and _from_spill(other, store) is None
     assert _from_spill(replace(c, budget=c.elements), store) is None    # budget above the candidates
     assert process_unit(a, store)["from_spill"] is False
     store.close()
 
     # and the stores still come out identical to a run without spills
     job2 = replace(job, store=str(tmp_path / "clean"))
-    _serial(job2, spill=False)
+    serial_model_reference(job2, spill=False)
     job3 = replace(job, store=str(tmp_path / "spilled"))
-    _serial(job3, spill=True)
+    serial_model_reference(job3, spill=True)
     assert_same_store(job2.store, job3.store, "task")

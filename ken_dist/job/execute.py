@@ -16,10 +16,16 @@ from ken_dist.checkpoints.reads import read_rows, read_rows_array, read_tensor_a
 from ken_dist.errors import KenError, NonFiniteRowError
 from ken_dist.job.plan import WorkUnit
 from ken_dist.kernel import STRATEGIES, block_scores, select, select_array
-from ken_dist.kernel.strategies.budget import bin_histogram, candidate_floor, score_bins
+from ken_dist.kernel.strategies.budget import (
+    bin_histogram,
+    candidate_floor,
+    candidate_order,
+    kept_in_groups,
+    score_bins,
+)
 from ken_dist.kernel.strategies.registry import block_top_mask
 from ken_dist.store.protocol import Store
-from ken_dist.store.spill import Spill, read_spill, write_spill
+from ken_dist.store.spill import Spill, open_spill, write_spill
 
 # Rows handed to the kernel per call. The kernel's temporaries are ~20x the bf16 bytes it is
 # given (float32/float64 copies, sort indices, grids), so a 64 MiB block selected at once would
@@ -124,9 +130,10 @@ def _spill(unit: WorkUnit, store: Store, scores, bins, hist, values, base) -> di
     floor = candidate_floor(hist, want, max(want, min(size, math.floor(SPILL_MAX_SHARES * _share(unit)))))
     if floor is None or np.isnan(scores).any():  # NaN has no place in the order: leave it to the full block
         return {"spilled": 0, "spill_bytes": 0}
-    positions = np.flatnonzero(bins >= floor[0]).astype(np.uint32 if size <= 1 << 32 else np.int64)
-    codec_base = base.reshape(-1)[positions] if _codec_needs_base(unit) else None
-    spill = Spill(positions, scores.reshape(-1)[positions], values.reshape(-1)[positions], codec_base)
+    positions, groups = candidate_order(bins, hist, floor[0])
+    spill = Spill(groups, positions.astype(np.uint32 if size <= 1 << 32 else np.int64),
+                  values.reshape(-1)[positions], base.reshape(-1)[positions] if _codec_needs_base(unit) else None,
+                  scores.reshape(-1)[positions])
     try:
         nbytes = write_spill(store.spill_path(unit.finetune, *unit.key), _spill_identity(unit), spill)
     except OSError as exc:
@@ -153,26 +160,39 @@ def score_unit(unit: WorkUnit, store: Store | None = None) -> dict:
 
 def _from_spill(unit: WorkUnit, store: Store):
     """(mask, values, base or None) of a budgeted block built from its spill, or None when there is
-    no usable spill or the budget is above what it kept. The mask is block_top_mask of the whole
-    block's scores (the candidates are a prefix of its order, budget.candidate_floor), and the
-    arrays hold the fine-tune's (and base's) bits at every candidate, zeros elsewhere: the part
-    writer reads only kept entries, so the part is byte for byte the one the full block gives."""
-    spill = read_spill(store.spill_path(unit.finetune, *unit.key), _spill_identity(unit))
-    if spill is None or unit.budget > spill.count or (spill.count and int(spill.positions[-1]) >= unit.elements):
+    no usable spill or the budget is above what it kept.
+
+    The candidates are a prefix of the block's order (budget.candidate_floor) grouped by score bin,
+    so the budget takes every group above the one it cuts, and from that one its largest scores,
+    ties to the smaller position: block_top_mask of the whole block, reading only that prefix and
+    one group's scores. The arrays hold the fine-tune's (and base's) bits at the kept entries,
+    zeros elsewhere: the part writer reads only kept entries, so the part is the one the full block
+    gives, byte for byte."""
+    spill = open_spill(store.spill_path(unit.finetune, *unit.key), _spill_identity(unit))
+    if spill is None:
         return None
-    wants_base = _codec_needs_base(unit)
-    if wants_base != (spill.base is not None):
-        return None
-    shape = (unit.rows, unit.ft_info.row_geometry[1])
-    mask = np.zeros(unit.elements, dtype=bool)
-    mask[spill.positions[block_top_mask(spill.scores, unit.budget)]] = True
-    values = np.zeros(unit.elements, dtype=storage_dtype(unit.ft_info.dtype))
-    values[spill.positions] = spill.values
-    base = None
-    if wants_base:
-        base = np.zeros(unit.elements, dtype=storage_dtype(unit.base_info.dtype))
-        base[spill.positions] = spill.base
-        base = base.reshape(shape)
+    with spill:
+        if unit.budget > spill.count or spill.has_base != _codec_needs_base(unit):
+            return None
+        whole, end = kept_in_groups(spill.groups, unit.budget)
+        positions = spill.read("positions", 0, end)
+        if positions.size and int(positions.max()) >= unit.elements:
+            return None
+        kept = np.arange(whole)
+        if end > whole:
+            in_cut = block_top_mask(spill.read("scores", whole, end), unit.budget - whole)
+            kept = np.concatenate([kept, whole + np.flatnonzero(in_cut)])
+        at = positions[kept]
+        shape = (unit.rows, unit.ft_info.row_geometry[1])
+        mask = np.zeros(unit.elements, dtype=bool)
+        mask[at] = True
+        values = np.zeros(unit.elements, dtype=storage_dtype(unit.ft_info.dtype))
+        values[at] = spill.read("values", 0, end)[kept]
+        base = None
+        if spill.has_base:
+            base = np.zeros(unit.elements, dtype=storage_dtype(unit.base_info.dtype))
+            base[at] = spill.read("base", 0, end)[kept]
+            base = base.reshape(shape)
     return mask.reshape(shape), values.reshape(shape), base
 
 

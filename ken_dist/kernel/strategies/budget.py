@@ -73,6 +73,25 @@ def candidate_floor(hist: tuple[np.ndarray, np.ndarray], want: int, cap: int) ->
     return int(bins[bins.size - 1 - i]), int(from_top[i])
 
 
+def candidate_order(bins: np.ndarray, hist: tuple[np.ndarray, np.ndarray], floor_bin: int):
+    """(flat positions of the entries in bins >= floor_bin, grouped by bin from the highest, ascending
+    within a group; entries per group). The layout a later selection reads by prefix (kept_in_groups)."""
+    candidates = np.flatnonzero(bins >= floor_bin)
+    positions = candidates[np.argsort(~bins[candidates], kind="stable")]  # a radix sort of 16-bit keys
+    occupied, counts = hist
+    return positions, counts[occupied >= floor_bin][::-1]
+
+
+def kept_in_groups(groups: np.ndarray, budget: int) -> tuple[int, int]:
+    """(whole, end) for a budget over candidate_order's groups: the first `whole` entries are kept,
+    and the rest of the budget is the largest scores (ties to the smaller position) among entries
+    [whole, end), the one group the budget cuts. Needs budget <= sum(groups)."""
+    ends = np.cumsum(groups)
+    cut = int(np.searchsorted(ends, budget))
+    whole = int(ends[cut - 1]) if cut else 0
+    return whole, int(ends[cut]) if cut < ends.size else whole
+
+
 def total_budget(rows_and_lengths, keep: float | None, k: int | None) -> int:
     """Entries to keep in the fine-tune, from its blocks' (rows, row length): round(keep x all
     entries), or min(k, n) per row summed."""
