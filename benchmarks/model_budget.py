@@ -138,14 +138,15 @@ def child_job(args) -> dict:
 
 
 def run_child(args, kind: str, strategy: str, code: str) -> dict:
-    """child_job with the ken_dist found at `code` (a checkout), from a fresh process."""
+    """child_job with the ken_dist found at `code` (a checkout), from a fresh process started in
+    `code`: Ray's workers put the driver's working directory first on their path."""
     env = dict(os.environ, PYTHONPATH=code)
     cmd = [sys.executable, os.path.abspath(__file__), "--child-strategy", strategy,
-           "--child-store", os.path.join(args.workdir, f"store-{kind}"), "--ckpt", os.path.dirname(args.base),
-           "--workdir", args.workdir, "--keep", str(args.keep), "--values", args.values,
+           "--child-store", os.path.abspath(os.path.join(args.workdir, f"store-{kind}")),
+           "--ckpt", os.path.abspath(os.path.dirname(args.base)), "--workdir", os.path.abspath(args.workdir), "--keep", str(args.keep), "--values", args.values,
            "--block-bytes", str(args.block_bytes), "--workers", str(args.workers), "--dtype", args.dtype,
            *[x for k in DEFAULT_SHAPE for x in (f"--{k.replace('_', '-')}", str(args.shape[k]))]]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, cwd=code, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{kind} job failed:\n{done.stdout}\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -24,8 +24,7 @@ from ken_dist.kernel.strategies.budget import (
     allocate,
     bin_histogram,
     candidate_floor,
-    candidate_order,
-    kept_in_groups,
+    keep_among_candidates,
     score_bins,
     score_histogram,
     total_budget,
@@ -95,29 +94,30 @@ def test_boundary_bin_is_shared_in_proportion():
 
 @pytest.mark.parametrize("seed", range(8))
 def test_a_budget_over_the_candidates_keeps_what_it_keeps_over_the_whole_block(seed):
-    """candidate_floor + candidate_order + kept_in_groups (what the selection pass reads of a spill)
-    give block_top_mask of the whole block for every budget up to the candidates' count, ties
-    and zeros of both signs included."""
+    """candidate_floor + keep_among_candidates (what the selection pass reads of a spill) give
+    block_top_mask of the whole block for every budget up to the candidates' count, ties and
+    zeros of both signs included, reading only the scores of the bin the budget ends in."""
     for scores in _blocks(seed).values():
         bins, hist = score_bins(scores), score_histogram(scores)
         assert [a.tolist() for a in bin_histogram(bins)] == [a.tolist() for a in hist]
+        flat = scores.reshape(-1)
         for want in sorted({0, 1, scores.size // 4, scores.size // 2, scores.size}):
             floor = candidate_floor(hist, want, cap=scores.size)
             if floor is None:
                 assert want == 0
                 continue
-            positions, groups = candidate_order(bins, hist, floor[0])
-            assert positions.size == floor[1] == groups.sum() >= want
-            flat = scores.reshape(-1)
-            assert flat[positions].min() >= np.delete(flat, positions).max(initial=-np.inf)  # a prefix
-            for budget in range(positions.size + 1):
-                whole, end = kept_in_groups(groups, budget)
-                kept = np.concatenate([positions[:whole],
-                                       positions[whole:end][block_top_mask(flat[positions[whole:end]],
-                                                                           budget - whole)]])
+            candidates = bins >= floor[0]
+            assert candidates.sum() == floor[1] >= want
+            assert flat[candidates].min() >= flat[~candidates].max(initial=-np.inf)  # a prefix of the order
+            groups = tuple(a[hist[0] >= floor[0]] for a in hist)
+            for budget in range(floor[1] + 1):
+                read = []
+                flags = keep_among_candidates(bins[candidates], groups, budget,
+                                              lambda at: read.append(at.size) or flat[candidates][at])
                 mask = np.zeros(scores.size, bool)
-                mask[kept] = True
+                mask[np.flatnonzero(candidates)[flags]] = True
                 assert np.array_equal(mask.reshape(scores.shape), block_top_mask(scores, budget)), budget
+                assert sum(read) <= max(groups[1], default=0)                # one bin's scores at most
 
 
 def test_candidates_stop_below_a_bin_that_passes_the_cap():
@@ -278,7 +278,7 @@ def test_selection_from_the_spill_writes_the_parts_of_a_second_read(tmp_path, pa
 def test_a_damaged_stale_or_foreign_spill_is_never_used(tmp_path, pair):
     """Spills are checked against the block, the parameters and their size: anything else means
     reading the block again, never a wrong part."""
-    from ken_dist.job.execute import _from_spill, process_unit, score_unit
+    from ken_dist.job.execute import _from_spill, _spill_identity, process_unit, score_unit
     from ken_dist.runtime.driver import plan_job
     from ken_dist.store.spill import open_spill
 
@@ -303,7 +303,8 @@ def test_a_damaged_stale_or_foreign_spill_is_never_used(tmp_path, pair):
     os.replace(store.spill_path("task", *b.key), path)                 # another block's spill
     assert _from_spill(a, store) is None
     other = replace(c, params=replace(c.params, keep=0.5))             # scored under other parameters
-    assert open_spill(store.spill_path("task", *c.key), {}) is None and _from_spill(other, store) is None
+    assert open_spill(store.spill_path("task", *c.key), {}, c.elements) is None and _from_spill(other, store) is None
+    assert open_spill(store.spill_path("task", *c.key), _spill_identity(c), c.elements + 1) is None
     assert _from_spill(replace(c, budget=c.elements), store) is None    # budget above the candidates
     assert process_unit(a, store)["from_spill"] is False
     store.close()

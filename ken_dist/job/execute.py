@@ -19,11 +19,9 @@ from ken_dist.kernel import STRATEGIES, block_scores, select, select_array
 from ken_dist.kernel.strategies.budget import (
     bin_histogram,
     candidate_floor,
-    candidate_order,
-    kept_in_groups,
+    keep_among_candidates,
     score_bins,
 )
-from ken_dist.kernel.strategies.registry import block_top_mask
 from ken_dist.store.protocol import Store
 from ken_dist.store.spill import Spill, open_spill, write_spill
 
@@ -128,12 +126,15 @@ def _spill(unit: WorkUnit, store: Store, scores, bins, hist, values, base) -> di
     size = unit.elements
     want = min(size, math.ceil(SPILL_SHARES * _share(unit)))
     floor = candidate_floor(hist, want, max(want, min(size, math.floor(SPILL_MAX_SHARES * _share(unit)))))
-    if floor is None or np.isnan(scores).any():  # NaN has no place in the order: leave it to the full block
+    if floor is None or np.isnan(scores.min()):  # NaN has no place in the order: leave it to the full block
         return {"spilled": 0, "spill_bytes": 0}
-    positions, groups = candidate_order(bins, hist, floor[0])
-    spill = Spill(groups, positions.astype(np.uint32 if size <= 1 << 32 else np.int64),
-                  values.reshape(-1)[positions], base.reshape(-1)[positions] if _codec_needs_base(unit) else None,
-                  scores.reshape(-1)[positions])
+    candidates = bins >= floor[0]
+    occupied, counts = hist
+    above = occupied >= floor[0]
+    spill = Spill(size, occupied[above], counts[above], np.packbits(candidates, bitorder="little"),
+                  np.compress(candidates, bins), np.compress(candidates, values.reshape(-1)),
+                  np.compress(candidates, base.reshape(-1)) if _codec_needs_base(unit) else None,
+                  np.compress(candidates, scores.reshape(-1)))
     try:
         nbytes = write_spill(store.spill_path(unit.finetune, *unit.key), _spill_identity(unit), spill)
     except OSError as exc:
@@ -162,37 +163,28 @@ def _from_spill(unit: WorkUnit, store: Store):
     """(mask, values, base or None) of a budgeted block built from its spill, or None when there is
     no usable spill or the budget is above what it kept.
 
-    The candidates are a prefix of the block's order (budget.candidate_floor) grouped by score bin,
-    so the budget takes every group above the one it cuts, and from that one its largest scores,
-    ties to the smaller position: block_top_mask of the whole block, reading only that prefix and
-    one group's scores. The arrays hold the fine-tune's (and base's) bits at the kept entries,
-    zeros elsewhere: the part writer reads only kept entries, so the part is the one the full block
-    gives, byte for byte."""
-    spill = open_spill(store.spill_path(unit.finetune, *unit.key), _spill_identity(unit))
-    if spill is None:
+    The mask is block_top_mask of the whole block's scores (budget.keep_among_candidates: the
+    candidates are a prefix of the block's order). The arrays hold the fine-tune's (and base's)
+    bits at every candidate, zeros elsewhere: the part writer reads only kept entries, so the part
+    is the one the full block gives, byte for byte."""
+    spill = open_spill(store.spill_path(unit.finetune, *unit.key), _spill_identity(unit), unit.elements)
+    if spill is None or unit.budget > spill.count or (spill.base is not None) != _codec_needs_base(unit):
         return None
-    with spill:
-        if unit.budget > spill.count or spill.has_base != _codec_needs_base(unit):
-            return None
-        whole, end = kept_in_groups(spill.groups, unit.budget)
-        positions = spill.read("positions", 0, end)
-        if positions.size and int(positions.max()) >= unit.elements:
-            return None
-        kept = np.arange(whole)
-        if end > whole:
-            in_cut = block_top_mask(spill.read("scores", whole, end), unit.budget - whole)
-            kept = np.concatenate([kept, whole + np.flatnonzero(in_cut)])
-        at = positions[kept]
-        shape = (unit.rows, unit.ft_info.row_geometry[1])
-        mask = np.zeros(unit.elements, dtype=bool)
-        mask[at] = True
-        values = np.zeros(unit.elements, dtype=storage_dtype(unit.ft_info.dtype))
-        values[at] = spill.read("values", 0, end)[kept]
-        base = None
-        if spill.has_base:
-            base = np.zeros(unit.elements, dtype=storage_dtype(unit.base_info.dtype))
-            base[at] = spill.read("base", 0, end)[kept]
-            base = base.reshape(shape)
+    candidates = np.unpackbits(spill.candidates, count=unit.elements, bitorder="little").view(bool)
+    if int(np.count_nonzero(candidates)) != spill.count:
+        return None
+    flags = keep_among_candidates(spill.bins, (spill.group_bins, spill.group_counts), unit.budget,
+                                  lambda at: spill.scores[at])
+    shape = (unit.rows, unit.ft_info.row_geometry[1])
+    mask = np.zeros(unit.elements, dtype=bool)
+    np.place(mask, candidates, flags)
+    values = np.zeros(unit.elements, dtype=storage_dtype(unit.ft_info.dtype))
+    np.place(values, candidates, spill.values)
+    base = None
+    if spill.base is not None:
+        base = np.zeros(unit.elements, dtype=storage_dtype(unit.base_info.dtype))
+        np.place(base, candidates, spill.base)
+        base = base.reshape(shape)
     return mask.reshape(shape), values.reshape(shape), base
 
 

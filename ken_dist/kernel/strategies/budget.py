@@ -1,4 +1,5 @@
-"""One keep budget for a whole fine-tune (strategies of scope "model"), computed in two passes.
+"""One keep budget for a whole fine-tune (strategies of scope "model"): a scoring pass, then a
+selection that reads what the scoring pass kept.
 
 Why: a per-row or per-block budget keeps k entries even where fine-tuning changed nothing (most
 rows of an embedding matrix) and too few where it changed a lot. A model budget keeps the
@@ -7,22 +8,28 @@ many workers, so the driver first needs every block's share:
 
 1. scoring pass: each worker scores one block and returns a histogram of its scores over 65536
    bins ordered like the scores (the top 16 bits of the float32 score, made sortable), sparse:
-   only occupied bins travel (a few thousand per block at most);
+   only occupied bins travel (a few thousand per block at most). It also keeps the block's
+   candidates, whole bins from the top (candidate_floor), in a spill file
+   (ken_dist/store/spill.py, ken_dist/job/execute.py);
 2. the driver sums the histograms, finds the bin where the running count from the top reaches
    `total`, and gives each block every entry above that bin plus a share of the boundary bin
    (proportional to its entries there, largest remainders first, ties by block order);
-3. selection pass: each block keeps its `budget` largest scores.
+3. selection: each block keeps its `budget` largest scores (ties to the smaller flat index). When
+   the budget fits in its candidates, the worker takes it from the spill (keep_among_candidates) without
+   reading or scoring the block again; otherwise it reads and scores it again. Scores are
+   deterministic and the candidates are a prefix of the block's order, so both give the same mask.
 
 The result is exactly `total` entries; every entry scored above the boundary bin is kept and
 none below it; within the boundary bin (scores equal to 8 bits of mantissa) the split between
-blocks is proportional instead of by exact score. Scores are deterministic, so the selection
-pass recomputes exactly the scores the scoring pass binned.
+blocks is proportional instead of by exact score.
 """
 from __future__ import annotations
 
 import sys
 
 import numpy as np
+
+from ken_dist.kernel.strategies.registry import block_top_mask
 
 BINS = 1 << 16
 _LITTLE = sys.byteorder == "little"
@@ -73,23 +80,24 @@ def candidate_floor(hist: tuple[np.ndarray, np.ndarray], want: int, cap: int) ->
     return int(bins[bins.size - 1 - i]), int(from_top[i])
 
 
-def candidate_order(bins: np.ndarray, hist: tuple[np.ndarray, np.ndarray], floor_bin: int):
-    """(flat positions of the entries in bins >= floor_bin, grouped by bin from the highest, ascending
-    within a group; entries per group). The layout a later selection reads by prefix (kept_in_groups)."""
-    candidates = np.flatnonzero(bins >= floor_bin)
-    positions = candidates[np.argsort(~bins[candidates], kind="stable")]  # a radix sort of 16-bit keys
-    occupied, counts = hist
-    return positions, counts[occupied >= floor_bin][::-1]
-
-
-def kept_in_groups(groups: np.ndarray, budget: int) -> tuple[int, int]:
-    """(whole, end) for a budget over candidate_order's groups: the first `whole` entries are kept,
-    and the rest of the budget is the largest scores (ties to the smaller position) among entries
-    [whole, end), the one group the budget cuts. Needs budget <= sum(groups)."""
-    ends = np.cumsum(groups)
-    cut = int(np.searchsorted(ends, budget))
-    whole = int(ends[cut - 1]) if cut else 0
-    return whole, int(ends[cut]) if cut < ends.size else whole
+def keep_among_candidates(bins: np.ndarray, groups: tuple[np.ndarray, np.ndarray], budget: int,
+                          scores_at) -> np.ndarray:
+    """Flags over a block's candidates (flat order; `bins` their score bins, `groups` the sparse
+    histogram of those bins) of the block's `budget` largest scores, ties to the smaller position,
+    as block_top_mask of the whole block gives (candidate_floor: the candidates are a prefix of
+    its order). Every candidate above the bin the budget ends in is kept, and in that bin the
+    largest scores: `scores_at(indices)` gives those candidates' scores, the only ones needed.
+    Needs 0 <= budget <= len(bins)."""
+    occupied, counts = groups
+    from_top = np.cumsum(counts[::-1])
+    i = min(int(np.searchsorted(from_top, budget)), from_top.size - 1)
+    cut = occupied[occupied.size - 1 - i] if occupied.size else 0
+    above = int(from_top[i - 1]) if i else 0
+    flags = bins > cut
+    if budget > above:
+        in_cut = np.flatnonzero(bins == cut)
+        flags[in_cut[block_top_mask(np.asarray(scores_at(in_cut)), budget - above)]] = True
+    return flags
 
 
 def total_budget(rows_and_lengths, keep: float | None, k: int | None) -> int:
