@@ -14,6 +14,8 @@ What it measures (all on the same generated fine-tune, benchmarks/make_checkpoin
   timings, with the progress lines on spilled candidates.
 - store: with --baseline-code, every block of the model store is compared with the baseline's:
   same budget, same part bytes (sha256), and the same rebuilt tensors.
+- memory (--memory): peak RSS growth of one unit on the largest block, each in its own process:
+  the scoring pass with its spill, the selection from that spill, the block strategy's unit.
 - stages (--stages N): on the N largest blocks, in this process, one thread: read (fine-tune +
   base), score, histogram, top-`budget` mask, part write: what each pass of a two-pass model job
   costs.
@@ -91,6 +93,56 @@ def stages(args) -> dict:
     elements = sum(u.elements for u in units)
     return {"blocks": len(units), "elements": elements, **{k: round(v, 3) for k, v in tot.items()},
             "dtype": units[0].ft_info.dtype if units else None, "scores_dtype": str(np.float64)}
+
+
+def child_memory(args) -> dict:
+    """Peak RSS growth (ru_maxrss) of one unit on the largest block: the scoring pass with its
+    spill (--child-memory score), the selection from that spill (select), or the block strategy's
+    whole unit (block); in this process."""
+    import resource
+    from dataclasses import replace
+
+    from ken_dist.job import execute
+    from ken_dist.job.plan import plan_finetune
+    from ken_dist.store.protocol import Store
+
+    model = args.child_memory != "block"
+    job = _job(args, args.model_strategy if model else args.block_strategy, args.child_store)
+    spec = job.open_finetunes()[0]
+    plan = plan_finetune(job.open_base(), spec, block_bytes=job.block_bytes)
+    unit = max((u for u in plan.units if u.action == "prune"), key=lambda u: u.elements)
+    store = Store(args.child_store, create=True)
+    if args.child_memory != "select":
+        store.begin("ft", params=spec.params.as_dict(), base_identity={}, finetune_identity={}, tensors=plan.tensors)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if args.child_memory == "score":
+        record = execute.score_unit(unit, store)
+    else:
+        record = execute.process_unit(replace(unit, budget=round(args.keep * unit.elements)) if model else unit, store)
+    grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return {"unit": args.child_memory, "elements": unit.elements, "peak_growth": grew,
+            "bytes_per_entry": round(grew / unit.elements, 1), "from_spill": record.get("from_spill"),
+            "spill_bytes": record.get("spill_bytes")}
+
+
+def memory(args) -> dict:
+    """child_memory for the scoring unit, the selection from its spill and the block strategy's unit."""
+    store = tempfile.mkdtemp(dir=args.workdir)
+    out = {}
+    try:
+        for kind in ("score", "select", "block"):
+            cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", kind, "--child-store",
+                   os.path.join(store, "model" if kind != "block" else "block"), "--ckpt", os.path.dirname(args.base),
+                   "--workdir", args.workdir, "--keep", str(args.keep), "--values", args.values,
+                   "--block-bytes", str(args.block_bytes), "--dtype", args.dtype,
+                   *[x for k in DEFAULT_SHAPE for x in (f"--{k.replace('_', '-')}", str(args.shape[k]))]]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"memory child {kind} failed:\n{done.stdout}\n{done.stderr}")
+            out[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    return out
 
 
 def compare_stores(reference: str, store: str) -> dict:
@@ -198,6 +250,9 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-code", default=None,
                    help="a checkout of another ken_dist (e.g. the release before a change): its model job joins "
                         "the rotation, and its store is compared with this one's")
+    p.add_argument("--memory", action="store_true", help="peak RSS of a scoring unit, a selection from its "
+                   "spill and a block-strategy unit on the largest block")
+    p.add_argument("--child-memory", help=argparse.SUPPRESS)
     p.add_argument("--child-strategy", help=argparse.SUPPRESS)
     p.add_argument("--child-store", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -228,6 +283,9 @@ def main(argv=None) -> int:
     if args.child_strategy:
         print(json.dumps(child_job(args)))
         return 0
+    if args.child_memory:
+        print(json.dumps(child_memory(args)))
+        return 0
     res: dict = {"shape": fields, "dtype": args.dtype, "keep": args.keep, "values": args.values,
                  "workers": args.workers, "block_bytes": args.block_bytes,
                  "strategies": [args.block_strategy, args.model_strategy],
@@ -237,6 +295,11 @@ def main(argv=None) -> int:
         s = res["stages"]
         print(f"stages over the {s['blocks']} largest blocks ({s['elements']:,} entries), seconds: "
               + ", ".join(f"{k} {s[k]}" for k in ("read", "score", "histogram", "mask", "write")), flush=True)
+    if args.memory:
+        res["memory"] = memory(args)
+        for kind, m in res["memory"].items():
+            print(f"peak RSS growth, {kind} unit on the largest block ({m['elements']:,} entries): "
+                  f"{m['peak_growth'] / 2**20:.0f} MiB ({m['bytes_per_entry']} bytes per entry)", flush=True)
     if not args.no_jobs:
         res["jobs"] = jobs(args)
         j = res["jobs"]

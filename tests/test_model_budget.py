@@ -315,3 +315,22 @@ def test_a_damaged_stale_or_foreign_spill_is_never_used(tmp_path, pair):
     job3 = replace(job, store=str(tmp_path / "spilled"))
     serial_model_reference(job3, spill=True)
     assert_same_store(job2.store, job3.store, "task")
+
+
+def test_no_spill_crowds_the_parts_out_of_the_disk(tmp_path, pair, monkeypatch):
+    """A spill that would leave the store's file system with less than the reserve free is not
+    written: the scoring pass says why, and the block is read and scored again."""
+    from ken_dist.job import execute
+    from ken_dist.runtime.driver import plan_job
+
+    monkeypatch.setattr(execute, "SPILL_RESERVE_FRACTION", 1.0)
+    job = _job(pair, tmp_path / "store")
+    base, (plan,) = plan_job(job)
+    unit = max((u for u in plan.units if u.action == "prune"), key=lambda u: u.elements)
+    with Store(job.store, create=True) as store:
+        store.begin("task", params=plan.spec.params.as_dict(), base_identity=base.identity(),
+                    finetune_identity=plan.spec.checkpoint.identity(), tensors=plan.tensors)
+        record = execute.score_unit(unit, store)
+        assert "less than 100% or 1 GiB free" in record["spill_error"]
+        assert not os.path.exists(store.spill_path("task", *unit.key))
+        assert execute.process_unit(replace(unit, budget=1), store)["from_spill"] is False

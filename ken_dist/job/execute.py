@@ -7,6 +7,7 @@ A GPU device takes the torch path."""
 from __future__ import annotations
 
 import math
+import shutil
 import time
 
 import numpy as np
@@ -104,6 +105,10 @@ def _read_block(unit: WorkUnit, device=None, *, store: bool = False):
 # the budget gave no large tensor more than 1.9 shares (pooler 3.5, LayerNorms 2.2: small ones).
 SPILL_SHARES = 2.0
 SPILL_MAX_SHARES = 2.5
+# Spills never take the space the parts need: none is written that would leave the store's file
+# system with less free than this.
+SPILL_RESERVE_BYTES = 1 << 30
+SPILL_RESERVE_FRACTION = 0.05
 
 
 def _spill_identity(unit: WorkUnit) -> dict:
@@ -136,6 +141,10 @@ def _spill(unit: WorkUnit, store: Store, scores, bins, hist, values, base) -> di
                   np.compress(candidates, base.reshape(-1)) if _codec_needs_base(unit) else None,
                   np.compress(candidates, scores.reshape(-1)))
     try:
+        disk = shutil.disk_usage(store.root)
+        if disk.free - spill.nbytes < max(SPILL_RESERVE_BYTES, SPILL_RESERVE_FRACTION * disk.total):
+            return {"spill_error": f"the store's file system would keep less than {SPILL_RESERVE_FRACTION:.0%} "
+                                   f"or {SPILL_RESERVE_BYTES / 2**30:.0f} GiB free, left to the parts"}
         nbytes = write_spill(store.spill_path(unit.finetune, *unit.key), _spill_identity(unit), spill)
     except OSError as exc:
         return {"spill_error": f"{exc.strerror or exc} ({exc.filename or store.root})"}

@@ -52,6 +52,11 @@ class Spill:
     def count(self) -> int:
         return int(self.bins.size)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its arrays (the file adds a header of a few hundred bytes)."""
+        return sum(v.nbytes for k in ARRAYS if (v := getattr(self, k)) is not None)
+
 
 def write_spill(path: str, identity: dict, spill: Spill) -> int:
     """Publish `spill` at `path` (atomically); returns its size in bytes. `identity` (JSON) is what
