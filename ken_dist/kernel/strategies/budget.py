@@ -25,14 +25,11 @@ blocks is proportional instead of by exact score.
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 from ken_dist.kernel.strategies.registry import block_top_mask
 
 BINS = 1 << 16
-_LITTLE = sys.byteorder == "little"
 
 
 def score_bins(scores: np.ndarray) -> np.ndarray:
@@ -42,7 +39,7 @@ def score_bins(scores: np.ndarray) -> np.ndarray:
     bit flipped for positives, every bit for negatives), computed on the high halves only."""
     with np.errstate(over="ignore"):  # beyond float32: +-inf, still in order; + 0.0 turns -0 into +0
         s32 = np.add(np.asarray(scores, dtype=np.float64).reshape(-1), 0.0, dtype=np.float32)
-    high = s32.view(np.uint16)[1::2] if _LITTLE else s32.view(np.uint16)[0::2]
+    high = s32.view(np.uint16)[1::2] if np.little_endian else s32.view(np.uint16)[0::2]
     negative = high >> np.uint16(15)
     return high ^ (negative * np.uint16(0x7FFF) | np.uint16(0x8000))
 
