@@ -276,7 +276,7 @@ def test_selection_from_the_spill_writes_the_parts_of_a_second_read(tmp_path, pa
 
 
 def test_a_damaged_stale_or_foreign_spill_is_never_used(tmp_path, pair):
-    """Spills are checked against the block, the parameters and their size: anything else means
+    """Spills are checked against the block, the parameters, their size and CRC: anything else means
     reading the block again, never a wrong part."""
     from ken_dist.job.execute import _from_spill, _spill_identity, process_unit, score_unit
     from ken_dist.runtime.driver import plan_job
@@ -294,6 +294,8 @@ def test_a_damaged_stale_or_foreign_spill_is_never_used(tmp_path, pair):
     assert _from_spill(a, store) is not None
     path = store.spill_path("task", *a.key)
     data = open(path, "rb").read()
+    open(path, "wb").write(data[:-3] + bytes([data[-3] ^ 0x40]) + data[-2:])  # a flipped bit (power cut)
+    assert _from_spill(a, store) is None
     open(path, "wb").write(data[:-10])                                  # torn
     assert _from_spill(a, store) is None
     open(path, "wb").write(data + b"\0")                               # longer than its header says

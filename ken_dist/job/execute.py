@@ -179,20 +179,20 @@ def _from_spill(unit: WorkUnit, store: Store):
     spill = open_spill(store.spill_path(unit.finetune, *unit.key), _spill_identity(unit), unit.elements)
     if spill is None or unit.budget > spill.count or (spill.base is not None) != _codec_needs_base(unit):
         return None
-    candidates = np.unpackbits(spill.candidates, count=unit.elements, bitorder="little").view(bool)
-    if int(np.count_nonzero(candidates)) != spill.count:
+    positions = np.flatnonzero(np.unpackbits(spill.candidates, count=unit.elements, bitorder="little").view(bool))
+    if positions.size != spill.count:
         return None
     flags = keep_among_candidates(spill.bins, (spill.group_bins, spill.group_counts), unit.budget,
                                   lambda at: spill.scores[at])
     shape = (unit.rows, unit.ft_info.row_geometry[1])
     mask = np.zeros(unit.elements, dtype=bool)
-    np.place(mask, candidates, flags)
+    mask[positions[flags]] = True
     values = np.zeros(unit.elements, dtype=storage_dtype(unit.ft_info.dtype))
-    np.place(values, candidates, spill.values)
+    values[positions] = spill.values  # a scatter by index: several times faster than np.place here
     base = None
     if spill.base is not None:
         base = np.zeros(unit.elements, dtype=storage_dtype(unit.base_info.dtype))
-        np.place(base, candidates, spill.base)
+        base[positions] = spill.base
         base = base.reshape(shape)
     return mask.reshape(shape), values.reshape(shape), base
 

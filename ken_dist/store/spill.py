@@ -11,20 +11,22 @@ header line (little-endian), the per-candidate ones in the block's flat order:
     bins        uint16     each candidate's score bin
     values      the fine-tune's storage bits
     base        the base's storage bits (only when the value codec stores the delta)
-    scores      float64, the strategy's exact scores (read only for the bin a budget ends in)
+    scores      float64, the strategy's exact scores (used only in the bin a budget ends in)
 At 1/4 kept that is about 6 bytes per entry of the block for a bf16 fine-tune (candidates are
 about half of it: ken_dist/job/execute.py, SPILL_SHARES).
 
-A spill is an optimization, never the truth: it is published atomically (ken_dist.store.fs), its
-header carries the identity of the block and parameters it was scored under and every array's
-length, and `open_spill` answers None for a file that is absent, torn (its size), foreign or
-stale, so the caller reads and scores the block again. Like the checkpoint files the job reads,
-its bytes carry no checksum.
+A spill is an optimization, never the truth: it is published atomically (ken_dist.store.fs) but
+not fsync'ed (gigabytes of temporaries would otherwise wait on the disk; the page cache holds
+them, and most are deleted before they reach it), so its header carries a CRC32 of its arrays as
+well as the identity of the block and parameters it was scored under and every array's length.
+`open_spill` answers None for a file that is absent, torn, damaged (after a power cut, say),
+foreign or stale, so the caller reads and scores the block again.
 """
 from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,16 +60,23 @@ class Spill:
         return sum(v.nbytes for k in ARRAYS if (v := getattr(self, k)) is not None)
 
 
+def _crc32(arrays) -> int:
+    crc = 0
+    for v in arrays:
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(v)).cast("B"), crc)
+    return crc
+
+
 def write_spill(path: str, identity: dict, spill: Spill) -> int:
     """Publish `spill` at `path` (atomically); returns its size in bytes. `identity` (JSON) is what
     open_spill must be given back to accept the file."""
     present = {k: np.ascontiguousarray(v).astype(v.dtype.newbyteorder("<"), copy=False)
                for k in ARRAYS if (v := getattr(spill, k)) is not None}
-    header = {"identity": identity, "size": int(spill.size),
+    header = {"identity": identity, "size": int(spill.size), "crc32": _crc32(present.values()),
               "arrays": {k: [v.dtype.str, int(v.size)] for k, v in present.items()}}
     head = MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n"
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic_output(path) as tmp, open(tmp, "xb") as f:
+    with atomic_output(path, durable=False) as tmp, open(tmp, "xb") as f:
         f.write(head)
         for v in present.values():
             f.write(memoryview(v).cast("B"))
@@ -76,8 +85,8 @@ def write_spill(path: str, identity: dict, spill: Spill) -> int:
 
 def open_spill(path: str, identity: dict, size: int) -> Spill | None:
     """The spill at `path` if it is whole and was written for `identity` and a block of `size`
-    entries; None otherwise (absent, torn, another block or other parameters). Its arrays map the
-    file read-only (only what is used is read). An unreadable file is an OSError."""
+    entries; None otherwise (absent, torn, damaged, another block or other parameters). Its arrays
+    map the file read-only. An unreadable file is an OSError."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -105,7 +114,7 @@ def open_spill(path: str, identity: dict, size: int) -> Spill | None:
             d, n = arrays[k]
             out[k] = np.memmap(path, dtype=d, mode="r", offset=at, shape=(n,)) if n else np.empty(0, d)
             at += d.itemsize * n
-    spill = Spill(size=size, base=out.get("base"), **{k: v for k, v in out.items() if k != "base"})
-    if int(np.asarray(spill.group_counts).sum()) != spill.count:
+    if _crc32(out.values()) != header.get("crc32"):
         return None
-    return spill
+    spill = Spill(size=size, base=out.get("base"), **{k: v for k, v in out.items() if k != "base"})
+    return spill if int(np.asarray(spill.group_counts).sum()) == spill.count else None
