@@ -198,7 +198,10 @@ def run_child(args, kind: str, strategy: str, code: str) -> dict:
            "--ckpt", os.path.abspath(os.path.dirname(args.base)), "--workdir", os.path.abspath(args.workdir), "--keep", str(args.keep), "--values", args.values,
            "--block-bytes", str(args.block_bytes), "--workers", str(args.workers), "--dtype", args.dtype,
            *[x for k in DEFAULT_SHAPE for x in (f"--{k.replace('_', '-')}", str(args.shape[k]))]]
-    done = subprocess.run(cmd, env=env, cwd=code, capture_output=True, text=True)
+    for _ in range(3):  # a private Ray may time out starting on a loaded machine: start it again
+        done = subprocess.run(cmd, env=env, cwd=code, capture_output=True, text=True)
+        if "timed out during startup" not in done.stderr:
+            break
     if done.returncode:
         raise SystemExit(f"{kind} job failed:\n{done.stdout}\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -111,7 +111,7 @@ class _Dispatch:
         self.store, self.progress, self.pool = store, progress, pool
         self.method = method  # "run": select and commit blocks; "score": collect score histograms
         self.scores: dict = {}  # scoring pass: {(finetune, tensor, row_start, row_end): (bins, counts)}
-        self.spills: dict = {}  # scoring pass: {finetune: Counter of blocks/entries/bytes spilled, errors}
+        self.spills: dict = {}  # scoring pass: {finetune: {blocks, entries, bytes spilled; errors, the first one}}
         self.from_spill: dict = {}  # selection pass: {finetune: [blocks built from a spill, blocks read again]}
         self.todo = deque(units)
         self.pending: dict = {}  # ObjectRef -> (slot, unit)
