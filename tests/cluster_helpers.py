@@ -86,6 +86,35 @@ def serial_reference(job) -> None:
             store.finalize(name, summary={})
 
 
+def serial_model_reference(job, *, spill: bool) -> dict:
+    """A job of one model-budget fine-tune run as the driver does, in this process, without Ray:
+    score every block (spilling its candidates when `spill`), allocate, select, commit, finalize.
+    Returns {block key: whether it was built from its spill}."""
+    from dataclasses import replace
+
+    from ken_dist.job.execute import process_unit, score_unit
+    from ken_dist.kernel.strategies.budget import allocate, total_budget
+    from ken_dist.runtime.driver import plan_job
+    from ken_dist.store.protocol import Store
+
+    base, (plan,) = plan_job(job)
+    name, params = plan.spec.name, plan.spec.params
+    prune = [u for u in plan.units if u.action == "prune"]
+    with Store(job.store, create=True) as store:
+        store.begin(name, params=params.as_dict(), base_identity=base.identity(),
+                    finetune_identity=plan.spec.checkpoint.identity(), tensors=plan.tensors)
+        scored = {u.key: score_unit(u, store if spill else None) for u in prune}
+        assert all(("spilled" in r) == spill and "spill_error" not in r for r in scored.values())
+        budgets, summary = allocate({k: (r["bins"], r["counts"]) for k, r in scored.items()},
+                                    total_budget([(u.rows, u.ft_info.row_geometry[1]) for u in prune],
+                                                 params.keep, params.k))
+        store.set_budgets(name, budgets, summary)
+        records = [process_unit(replace(u, budget=budgets.get(u.key)), store) for u in plan.units]
+        store.commit(name, records)
+        store.finalize(name, summary={})
+    return {(r["tensor"], r["row_start"], r["row_end"]): r["from_spill"] for r in records if "from_spill" in r}
+
+
 def assert_same_store(a, b, finetune: str) -> None:
     """Every tensor bit-exact (open_subnetwork) and manifests equal minus timestamps/summary."""
     import json

@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from cluster_helpers import assert_same_store, serial_model_reference
 from tiny_models import make_finetune, make_tiny_llama
 
 from ken_dist import select
@@ -19,6 +22,9 @@ from ken_dist.kernel import block_scores
 from ken_dist.kernel.strategies.budget import (
     BINS,
     allocate,
+    bin_histogram,
+    candidate_floor,
+    keep_among_candidates,
     score_bins,
     score_histogram,
     total_budget,
@@ -86,6 +92,43 @@ def test_boundary_bin_is_shared_in_proportion():
     assert BINS == 65536
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_a_budget_over_the_candidates_keeps_what_it_keeps_over_the_whole_block(seed):
+    """candidate_floor + keep_among_candidates (what the selection pass reads of a spill) give
+    block_top_mask of the whole block for every budget up to the candidates' count, ties and
+    zeros of both signs included, reading only the scores of the bin the budget ends in."""
+    for scores in _blocks(seed).values():
+        bins, hist = score_bins(scores), score_histogram(scores)
+        assert [a.tolist() for a in bin_histogram(bins)] == [a.tolist() for a in hist]
+        flat = scores.reshape(-1)
+        for want in sorted({0, 1, scores.size // 4, scores.size // 2, scores.size}):
+            floor = candidate_floor(hist, want, cap=scores.size)
+            if floor is None:
+                assert want == 0
+                continue
+            candidates = bins >= floor[0]
+            assert candidates.sum() == floor[1] >= want
+            assert flat[candidates].min() >= flat[~candidates].max(initial=-np.inf)  # a prefix of the order
+            groups = tuple(a[hist[0] >= floor[0]] for a in hist)
+            for budget in range(floor[1] + 1):
+                read = []
+                flags = keep_among_candidates(bins[candidates], groups, budget,
+                                              lambda at: read.append(at.size) or flat[candidates][at])
+                mask = np.zeros(scores.size, bool)
+                mask[np.flatnonzero(candidates)[flags]] = True
+                assert np.array_equal(mask.reshape(scores.shape), block_top_mask(scores, budget)), budget
+                assert sum(read) <= max(groups[1], default=0)                # one bin's scores at most
+
+
+def test_candidates_stop_below_a_bin_that_passes_the_cap():
+    hist = (np.array([1, 2, 3], np.uint16), np.array([5, 100, 4]))
+    assert candidate_floor(hist, 4, 10) == (3, 4)
+    assert candidate_floor(hist, 5, 10) == (3, 4)      # bin 2 would pass the cap of 10
+    assert candidate_floor(hist, 5, 104) == (2, 104)
+    assert candidate_floor(hist, 200, 1000) == (1, 109)
+    assert candidate_floor(hist, 0, 10) is None and candidate_floor((hist[0], np.array([1, 1, 50])), 5, 10) is None
+
+
 def test_total_budget_from_keep_or_k():
     assert total_budget([(10, 100)], 0.25, None) == 250
     assert total_budget([(4, 10), (1, 2)], None, 3) == 4 * 3 + 1 * 2
@@ -128,6 +171,10 @@ def test_pipeline_spends_one_budget_and_resumes_with_it(tmp_path, pair, strategy
     log = io.StringIO()
     run_job(job, workers=2, stream=log)
     assert "scoring pass" in log.getvalue()
+    blocks = re.search(r"(\d+) block\(s\) selected from their spilled candidates, (\d+) read and scored "
+                       r"again", log.getvalue())
+    assert blocks and int(blocks[1]) > 3 * int(blocks[2]), log.getvalue()   # one pass for most blocks
+    assert not os.path.exists(_spill_dir(job.store))                          # dropped once complete
     units, budgets, elements = _independent_budgets(job)
     assert len(units) > 3
     store = Store(job.store)
@@ -158,6 +205,7 @@ def test_pipeline_spends_one_budget_and_resumes_with_it(tmp_path, pair, strategy
     log = io.StringIO()
     result = run_job(job, workers=2, stream=log)
     assert "scoring pass" not in log.getvalue()
+    assert "0 block(s) selected from their spilled candidates, 1 read and scored again" in log.getvalue()
     assert result.blocks_run == {"task": 1} and result["task"]["complete"]
     assert json.loads(open(journal).read().splitlines()[-1])["budget"] == dropped["budget"]
     again = run_job(job, workers=2, stream=io.StringIO())
@@ -194,3 +242,97 @@ def test_k_gives_the_same_total_as_k_per_row(tmp_path, pair):
     assert manifest["budget"]["total"] == want == sum(t["kept"] for t in pruned)
     assert any(b["kept"] != (b["row_end"] - b["row_start"]) * min(3, t["row_len"])
                for t in pruned for b in t["blocks"])  # not k per row: the budget moved
+
+
+# ------------------------------------------------------------------------------ one pass: candidate spills
+def _spill_dir(store) -> str:
+    return os.path.join(str(store), "finetunes", "task", "spill")
+
+
+@pytest.mark.parametrize("strategy,values", [("lowrank-delta-model", "raw"), ("magnitude-model", "raw"),
+                                             ("lowrank-delta-model", "int4")])
+@pytest.mark.parametrize("shares", [2.0, 0.9])
+def test_selection_from_the_spill_writes_the_parts_of_a_second_read(tmp_path, pair, monkeypatch, strategy, values,
+                                                                     shares):
+    """The same store, byte for byte (parts, budgets, manifest), whether blocks are built from the
+    scoring pass's candidates or read and scored again; `shares` 0.9 keeps too few candidates for
+    some blocks, which fall back, in the same job."""
+    from ken_dist.job import execute
+
+    monkeypatch.setattr(execute, "SPILL_SHARES", shares)
+    monkeypatch.setattr(execute, "SPILL_MAX_SHARES", shares + 0.5)
+    job = JobSpec(base=pair[0], store=str(tmp_path / "spilled"), block_bytes=3000, ignore_missing=(r"^lm_head\.",),
+                  finetunes=(FineTuneEntry("task", pair[1], None,
+                                           PruneParams(strategy=strategy, keep=0.25, values=values)),))
+    used = serial_model_reference(job, spill=True)
+    again = serial_model_reference(replace(job, store=str(tmp_path / "read-again")), spill=False)
+    assert not any(again.values()) and len(used) == len(again) > 3
+    if shares == 2.0:
+        assert sum(used.values()) >= 0.8 * len(used)      # most blocks fit twice their share
+    else:
+        assert 0 < sum(used.values()) < len(used)         # both paths in one job
+    assert_same_store(tmp_path / "spilled", tmp_path / "read-again", "task")
+    assert not os.path.exists(_spill_dir(tmp_path / "spilled"))   # finalize dropped them
+
+
+def test_a_damaged_stale_or_foreign_spill_is_never_used(tmp_path, pair):
+    """Spills are checked against the block, the parameters, their size and CRC: anything else means
+    reading the block again, never a wrong part."""
+    from ken_dist.job.execute import _from_spill, _spill_identity, process_unit, score_unit
+    from ken_dist.runtime.driver import plan_job
+    from ken_dist.store.spill import open_spill
+
+    job = _job(pair, tmp_path / "store")
+    base, (plan,) = plan_job(job)
+    prune = sorted((u for u in plan.units if u.action == "prune"), key=lambda u: -u.elements)
+    store = Store(job.store, create=True)
+    store.begin("task", params=plan.spec.params.as_dict(), base_identity=base.identity(),
+                finetune_identity=plan.spec.checkpoint.identity(), tensors=plan.tensors)
+    for u in prune[:3]:
+        assert score_unit(u, store)["spilled"] > 0
+    a, b, c = (replace(u, budget=1) for u in prune[:3])
+    assert _from_spill(a, store) is not None
+    path = store.spill_path("task", *a.key)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-3] + bytes([data[-3] ^ 0x40]) + data[-2:])  # a flipped bit (power cut)
+    assert _from_spill(a, store) is None
+    open(path, "wb").write(data[:-10])                                  # torn
+    assert _from_spill(a, store) is None
+    open(path, "wb").write(data + b"\0")                               # longer than its header says
+    assert _from_spill(a, store) is None
+    open(path, "wb").write(data.replace(b'"identity"', b'"identitx"'))  # a damaged header
+    assert _from_spill(a, store) is None
+    os.replace(store.spill_path("task", *b.key), path)                 # another block's spill
+    assert _from_spill(a, store) is None
+    other = replace(c, params=replace(c.params, keep=0.5))             # scored under other parameters
+    assert open_spill(store.spill_path("task", *c.key), {}, c.elements) is None and _from_spill(other, store) is None
+    assert open_spill(store.spill_path("task", *c.key), _spill_identity(c), c.elements + 1) is None
+    assert _from_spill(replace(c, budget=c.elements), store) is None    # budget above the candidates
+    assert process_unit(a, store)["from_spill"] is False
+    store.close()
+
+    # and the stores still come out identical to a run without spills
+    job2 = replace(job, store=str(tmp_path / "clean"))
+    serial_model_reference(job2, spill=False)
+    job3 = replace(job, store=str(tmp_path / "spilled"))
+    serial_model_reference(job3, spill=True)
+    assert_same_store(job2.store, job3.store, "task")
+
+
+def test_no_spill_crowds_the_parts_out_of_the_disk(tmp_path, pair, monkeypatch):
+    """A spill that would leave the store's file system with less than the reserve free is not
+    written: the scoring pass says why, and the block is read and scored again."""
+    from ken_dist.job import execute
+    from ken_dist.runtime.driver import plan_job
+
+    monkeypatch.setattr(execute, "SPILL_RESERVE_FRACTION", 1.0)
+    job = _job(pair, tmp_path / "store")
+    base, (plan,) = plan_job(job)
+    unit = max((u for u in plan.units if u.action == "prune"), key=lambda u: u.elements)
+    with Store(job.store, create=True) as store:
+        store.begin("task", params=plan.spec.params.as_dict(), base_identity=base.identity(),
+                    finetune_identity=plan.spec.checkpoint.identity(), tensors=plan.tensors)
+        record = execute.score_unit(unit, store)
+        assert "less than 100% or 1 GiB free" in record["spill_error"]
+        assert not os.path.exists(store.spill_path("task", *unit.key))
+        assert execute.process_unit(replace(unit, budget=1), store)["from_spill"] is False

@@ -2,8 +2,10 @@
 and after some blocks were committed), re-run until done, must give a store identical to an
 uninterrupted run; re-running a finished job is a no-op that starts no Ray; a killed driver's
 private Ray processes go away with it."""
+import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from cluster_helpers import (
     journal_keys,
     kill_tagged,
     new_tag,
+    serial_model_reference,
     serial_reference,
     tagged_pids,
     wait_gone,
@@ -73,6 +76,16 @@ def kill_driver(proc, tag) -> None:
     assert not left, f"Ray processes of the killed driver still alive after 120 s: {left}"
 
 
+def kill_when(cmd, ready) -> None:
+    """Start `cmd` and kill -9 its driver as soon as ready() (polled every 5 ms) holds."""
+    tag = new_tag()
+    proc = start(cmd, tag)
+    while not ready() and proc.poll() is None:
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()}"
+    kill_driver(proc, tag)
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_equals_a_clean_run(pair, tmp_path):
     base, ft, _ = pair
@@ -91,12 +104,7 @@ def test_sigkill_at_random_points_then_resume_equals_a_clean_run(pair, tmp_path)
     # 2, 3: killed after a random number of further committed blocks
     for _ in range(2):
         target = journal_lines(store) + rng.randint(1, total // 3)
-        tag = new_tag()
-        proc = start(prune_cmd(base, ft, store), tag)
-        while journal_lines(store) < target and proc.poll() is None:
-            time.sleep(0.01)
-        assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()}"
-        kill_driver(proc, tag)
+        kill_when(prune_cmd(base, ft, store), lambda: journal_lines(store) >= target)
     committed = len(set(journal_keys(store, "sft")))
     assert 0 < committed < total
 
@@ -130,3 +138,45 @@ def test_sigkill_at_random_points_then_resume_equals_a_clean_run(pair, tmp_path)
     assert [e["status"] for e in log if e["event"] == "end"][-2:] == ["ok", "nothing to do"]
     starts = [e for e in log if e["event"] == "start"]
     assert len(starts) >= 4 and starts[-1]["finetunes"]["sft"]["already_complete"]  # run 1 may die before its start
+
+
+def _budgets_recorded(store) -> bool:
+    try:
+        with open(os.path.join(store, "finetunes", "sft", "manifest.json")) as f:
+            return "budget" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.mark.slow
+def test_model_budget_killed_between_and_in_the_passes_resumes_to_the_same_store(pair, tmp_path):
+    """A `*-model` job killed (kill -9) once its budgets are recorded (between the passes, spills on
+    disk) and again in the selection pass resumes to the store a run without spills writes; the
+    resumed selection uses the spills the killed run left, and the finished store has none."""
+    base, ft, _ = pair
+    rng = random.Random(int(os.environ.get("KEN_TEST_SEED", time.time())))
+    clean, store = str(tmp_path / "clean"), str(tmp_path / "killed")
+    params = PruneParams(strategy="lowrank-delta-model", keep=KEEP)
+    serial_model_reference(JobSpec(base=base, store=clean, block_bytes=BLOCK_BYTES,
+                                   finetunes=(FineTuneEntry("sft", ft, None, params),)), spill=False)
+    total = len(journal_keys(clean, "sft"))
+    cmd = prune_cmd(base, ft, store) + ["--strategy", "lowrank-delta-model"]
+    spills = os.path.join(store, "finetunes", "sft", "spill")
+
+    kill_when(cmd, lambda: _budgets_recorded(store))
+    assert journal_lines(store) < total and os.path.isdir(spills)
+    target = journal_lines(store) + rng.randint(1, total // 3)
+    kill_when(cmd, lambda: journal_lines(store) >= target)
+    committed = len(set(journal_keys(store, "sft")))
+    assert 0 < committed < total
+
+    tag = new_tag()
+    proc = start(cmd, tag)
+    out, _ = proc.communicate(timeout=300)
+    kill_tagged(tag)
+    assert proc.returncode == 0, out
+    assert "scoring pass" not in out  # the budgets recorded by the first run serve the resumed ones
+    used = re.search(r"(\d+) block\(s\) selected from their spilled candidates, (\d+) read", out)
+    assert used and int(used[1]) + int(used[2]) == total - committed and int(used[1]) > int(used[2]), out
+    assert_same_store(clean, store, "sft")
+    assert not os.path.exists(spills)

@@ -44,8 +44,9 @@ class SelectionActor:
         return record
 
     def score(self, unit) -> dict:
-        """The unit's score histogram (scoring pass of a model-budget strategy, ken_dist/kernel/strategies/budget.py)."""
-        return score_unit(unit)
+        """The unit's score histogram (scoring pass of a model-budget strategy, ken_dist/kernel/strategies/budget.py),
+        its candidates spilled to the store for the selection pass (ken_dist/store/spill.py)."""
+        return score_unit(unit, self.store)
 
 
 def make_actor(store_path: str, *, gpu: bool):

@@ -111,6 +111,8 @@ class _Dispatch:
         self.store, self.progress, self.pool = store, progress, pool
         self.method = method  # "run": select and commit blocks; "score": collect score histograms
         self.scores: dict = {}  # scoring pass: {(finetune, tensor, row_start, row_end): (bins, counts)}
+        self.spills: dict = {}  # scoring pass: {finetune: {blocks, entries, bytes spilled; errors, the first one}}
+        self.from_spill: dict = {}  # selection pass: {finetune: [blocks built from a spill, blocks read again]}
         self.todo = deque(units)
         self.pending: dict = {}  # ObjectRef -> (slot, unit)
         self.committed: set = set()
@@ -161,12 +163,15 @@ class _Dispatch:
             return  # a duplicate result of a re-dispatched unit: committed once only
         if self.method == "score":
             self.scores[key] = (record["bins"], record["counts"])
+            self._count_spill(unit.finetune, record)
             self.committed.add(key)
             self.progress.advance(unit.finetune, unit.elements)
             return
         worker = record.pop("worker", None) or {}
         if record.pop("kernel_path", None) == "torch":
             self.uncompiled_blocks += 1
+        if "from_spill" in record:
+            self.from_spill.setdefault(unit.finetune, [0, 0])[0 if record["from_spill"] else 1] += 1
         self.store.commit(unit.finetune, [record])
         self.committed.add(key)
         self.blocks_run[unit.finetune] = self.blocks_run.get(unit.finetune, 0) + 1
@@ -174,6 +179,16 @@ class _Dispatch:
             self.add_workers([dict(worker, gpu_requested=slot.gpu)], blocks=1)
             slot.pid, slot.node = worker["pid"], worker.get("node")
         self.progress.advance(unit.finetune, unit.elements)
+
+    def _count_spill(self, finetune: str, record: dict) -> None:
+        c = self.spills.setdefault(finetune, {"blocks": 0, "entries": 0, "bytes": 0, "errors": 0, "error": None})
+        if record.get("spill_error"):
+            c["errors"] += 1
+            c["error"] = c["error"] or record["spill_error"]
+        elif record.get("spilled"):
+            c["blocks"] += 1
+            c["entries"] += record["spilled"]
+            c["bytes"] += record["spill_bytes"]
 
     def add_workers(self, infos: list[dict], blocks: int = 0) -> None:
         """Fold actors' info() into {pid: {node, device, gpu_ids, gpu_requested, blocks, peak_rss}}."""
@@ -261,8 +276,14 @@ def _score_and_budget(store: Store, plans: list[FineTunePlan], pool: ActorPool, 
         total = total_budget([(u.rows, u.ft_info.row_geometry[1]) for u in prune], params.keep, params.k)
         budgets, summary = allocate({u.key: scoring.scores[(name, *u.key)] for u in prune}, total)
         store.set_budgets(name, budgets, summary)
+        spilled = scoring.spills.get(name, {})
         progress.note(f"{name}: keeping {summary['total']:,} of {summary['elements']:,} entries across "
-                      f"{len(prune)} block(s) (scored in {time.time() - t0:.1f} s)")
+                      f"{len(prune)} block(s) (scored in {time.time() - t0:.1f} s); candidates of "
+                      f"{spilled.get('blocks', 0)} block(s) kept for selection ({spilled.get('entries', 0):,} entries, "
+                      f"{spilled.get('bytes', 0) / 2**20:.0f} MiB in the store's spill/)")
+        if spilled.get("errors"):
+            progress.note(f"{name}: could not keep the candidates of {spilled['errors']} block(s) "
+                          f"({spilled['error']}); they are read and scored again")
         budgeted.extend(replace(u, budget=budgets.get(u.key)) for u in plan.units)
     return budgeted
 
@@ -299,6 +320,9 @@ def _run_units(store: Store, todo: list[WorkUnit], to_score: list[FineTunePlan],
                 progress.note(f"{dispatch.uncompiled_blocks} block(s) ran on the kernel's torch path; "
                               + ("the compiled kernel is cached for the next runs" if warm_up.ready.is_set() else
                                  "the kernel is still compiling: the next run on this machine continues it"))
+            for name, (hits, again) in dispatch.from_spill.items():
+                progress.note(f"{name}: {hits} block(s) selected from their spilled candidates, {again} read "
+                              "and scored again (budget above the candidates kept, or no spill)")
         finally:
             pool.shutdown()
     finally:

@@ -82,14 +82,20 @@ def publish(tmp: str, path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str):
+def atomic_output(path: str, *, durable: bool = True):
     """Yield a tmp path beside `path` to write; on success fsync it and publish it as `path`, on
-    any error remove it. So `path` holds its old content or all of the new, never part of it."""
+    any error remove it. So `path` holds its old content or all of the new, never part of it.
+    durable=False skips the fsyncs: still whole or absent for readers while the machine runs (a
+    killed process included), but a power cut may leave any content; for files that carry their
+    own check (a checksum) and can be recomputed."""
     tmp = tmp_path(path)
     try:
         yield tmp
-        fsync_path(tmp)
-        publish(tmp, path)
+        if durable:
+            fsync_path(tmp)
+            publish(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -96,6 +96,7 @@ def _read_json(path: str, what: str):
 
 
 WHOLE_LEAF = "whole.parquet"
+SPILL_DIR = "spill"  # a writer's temporary files between the passes of a model-budget job; readers ignore it
 
 
 def _block_leaf(row_start: int, row_end: int) -> str:
@@ -223,6 +224,18 @@ class Store:
 
     def _part_rel(self, finetune: str, tensor: str, leaf: str) -> str:
         return f"{self._ft_rel(finetune)}/tensors/{escape_name(tensor)}/{leaf}"
+
+    def spill_path(self, finetune: str, tensor: str, row_start: int, row_end: int) -> str:
+        """Where the scoring pass of a model-budget job keeps a block's candidates
+        (ken_dist/store/spill.py): under the fine-tune's `spill/`, which finalize deletes."""
+        leaf = _block_leaf(row_start, row_end).replace(".parquet", ".spill")
+        return self.resolve(f"{self._ft_rel(finetune)}/{SPILL_DIR}/{escape_name(tensor)}/{leaf}")
+
+    def drop_spills(self, finetune: str) -> None:
+        """Delete the fine-tune's spill files (and tmp files of killed writers among them)."""
+        path = self.resolve(f"{self._ft_rel(finetune)}/{SPILL_DIR}")
+        if os.path.isdir(path):
+            shutil.rmtree(path)
 
     # ---- lock --------------------------------------------------------------------------------
     def acquire(self, finetune: str) -> None:
@@ -564,6 +577,7 @@ class Store:
         version = max(manifest_version(manifest["params"], (b for t in manifest["tensors"].values()
                                                             for b in t["blocks"])), manifest["format_version"])
         manifest.update(format_version=version, complete=True, summary=summary, totals=totals, updated=now())
+        self.drop_spills(finetune)  # before `complete`: a complete fine-tune never runs again to drop them
         atomic_json(self._manifest_path(finetune), manifest)
         self._collect_garbage(finetune, keep_files)
         if finetune not in self._scoped:
