@@ -147,6 +147,11 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+def _index(e, scratch) -> torch.Tensor:
+    """e's flat positions as int64 on scratch's device (every entry for a tensor stored whole)."""
+    return torch.arange(scratch.numel(), device=scratch.device) if e.whole else e.positions(scratch.device)
+
+
 @torch.no_grad()
 def bare_scatter(model, prev, nxt, sync=lambda: None) -> float:
     """The limit of one switch prev -> nxt: per tensor, index_copy_ of the base values at prev's
@@ -159,12 +164,11 @@ def bare_scatter(model, prev, nxt, sync=lambda: None) -> float:
         scratch = tensors[target].data.view(-1).clone()
         steps = []
         if prev is not None and target in prev.tensors:
-            e = prev.tensors[target]
-            idx = e.index.to(scratch.device, torch.int64)
+            idx = _index(prev.tensors[target], scratch)
             steps.append((idx, scratch.index_select(0, idx)))  # stands in for the saved base values
         if target in nxt.tensors:
             e = nxt.tensors[target]
-            steps.append((e.index.to(scratch.device, torch.int64), e.values.to(scratch.device)))
+            steps.append((_index(e, scratch), e.values.to(scratch.device)))
         sync()
         t0 = time.perf_counter()
         for idx, values in steps:
@@ -245,7 +249,7 @@ def measure(base: Path, store: Path, fts: dict, keep: float, args) -> dict:
             "resident_bytes": statistics.median(r["bytes"] for r in res.values()),
             "stored_bytes": statistics.median(r["stored_bytes"] for r in res.values()),
             "memory_ratio": per_ft, "entries": entries, "saved_base_bytes": mem["saved_base_bytes"],
-            "index_buffer_bytes": mem["index_buffer_bytes"], "bit_exact": exact,
+            "forms": next(iter(res.values()))["forms"], "bit_exact": exact,
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -273,8 +277,8 @@ def report(r: dict) -> None:
     for k, v in ratios.items():
         print(f"  {k:<58} {v:6.2f}")
     print(f"  resident fine-tune {r['resident_bytes'] / 2**20:.0f} MiB vs {r['stored_bytes'] / 2**20:.0f} MiB stored; "
-          f"saved base values {r['saved_base_bytes'] / 2**20:.0f} MiB and index buffer "
-          f"{r['index_buffer_bytes'] / 2**20:.0f} MiB per model; bit exact: {r['bit_exact']}")
+          f"positions kept as {r['forms']} (tensors per form); saved base values "
+          f"{r['saved_base_bytes'] / 2**20:.0f} MiB per model; bit exact: {r['bit_exact']}")
     r["ratios"] = ratios
 
 
