@@ -257,12 +257,21 @@ def bits(t: torch.Tensor) -> np.ndarray:
 
 
 def walk(e: Entries, flat: torch.Tensor, mode: int, values: torch.Tensor | None = None,
-         saved: torch.Tensor | None = None, torch_ops: bool = False, positions: torch.Tensor | None = None) -> int:
+         saved: torch.Tensor | None = None, torch_ops: bool = False) -> int:
     """On flat tensor `flat` at e's positions: PUT values, TAKE into saved, or SWAP (both: saved
     gets what values replace). values and saved: flat tensors of flat's dtype holding at least
-    e's entry count. The compiled walk on a CPU tensor unless torch_ops; torch ops (positions:
-    e.positions(flat.device) when already computed) otherwise. Returns the entries walked."""
+    e's entry count. The compiled walk on a CPU tensor unless torch_ops; torch ops otherwise.
+    Returns the entries walked. The compiled walk checks no bound per entry: what it needs is
+    checked here, and an Entries' positions lie inside the tensor by construction."""
     count = e.values.numel()
+    if (mode != TAKE and values is None) or (mode != PUT and saved is None):
+        raise ValueError("PUT and SWAP need values, TAKE and SWAP need saved")
+    if e.mask is not None and e.mask.numel() // ((e.row_len + 7) // 8) * e.row_len != flat.numel():
+        raise ValueError(f"a bitmask of {e.mask.numel()} bytes for rows of {e.row_len} does not fit a tensor of "
+                         f"{flat.numel()} entries")
+    for name, t in (("values", values), ("saved", saved)):
+        if t is not None and (t.numel() < count or t.dtype != flat.dtype):
+            raise ValueError(f"{name} holds {t.numel()} {t.dtype} entries, the walk needs {count} {flat.dtype}")
     if e.whole:
         if mode != PUT:
             saved[:count].copy_(flat)
@@ -281,7 +290,7 @@ def walk(e: Entries, flat: torch.Tensor, mode: int, values: torch.Tensor | None 
         else:
             done = _walk_gaps(fb, e.gaps.numpy(), e.escapes.numpy(), vb, sb, mode)
         return int(done)
-    index = positions if positions is not None else e.positions(flat.device)
+    index = e.positions(flat.device)
     if mode != PUT:
         torch.index_select(flat, 0, index, out=saved[:count])
     if mode != TAKE:

@@ -217,7 +217,7 @@ class Switcher:
     fine-tunes' config so their heads exist) or a fine-tune of `store` (load_model, apply,
     swap record which). holds: the fine-tune the model holds now when it carries no record
     (None: what the model records, else the base). budget_bytes: memory for resident
-    fine-tunes (indices + values; None: unlimited, 0: only the active one); beyond it the least
+    fine-tunes (positions + values, as memory() counts them; None: unlimited, 0: only the active one); beyond it the least
     recently used are dropped. pinned: for a CUDA model keep resident fine-tunes in pinned host
     memory instead of on the device. base, name_map, strict, verify, workers: as for apply.
     `_torch_ops = True` switches CPU tensors with the torch-op path a CUDA model takes (tests)."""
@@ -305,7 +305,7 @@ class Switcher:
             return res
 
     def evict(self, name: str) -> None:
-        """Drop a resident fine-tune (not the active one: its indices put the base back)."""
+        """Drop a resident fine-tune (not the active one: its positions put the base back)."""
         with self._lock:
             if name == self.active:
                 raise InputError(f"fine-tune {name!r} is active; switch away (use/base) before evicting it")
