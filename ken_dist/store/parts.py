@@ -1,8 +1,9 @@
 """Encode and decode the Parquet part files of a subnetwork store (format versions 1 and 2).
 
 Kept apart from protocol.py (layout, journal, manifest, lock) so that every reader and the
-writer share one definition of the bytes on disk: `block_rows` is the one decoder of a pruned
-part (the view, injection, export and the switcher all read through it). Everything here is
+writer share one definition of the bytes on disk: `_chunks` is the one reader and validator of a
+pruned part; `block_rows` (keep masks, for the view, injection and export) and `block_bitmasks`
+(the stored bitmask as it is, for the switcher) are its two outputs. Everything here is
 pure: tables and arrays in, arrays and tables out, plus the information bound used to judge
 the size. docs/format.md is the normative description.
 
