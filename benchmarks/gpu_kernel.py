@@ -156,11 +156,10 @@ def bench_switch(preset: str, device: str, keep: float, finetunes: int, cycles: 
         for i in range(finetunes):  # what decode_finetune builds, drawn at random on the device
             tensors = {}
             for name, p in model.named_parameters():
-                index = (torch.rand(p.numel(), generator=gen, device=dev) < keep).nonzero().view(-1).to(torch.int32)
-                values = torch.randn(index.numel(), generator=gen, device=dev).to(torch.bfloat16)
-                if pinned and dev.type == "cuda":
-                    index, values = index.cpu().pin_memory(), values.cpu().pin_memory()
-                tensors[name] = Entries(index, values)
+                rows = p.reshape(p.shape[0], -1)
+                chosen = torch.rand(rows.shape, generator=gen, device=dev) < keep
+                values = torch.randn(int(chosen.sum()), generator=gen, device=dev).to(torch.bfloat16)
+                tensors[name] = Entries.from_keep(chosen, values).to(dev, pinned=pinned and dev.type == "cuda")
             switcher._residents[f"task{i}"] = Resident(f"task{i}", tensors, stored_bytes=0)
         names = [f"task{i}" for i in range(finetunes)]
         switcher.use(names[0])

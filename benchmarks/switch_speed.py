@@ -14,7 +14,8 @@ noise, 10x on 5% of rows; random masks at the keep, one store per keep), for kee
                     decode the next fine-tune's parts (page cache warm), then the switch
   cold (dropped)    the same after posix_fadvise(DONTNEED) on the next fine-tune's part files
   read bytes        the limit of the cold path's I/O: reading the same part files (cache warm /
-                    dropped), with no decode
+                    dropped), with no decode; and (cache warm) reading + sha256 of them, the
+                    check against the manifest the cold path makes
   from_pretrained   LlamaForCausalLM.from_pretrained(dense fine-tune) until it answers one
                     16-token forward pass (the dense fine-tunes are the generated checkpoints
                     the store was pruned from: same size and layout as a materialized one)
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -132,11 +134,15 @@ def drop_cache(paths) -> None:
             os.close(fd)
 
 
-def read_bytes(paths, workers: int) -> int:
-    """Read whole files in `workers` threads, as the cold path does: the I/O limit."""
+def read_bytes(paths, workers: int, sha256: bool = False) -> int:
+    """Read whole files in `workers` threads, as the cold path does: the I/O limit (sha256: and
+    hash them, as the cold path's check against the manifest does)."""
     def one(path):
         with open(path, "rb") as f:
-            return len(f.read())
+            data = f.read()
+        if sha256:
+            hashlib.sha256(data).hexdigest()
+        return len(data)
     with ThreadPoolExecutor(workers) as pool:
         return sum(pool.map(one, paths))
 
@@ -145,6 +151,11 @@ def timed(fn) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
+
+
+def _index(e, scratch) -> torch.Tensor:
+    """e's flat positions as int64 on scratch's device (every entry for a tensor stored whole)."""
+    return torch.arange(scratch.numel(), device=scratch.device) if e.whole else e.positions(scratch.device)
 
 
 @torch.no_grad()
@@ -159,12 +170,11 @@ def bare_scatter(model, prev, nxt, sync=lambda: None) -> float:
         scratch = tensors[target].data.view(-1).clone()
         steps = []
         if prev is not None and target in prev.tensors:
-            e = prev.tensors[target]
-            idx = e.index.to(scratch.device, torch.int64)
+            idx = _index(prev.tensors[target], scratch)
             steps.append((idx, scratch.index_select(0, idx)))  # stands in for the saved base values
         if target in nxt.tensors:
             e = nxt.tensors[target]
-            steps.append((e.index.to(scratch.device, torch.int64), e.values.to(scratch.device)))
+            steps.append((_index(e, scratch), e.values.to(scratch.device)))
         sync()
         t0 = time.perf_counter()
         for idx, values in steps:
@@ -200,7 +210,7 @@ def measure(base: Path, store: Path, fts: dict, keep: float, args) -> dict:
     for n in resident:  # first writes also pay the copy-on-write of the memory-mapped base pages
         switcher.use(n)
     forward(model, ids)
-    rows = {k: [] for k in ("resident", "bare", "cold_cache", "cold_dropped", "read_cache", "read_dropped",
+    rows = {k: [] for k in ("resident", "bare", "cold_cache", "cold_dropped", "read_cache", "read_dropped", "hash_cache",
                             "from_pretrained", "forward")}
     for i in range(args.cycles * len(resident)):  # resident switch and its bare scatter, alternated
         prev = switcher._residents[switcher.active]
@@ -235,6 +245,8 @@ def measure(base: Path, store: Path, fts: dict, keep: float, args) -> dict:
         if dropped:
             drop_cache(parts[nxt_name])
         rows["read_dropped" if dropped else "read_cache"].append(timed(lambda: read_bytes(parts[nxt_name], workers))[0])
+        if not dropped:
+            rows["hash_cache"].append(timed(lambda: read_bytes(parts[nxt_name], workers, sha256=True))[0])
     exact = check_exact(model, store, switcher.active)
     switcher.base()
     med = {k: statistics.median(v) for k, v in rows.items() if v}
@@ -245,7 +257,7 @@ def measure(base: Path, store: Path, fts: dict, keep: float, args) -> dict:
             "resident_bytes": statistics.median(r["bytes"] for r in res.values()),
             "stored_bytes": statistics.median(r["stored_bytes"] for r in res.values()),
             "memory_ratio": per_ft, "entries": entries, "saved_base_bytes": mem["saved_base_bytes"],
-            "index_buffer_bytes": mem["index_buffer_bytes"], "bit_exact": exact,
+            "forms": next(iter(res.values()))["forms"], "bit_exact": exact,
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -258,6 +270,7 @@ def report(r: dict) -> None:
                        ("bare_cold", "  bare scatter of those switches"),
                        ("read_cache", "  read the stored bytes, cache warm"),
                        ("read_dropped", "  read the stored bytes, dropped"),
+                       ("hash_cache", "  read + sha256 the stored bytes, cache warm"),
                        ("from_pretrained", "from_pretrained(dense) + forward"), ("forward", "forward pass alone")):
         if key in m:
             print(f"  {label:<40} {m[key]:>8.3f}  ({r['samples'][key]})")
@@ -273,8 +286,8 @@ def report(r: dict) -> None:
     for k, v in ratios.items():
         print(f"  {k:<58} {v:6.2f}")
     print(f"  resident fine-tune {r['resident_bytes'] / 2**20:.0f} MiB vs {r['stored_bytes'] / 2**20:.0f} MiB stored; "
-          f"saved base values {r['saved_base_bytes'] / 2**20:.0f} MiB and index buffer "
-          f"{r['index_buffer_bytes'] / 2**20:.0f} MiB per model; bit exact: {r['bit_exact']}")
+          f"positions kept as {r['forms']} (tensors per form); saved base values "
+          f"{r['saved_base_bytes'] / 2**20:.0f} MiB per model; bit exact: {r['bit_exact']}")
     r["ratios"] = ratios
 
 

@@ -226,3 +226,43 @@ def test_a_lossy_format_2_store_switches_bit_for_bit_like_load_model(heads):
 
 def differs_from(a: dict, b: dict) -> bool:
     return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_torch_op_path_a_cuda_model_takes_switches_bit_for_bit(heads):
+    """The same switches through the torch-op path (positions expanded on the device, index ops),
+    run on the CPU: the code a GPU model runs is tested here."""
+    model = quiet(load_model, heads["store"], "b")
+    switcher = quiet(Switcher, model, heads["store"], budget_bytes=0)
+    switcher._torch_ops = True
+    for name in ("c", "a", "a", "d", "b"):
+        quiet(switcher.use, name)
+        assert differs(model, heads["want"][name]) == []
+    switcher.base()
+    assert base_differs(model, heads["base"]) == []
+
+
+def test_low_keep_becomes_gaps_and_memory_counts_every_byte(heads):
+    """At keep 0.02 the switcher keeps one-byte gaps (the rows here are too short for the store's
+    position lists; tests/test_entries.py decodes those), at keep 0.3 the stored bitmask. Either way a switch equals load_model,
+    and a resident fine-tune's bytes are exactly its arrays' (values, mask or gaps, escapes)."""
+    store = str(heads["root"] / "store-low")
+    base_names = set(_load_dir(heads["base"]))
+    for i, name in enumerate(("a", "b")):
+        prune_into(store, name, _load_dir(heads[name]), heads["base"], heads[name], keep=0.02, block_rows=7,
+                   seed=30 + i, base_names=base_names, params={"strategy": "random", "keep": 0.02})
+    want = {n: {k: v.clone() for k, v in quiet(load_model, store, n).state_dict().items()} for n in ("a", "b")}
+    model = quiet(load_model, store, "a")
+    switcher = quiet(Switcher, model, store)
+    for name in ("b", "a", "b"):
+        quiet(switcher.use, name)
+        assert differs(model, want[name]) == []
+    switcher.base()
+    assert base_differs(model, heads["base"]) == []
+    low = switcher.memory()["finetunes"]["b"]
+    assert low["forms"]["gaps"] > 0
+    high = quiet(Switcher, quiet(load_model, heads["store"], "a"), heads["store"])
+    assert high.memory()["finetunes"]["a"]["forms"]["mask"] > 0
+    for sw in (switcher, high):
+        for res in sw._residents.values():
+            arrays = [t for e in res.tensors.values() for t in (e.values, e.mask, e.gaps, e.escapes) if t is not None]
+            assert res.nbytes == sum(t.numel() * t.element_size() for t in arrays) > 0

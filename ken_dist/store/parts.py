@@ -1,8 +1,9 @@
 """Encode and decode the Parquet part files of a subnetwork store (format versions 1 and 2).
 
 Kept apart from protocol.py (layout, journal, manifest, lock) so that every reader and the
-writer share one definition of the bytes on disk: `block_rows` is the one decoder of a pruned
-part (the view, injection, export and the switcher all read through it). Everything here is
+writer share one definition of the bytes on disk: `_chunks` is the one reader and validator of a
+pruned part; `block_rows` (keep masks, for the view, injection and export) and `block_bitmasks`
+(the stored bitmask as it is, for the switcher) are its two outputs. Everything here is
 pure: tables and arrays in, arrays and tables out, plus the information bound used to judge
 the size. docs/format.md is the normative description.
 
@@ -222,7 +223,7 @@ def _binary_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offsets - offsets[0], data[offsets[0]: offsets[-1]]
 
 
-def _popcount_rows(packed: np.ndarray, n: int) -> np.ndarray:
+def popcount_rows(packed: np.ndarray, n: int) -> np.ndarray:
     """Set bits per row of [m, ceil(n/8)] little-order bitmasks, ignoring padding bits past n."""
     if not hasattr(np, "bitwise_count"):  # numpy < 2
         return np.unpackbits(packed, axis=1, count=n, bitorder="little").sum(axis=1)
@@ -246,6 +247,89 @@ def _row_positions(index_arr: pa.Array, m: int, n: int, pos0: int) -> tuple[np.n
     return kept, flat
 
 
+class _Chunk:
+    """One validated Arrow chunk of a pruned part: rows [pos, pos + m), each row's kept count,
+    its index (`packed` [m, ceil(n/8)] bitmask or `flat` positions relative to row pos) and its
+    value (and scale) bytes with offsets relative to the chunk."""
+    __slots__ = ("pos", "m", "kept", "packed", "flat", "voffs", "vdata", "soffs", "sdata")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+    def keep(self, i0: int, i1: int, n: int) -> np.ndarray:
+        """[i1 - i0, n] bool keep mask of chunk rows [i0, i1)."""
+        if self.packed is not None:
+            return np.unpackbits(self.packed[i0:i1], axis=1, count=n, bitorder="little").view(bool)
+        keep = np.zeros((i1 - i0) * n, bool)
+        e0, e1 = int(self.kept[:i0].sum()), int(self.kept[:i1].sum())
+        keep[self.flat[e0:e1] - i0 * n] = True
+        return keep.reshape(i1 - i0, n)
+
+    def values(self, i0: int, i1: int, keep: np.ndarray | None, n: int, dtype: str, codec: Codec, base_rows):
+        """The value bytes of chunk rows [i0, i1) in the tensor's dtype: a view for raw; rebuilt
+        from the base rows under `keep` (that range's keep mask) for a lossy codec."""
+        if not codec.lossy:
+            return self.vdata[self.voffs[i0]: self.voffs[i1]]
+        rows_kept = self.kept[i0:i1]
+        codes = unpack_codes(self.vdata[self.voffs[i0]: self.voffs[i1]], self.voffs[i0: i1 + 1] - self.voffs[i0],
+                             rows_kept, codec.bits)
+        scales = scale_values(self.sdata[self.soffs[i0]: self.soffs[i1]].view("<u2"))
+        base = np.compress(keep.reshape(-1), np.asarray(base_rows(self.pos + i0, self.pos + i1)).reshape(-1))
+        rebuilt = dequantize(codes, np.repeat(scales, group_sizes(rows_kept, codec.group)),
+                             base.astype(storage_dtype(dtype), copy=False), dtype, codec.bits)
+        return rebuilt.view(np.uint8)
+
+
+def _chunks(table: pa.Table, n: int, dtype: str, row_start: int, row_end: int, codec: Codec, index: str,
+            base_rows):
+    """Yield every chunk of a pruned part as a _Chunk, each validated before it is yielded and the
+    row count checked at the end (see block_rows)."""
+    expected = block_columns(index, codec)
+    if index not in INDEX_KINDS or tuple(table.column_names) != expected:
+        raise ValueError(f"columns {table.column_names}, expected {list(expected)} for values {codec.spec!r} "
+                         f"and index {index!r}")
+    _check_types(table, expected)
+    if codec.lossy and base_rows is None:
+        raise ValueError(f"values {codec.spec!r} are rebuilt from the base, and no base rows were given")
+    size = itemsize(dtype)
+    nbytes_row = (n + 7) // 8
+    pos = row_start
+    for chunk in zip(*(table.column(c).chunks for c in expected)):
+        rows_arr, index_arr, vals_arr = chunk[:3]
+        m = len(rows_arr)
+        if m == 0:
+            continue
+        rows = rows_arr.to_numpy(zero_copy_only=False)
+        if pos + m > row_end or not np.array_equal(rows, np.arange(pos, pos + m)):
+            raise ValueError(f"rows are not {pos}..{min(pos + m, row_end) - 1} in order "
+                             f"(block [{row_start}, {row_end}))")
+        packed = flat = soffs = sdata = None
+        if index == "mask":
+            moffs, mdata = _binary_parts(index_arr)
+            if not np.array_equal(np.diff(moffs), np.full(m, nbytes_row)):
+                raise ValueError(f"mask length differs from ceil({n}/8) bytes")
+            packed = mdata.reshape(m, nbytes_row)
+            kept = popcount_rows(packed, n)
+        else:
+            kept, flat = _row_positions(index_arr, m, n, pos - row_start)
+        voffs, vdata = _binary_parts(vals_arr)
+        value_bytes = -(-kept * codec.bits // 8) if codec.lossy else kept * size
+        if not np.array_equal(np.diff(voffs), value_bytes):
+            raise ValueError("values length differs from the kept count")
+        if codec.lossy:
+            soffs, sdata = _binary_parts(chunk[3])
+            if not np.array_equal(np.diff(soffs), groups_per_row(kept, codec.group) * 2):
+                raise ValueError("scales length differs from the kept count's groups")
+            if np.any(sdata.view("<u2") >= 0x7F80):  # sign bit set (negative) or all exponent bits (inf, NaN)
+                raise ValueError("a scale is negative or not finite")
+        yield _Chunk(pos=pos, m=m, kept=kept, packed=packed, flat=flat, voffs=voffs, vdata=vdata, soffs=soffs,
+                     sdata=sdata)
+        pos += m
+    if pos != row_end:
+        raise ValueError(f"holds rows {row_start}..{pos - 1}, expected {row_start}..{row_end - 1}")
+
+
 def block_rows(table: pa.Table, n: int, dtype: str, row_start: int, row_end: int,
                lo: int | None = None, hi: int | None = None, *, codec: Codec | str = RAW, index: str = "mask",
                base_rows=None):
@@ -260,69 +344,34 @@ def block_rows(table: pa.Table, n: int, dtype: str, row_start: int, row_end: int
     part is never half used. Raises ValueError (the caller names file and tensor) when the part
     disagrees with itself or with the block it claims to hold."""
     codec = parse_codec(codec) if isinstance(codec, str) else codec
-    expected = block_columns(index, codec)
-    if index not in INDEX_KINDS or tuple(table.column_names) != expected:
-        raise ValueError(f"columns {table.column_names}, expected {list(expected)} for values {codec.spec!r} "
-                         f"and index {index!r}")
-    _check_types(table, expected)
-    if codec.lossy and base_rows is None:
-        raise ValueError(f"values {codec.spec!r} are rebuilt from the base, and no base rows were given")
-    size = itemsize(dtype)
     lo = row_start if lo is None else lo
     hi = row_end if hi is None else hi
-    nbytes_row = (n + 7) // 8
-    pos = row_start
-    for chunk in zip(*(table.column(c).chunks for c in expected)):
-        rows_arr, index_arr, vals_arr = chunk[:3]
-        m = len(rows_arr)
-        if m == 0:
-            continue
-        rows = rows_arr.to_numpy(zero_copy_only=False)
-        if pos + m > row_end or not np.array_equal(rows, np.arange(pos, pos + m)):
-            raise ValueError(f"rows are not {pos}..{min(pos + m, row_end) - 1} in order "
-                             f"(block [{row_start}, {row_end}))")
-        if index == "mask":
-            moffs, mdata = _binary_parts(index_arr)
-            if not np.array_equal(np.diff(moffs), np.full(m, nbytes_row)):
-                raise ValueError(f"mask length differs from ceil({n}/8) bytes")
-            packed = mdata.reshape(m, nbytes_row)
-            kept = _popcount_rows(packed, n)
-        else:
-            kept, flat = _row_positions(index_arr, m, n, pos - row_start)
-        voffs, vdata = _binary_parts(vals_arr)
-        value_bytes = -(-kept * codec.bits // 8) if codec.lossy else kept * size
-        if not np.array_equal(np.diff(voffs), value_bytes):
-            raise ValueError("values length differs from the kept count")
-        if codec.lossy:
-            soffs, sdata = _binary_parts(chunk[3])
-            if not np.array_equal(np.diff(soffs), groups_per_row(kept, codec.group) * 2):
-                raise ValueError("scales length differs from the kept count's groups")
-            scale_bits = sdata.view("<u2")
-            if np.any(scale_bits >= 0x7F80):  # sign bit set (negative) or all exponent bits (inf, NaN)
-                raise ValueError("a scale is negative or not finite")
-        a, b = max(pos, lo), min(pos + m, hi)
+    for c in _chunks(table, n, dtype, row_start, row_end, codec, index, base_rows):
+        a, b = max(c.pos, lo), min(c.pos + c.m, hi)
         if a < b:
-            i0, i1 = a - pos, b - pos
-            if index == "mask":
-                keep = np.unpackbits(packed[i0:i1], axis=1, count=n, bitorder="little").view(bool)
-            else:
-                keep = np.zeros((i1 - i0) * n, bool)
-                e0, e1 = int(kept[:i0].sum()), int(kept[:i1].sum())
-                keep[flat[e0:e1] - i0 * n] = True
-                keep = keep.reshape(i1 - i0, n)
-            if not codec.lossy:
-                yield a, keep, vdata[voffs[i0]: voffs[i1]]
-            else:
-                rows_kept = kept[i0:i1]
-                codes = unpack_codes(vdata[voffs[i0]: voffs[i1]], voffs[i0: i1 + 1] - voffs[i0], rows_kept, codec.bits)
-                scales = scale_values(sdata[soffs[i0]: soffs[i1]].view("<u2"))
-                base = np.compress(keep.reshape(-1), np.asarray(base_rows(a, b)).reshape(-1))
-                rebuilt = dequantize(codes, np.repeat(scales, group_sizes(rows_kept, codec.group)),
-                                     base.astype(storage_dtype(dtype), copy=False), dtype, codec.bits)
-                yield a, keep, rebuilt.view(np.uint8)
-        pos += m
-    if pos != row_end:
-        raise ValueError(f"holds rows {row_start}..{pos - 1}, expected {row_start}..{row_end - 1}")
+            keep = c.keep(a - c.pos, b - c.pos, n)
+            yield a, keep, c.values(a - c.pos, b - c.pos, keep, n, dtype, codec, base_rows)
+
+
+def block_bitmasks(table: pa.Table, n: int, dtype: str, row_start: int, row_end: int, *,
+                   codec: Codec | str = RAW, index: str = "mask", base_rows=None):
+    """Yield (first_row, packed, values) for every row of the part: block_rows' decoding (same
+    validation, same values) with the keep mask as a [m, ceil(n/8)] little-order bitmask whose
+    padding bits past n are zero, never unpacked for raw values. Why: a stored bitmask is already
+    the compact form a resident fine-tune keeps (subnetwork/entries.py); unpacking it to one bool
+    per entry and scanning it costs more than everything else the cold switch does. Position
+    lists (format 2) are packed into one."""
+    codec = parse_codec(codec) if isinstance(codec, str) else codec
+    for c in _chunks(table, n, dtype, row_start, row_end, codec, index, base_rows):
+        keep = c.keep(0, c.m, n) if codec.lossy or c.packed is None else None
+        if c.packed is None:
+            packed = np.packbits(keep, axis=1, bitorder="little")
+        elif n % 8 and c.packed.shape[1]:
+            packed = c.packed.copy()
+            packed[:, -1] &= np.uint8((1 << (n % 8)) - 1)
+        else:
+            packed = c.packed
+        yield c.pos, packed, c.values(0, c.m, keep, n, dtype, codec, base_rows)
 
 
 def _as_ints(t) -> np.ndarray:

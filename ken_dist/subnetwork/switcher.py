@@ -2,26 +2,28 @@
 
 Why: a server holding one base model and many task fine-tunes switches between requests; reading
 and decoding a fine-tune's parts per switch costs far more than writing the entries it changes.
-A Switcher keeps fine-tunes *resident*: per model tensor the sorted flat indices of the kept
-entries (int32 where the tensor has fewer than 2**31 entries) and their values, already in the
-model's dtype and on the tensor's device, decoded and sha256-checked once. A switch then is one
-vectorized scatter per tensor and nothing else: put back the base values at the current task's
-indices, save the base values under the next task's indices (a gather of what the model holds
-there now), write the next task's values.
+A Switcher keeps fine-tunes *resident*, decoded and sha256-checked once: per model tensor the
+kept positions in compact form (the stored bitmask, or one-byte gaps, whichever is smaller) and
+the kept values in the model's dtype, on the tensor's device (entries.py). A switch then writes
+only what changes, one pass per tensor over those positions (entries.walk: compiled on the CPU,
+tensors in parallel threads; torch index ops on another device): put back the base values at the
+current task's positions, then at the next task's save the value the model holds (the base) and
+write the task's value.
 
 Why the base values are saved on the way in instead of kept per fine-tune: restoring the base
 needs them, and the model itself holds them at the moment a task is written (it holds the base
-outside the current task's entries). Saving them then costs one gather per switch and keeps them
-for the active task only, instead of one copy per resident fine-tune (2 bytes per kept bf16
-entry each). Tensors a fine-tune stores whole (a new classifier head) are handled the same way
-with "every entry" as index: the model's value is saved and put back.
+outside the current task's entries). Saving them then costs nothing extra (the same pass that
+writes) and keeps them for the active task only, instead of one copy per resident fine-tune (2
+bytes per kept bf16 entry each). Tensors a fine-tune stores whole (a new classifier head) are
+handled the same way with "every entry" as positions: the model's value is saved and put back.
 
 Least recently used fine-tunes are dropped beyond `budget_bytes` (the active one never: its
-indices are needed to put the base back). The cold path (a fine-tune not resident) reads only
-the fine-tune's part files, each checked once against the manifest's sha256, in parallel threads,
-and decodes them whole-part at a time through the subnetwork view (`Subnetwork.kept`, so every
-store version and value codec the view reads works here); it finishes before the first write,
-so a corrupt part fails `use` with a StoreError and leaves the model in its previous task.
+positions are needed to put the base back). The cold path (a fine-tune not resident) reads only
+the fine-tune's part files, each checked once against the manifest's sha256, in parallel
+threads, and decodes them through store/parts.block_bitmasks (so every store version and value
+codec works here): a stored bitmask is copied as it is, never unpacked. It finishes before the
+first write, so a corrupt part fails `use` with a StoreError and leaves the model in its previous
+task.
 
 Thread-safe: `use`, `base`, `load` and `evict` hold one lock.
 """
@@ -41,22 +43,11 @@ from ken_dist.checkpoints.dtypes import itemsize, torch_dtype
 from ken_dist.checkpoints.reads import read_tensor
 from ken_dist.errors import InputError, KenError, StoreError
 from ken_dist.store.protocol import Store
+from ken_dist.subnetwork.entries import PUT, SWAP, TAKE, Entries, compact_positions, walk
 from ken_dist.subnetwork.targets import ATTR, expect_holds, flat_target, model_tensors, resolve_names, same_base
 from ken_dist.subnetwork.view import Subnetwork, open_subnetwork
 
-__all__ = ["Switcher", "Resident", "decode_finetune", "write_finetune"]
-
-
-@dataclass
-class Entries:
-    """One model tensor's share of a fine-tune: values at sorted flat `index` (None: every entry)."""
-    index: torch.Tensor | None
-    values: torch.Tensor
-
-    @property
-    def nbytes(self) -> int:
-        idx = 0 if self.index is None else self.index.numel() * self.index.element_size()
-        return idx + self.values.numel() * self.values.element_size()
+__all__ = ["Switcher", "Resident", "Entries", "decode_finetune", "write_finetune"]
 
 
 @dataclass
@@ -77,31 +68,53 @@ class Resident:
         return sum(e.values.numel() for e in self.tensors.values())
 
 
-def _index_dtype(numel: int) -> torch.dtype:
-    return torch.int32 if numel < 2**31 else torch.int64
+def _workers(workers: int | None) -> int:
+    return max(1, workers or min(8, os.cpu_count() or 1))
 
 
-def _decode_block(sub: Subnetwork, stored: str, block: dict, index: np.ndarray, raw: np.ndarray, start: int,
-                  base_rows: bool) -> torch.Tensor | None:
-    """Decode one part whole, straight into its slice of the tensor's arrays: flat indices into
-    index[start:], value bytes into raw; returns the base values under them when base_rows."""
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _in_threads(fn, items: list, workers: int) -> list:
+    """[fn(item) for item in items], spread over `workers` threads when there are several items.
+    The threads are one shared pool (a switch of a small model costs less than starting threads);
+    no job submits to it, so nothing waits on itself."""
+    global _POOL
+    workers = min(workers, len(items))
+    if workers <= 1:
+        return [fn(i) for i in items]
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:
+            _POOL = ThreadPoolExecutor(max_workers=max(workers, min(8, os.cpu_count() or 1)),
+                                       thread_name_prefix="ken-switch")
+        pool = _POOL
+    batches = [pool.submit(lambda part: [fn(i) for i in part], items[w::workers]) for w in range(workers)]
+    done = [b.result() for b in batches]
+    return [done[k % workers][k // workers] for k in range(len(items))]
+
+
+def _decode_block(sub: Subnetwork, stored: str, block: dict, mask: np.ndarray, raw: np.ndarray, start: int) -> None:
+    """Decode one part whole, straight into the tensor's arrays: its rows' bitmask bytes into
+    mask, its value bytes into raw from kept entry `start` on."""
     t = sub.entry(stored)
-    n, size = t["row_len"], itemsize(t["dtype"])
-    pos, end, base = start, start + block["kept"], []
-    for first, keep, values in sub.kept(stored, block["row_start"], block["row_end"]):
-        local = np.flatnonzero(keep)
-        if pos + local.size > end:
+    nb, size = (t["row_len"] + 7) // 8, itemsize(t["dtype"])
+    pos, end = start, start + block["kept"]
+    where = f"part file {sub.store.resolve(block['file'])} of tensor {stored!r}"
+    for first, packed, values in sub.bitmasks(stored, block):
+        count = values.size // size
+        if pos + count > end:
             pos = end + 1  # more than the manifest says: refused below
             break
-        np.add(local, first * n, out=index[pos: pos + local.size], casting="unsafe")
-        raw[pos * size: (pos + local.size) * size] = values
-        if base_rows:
-            base.append(sub.base_rows(stored, first, first + keep.shape[0]).reshape(-1)[torch.from_numpy(local)])
-        pos += local.size
+        if first + packed.shape[0] > t["rows"]:
+            raise StoreError(f"{where} holds rows past the tensor's {t['rows']}; delete it and rerun the prune "
+                             f"command")
+        mask[first * nb: first * nb + packed.size] = packed.reshape(-1)
+        raw[pos * size: (pos + count) * size] = values
+        pos += count
     if pos != end:
-        raise StoreError(f"part file {sub.store.resolve(block['file'])} of tensor {stored!r} holds another number "
-                         f"of kept entries than the manifest's {block['kept']}; delete it and rerun the prune command")
-    return torch.cat(base) if base else None
+        raise StoreError(f"{where} holds another number of kept entries than the manifest's {block['kept']}; "
+                         f"delete it and rerun the prune command")
 
 
 def _whole_base(sub: Subnetwork, stored: str, held: torch.Tensor) -> torch.Tensor:
@@ -114,13 +127,21 @@ def _whole_base(sub: Subnetwork, stored: str, held: torch.Tensor) -> torch.Tenso
     return read_tensor(info).reshape(-1)
 
 
+def _pruned_base(sub: Subnetwork, stored: str, e: Entries) -> torch.Tensor:
+    """The base checkpoint's values under e's positions (e still on the CPU), in the base's dtype."""
+    base = read_tensor(sub.base_checkpoint.tensors[sub.entry(stored)["base_name"]]).reshape(-1).contiguous()
+    out = torch.empty(e.values.numel(), dtype=base.dtype)
+    walk(e, base, TAKE, saved=out)
+    return out
+
+
 def decode_finetune(sub: Subnetwork, names: dict[str, str], model, *, workers: int | None = None,
                     pinned: bool = False, with_base: bool = False) -> Resident:
     """Read and decode fine-tune `sub` for `model` (names: resolve_names' result): every part in
-    parallel threads, values converted to each model tensor's dtype and moved to its device
-    (pinned host memory for a CUDA tensor when pinned=True). with_base: also the base values
-    under the kept entries (from the base checkpoint), for a model that holds this fine-tune
-    already. Raises before anything is written anywhere."""
+    parallel threads, positions in compact form, values converted to each model tensor's dtype,
+    all moved to its device (pinned host memory for a CUDA tensor when pinned=True). with_base:
+    also the base values under the kept entries (from the base checkpoint), for a model that
+    holds this fine-tune already. Raises before anything is written anywhere."""
     tensors, _ = model_tensors(model)
     flats = {s: flat_target(m, tensors[m], sub.entry(s), s, sub.finetune) for s, m in names.items()}
     for stored in names:  # every part there before reading any: one clear error naming the file
@@ -130,96 +151,63 @@ def decode_finetune(sub: Subnetwork, names: dict[str, str], model, *, workers: i
                 raise StoreError(f"part file {path} of tensor {stored!r} (fine-tune {sub.finetune!r}) is missing; "
                                  f"rerun the same `ken-dist prune` command (it rewrites missing blocks); the model "
                                  f"was not changed")
-    arrays, jobs = {}, []  # per pruned tensor: its index and value arrays, filled part by part
+    arrays, jobs = {}, []  # per pruned tensor: its bitmask and value bytes, filled part by part
     for stored in names:
         t = sub.entry(stored)
         if t["action"] != "prune":
             continue
         kept = sum(b["kept"] for b in t["blocks"])
-        numpy_index = np.int32 if _index_dtype(flats[stored].numel()) == torch.int32 else np.int64
-        arrays[stored] = (np.empty(kept, numpy_index), np.empty(kept * itemsize(t["dtype"]), np.uint8))
+        arrays[stored] = (np.zeros(t["rows"] * ((t["row_len"] + 7) // 8), np.uint8),
+                          np.empty(kept * itemsize(t["dtype"]), np.uint8), kept)
         start = 0
         for block in sorted(t["blocks"], key=lambda b: b["row_start"]):
             jobs.append((stored, block, start))
             start += block["kept"]
-    workers = max(1, workers or min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ken-decode") as pool:
-        bases = list(pool.map(lambda j: _decode_block(sub, j[0], j[1], *arrays[j[0]], j[2], with_base), jobs))
-    base_parts: dict[str, list] = {}
-    for (stored, _, _), base in zip(jobs, bases):
-        if base is not None:
-            base_parts.setdefault(stored, []).append(base)
-    out, base_values, base_names = {}, {}, {}
-    for stored, target in names.items():
-        t, flat = sub.entry(stored), flats[stored]
-        host = pinned and flat.device.type == "cuda"
-        device = torch.device("cpu") if host else flat.device
+    workers = _workers(workers)
+    _in_threads(lambda j: _decode_block(sub, j[0], j[1], *arrays[j[0]][:2], j[2]), jobs, workers)
+
+    def finish(stored: str):
+        t, flat, target = sub.entry(stored), flats[stored], names[stored]
         if t["action"] == "whole":
-            index, values = None, sub.get_tensor(stored).reshape(-1)
+            e = Entries(sub.get_tensor(stored).reshape(-1).to(flat.dtype))
             base = _whole_base(sub, stored, flat) if with_base else None
         else:
-            index = torch.from_numpy(arrays[stored][0]).to(device)
-            values = torch.from_numpy(arrays[stored][1]).view(torch_dtype(t["dtype"]))
-            base = torch.cat(base_parts.get(stored, [flat[:0]])) if with_base else None
-            base_names[target] = t.get("base_name") or stored
-        values = values.to(device=device, dtype=flat.dtype)
-        if host:
-            values, index = values.pin_memory(), None if index is None else index.pin_memory()
-        out[target] = Entries(index, values)
-        if base is not None:
-            base_values[target] = base.to(device=flat.device, dtype=flat.dtype)
+            mask, raw, kept = arrays.pop(stored)
+            try:
+                form = compact_positions(mask, t["row_len"], kept)
+            except ValueError as exc:
+                raise StoreError(f"tensor {stored!r} of fine-tune {sub.finetune!r}: {exc}; delete its part files "
+                                 f"and rerun the prune command") from None
+            dtype = torch_dtype(t["dtype"])
+            values = (torch.from_numpy(raw).view(dtype) if raw.size else torch.empty(0, dtype=dtype)).to(flat.dtype)
+            e = Entries(values, t["row_len"], **{k: torch.from_numpy(v) for k, v in form.items()})
+            base = _pruned_base(sub, stored, e) if with_base else None
+        host = pinned and flat.device.type == "cuda"
+        e = e.to(flat.device, pinned=host)
+        return target, e, None if base is None else base.to(device=flat.device, dtype=flat.dtype)
+
+    done = _in_threads(finish, list(names), workers)
+    base_names = {names[s]: sub.entry(s).get("base_name") or s for s in names if sub.entry(s)["action"] == "prune"}
     stored_bytes = sum(b["bytes"] for s in names for b in sub.entry(s)["blocks"])
-    return Resident(sub.finetune, out, stored_bytes, base_names, base_values if with_base else None)
+    return Resident(sub.finetune, {t: e for t, e, _ in done}, stored_bytes, base_names,
+                    {t: b for t, _, b in done} if with_base else None)
 
 
-class _Writer:
-    """The scatters and gathers of a switch on flat model tensors. torch indexes with int64 only,
-    so int32 resident indices are widened into one reused buffer per device (a fresh one per
-    tensor and switch would page-fault its way through memory every time)."""
-
-    def __init__(self):
-        self._long: dict[torch.device, torch.Tensor] = {}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * 8 for b in self._long.values())
-
-    def index(self, e: Entries, device: torch.device) -> torch.Tensor | None:
-        if e.index is None or (e.index.dtype == torch.int64 and e.index.device == device):
-            return e.index
-        buf = self._long.get(device)
-        if buf is None or buf.numel() < e.index.numel():
-            buf = self._long[device] = torch.empty(e.index.numel(), dtype=torch.int64, device=device)
-        return buf[: e.index.numel()].copy_(e.index, non_blocking=True)
-
-    def put(self, flat: torch.Tensor, e: Entries, values: torch.Tensor, index=None) -> int:
-        """flat[e's entries] = values (index: e's index already widened by self.index)."""
-        values = values.to(flat.device, non_blocking=True)
-        if e.index is None:
-            flat.copy_(values)
-        else:
-            flat.index_copy_(0, self.index(e, flat.device) if index is None else index, values)
-        return values.numel()
-
-    def take(self, flat: torch.Tensor, e: Entries, out: torch.Tensor | None, index=None) -> torch.Tensor:
-        """flat[e's entries], into `out` when it is large enough (reused across switches)."""
-        n = flat.numel() if e.index is None else e.index.numel()
-        if out is None or out.numel() < n:
-            out = torch.empty(n, dtype=flat.dtype, device=flat.device)
-        dst = out[:n]
-        if e.index is None:
-            dst.copy_(flat)
-        else:
-            torch.index_select(flat, 0, self.index(e, flat.device) if index is None else index, out=dst)
-        return out
+def _walk_all(model, fn, targets: list, workers: int | None = None, torch_ops: bool = False) -> list:
+    """fn(target, flat tensor) for every target: CPU tensors in parallel threads (the compiled
+    walks release the GIL), others one after another (their device orders the work anyway)."""
+    tensors, _ = model_tensors(model)
+    flats = {t: tensors[t].data.view(-1) for t in targets}
+    cpu = [t for t in targets if flats[t].device.type == "cpu" and not torch_ops]
+    other = [t for t in targets if t not in set(cpu)]
+    return _in_threads(lambda t: fn(t, flats[t]), cpu, _workers(workers)) + [fn(t, flats[t]) for t in other]
 
 
 @torch.no_grad()
-def write_finetune(model, res: Resident) -> int:
+def write_finetune(model, res: Resident, workers: int | None = None) -> int:
     """Write a decoded fine-tune into a model holding the base (apply): nothing saved to restore."""
-    tensors, _ = model_tensors(model)
-    writer = _Writer()
-    return sum(writer.put(tensors[t].data.view(-1), e, e.values) for t, e in res.tensors.items())
+    return sum(_walk_all(model, lambda t, flat: walk(res.tensors[t], flat, PUT, values=res.tensors[t].values),
+                         list(res.tensors), workers))
 
 
 class Switcher:
@@ -229,9 +217,10 @@ class Switcher:
     fine-tunes' config so their heads exist) or a fine-tune of `store` (load_model, apply,
     swap record which). holds: the fine-tune the model holds now when it carries no record
     (None: what the model records, else the base). budget_bytes: memory for resident
-    fine-tunes (indices + values; None: unlimited, 0: only the active one); beyond it the least
+    fine-tunes (positions + values, as memory() counts them; None: unlimited, 0: only the active one); beyond it the least
     recently used are dropped. pinned: for a CUDA model keep resident fine-tunes in pinned host
-    memory instead of on the device. base, name_map, strict, verify, workers: as for apply."""
+    memory instead of on the device. base, name_map, strict, verify, workers: as for apply.
+    `_torch_ops = True` switches CPU tensors with the torch-op path a CUDA model takes (tests)."""
 
     def __init__(self, model, store, *, holds: str | None = None, budget_bytes: int | None = None, base=None,
                  name_map=None, strict: bool = False, verify: bool = True, workers: int | None = None,
@@ -243,7 +232,7 @@ class Switcher:
         self._verify, self._workers, self._pinned, self._budget = verify, workers, pinned, budget_bytes
         self._lock = threading.RLock()
         self._residents: OrderedDict[str, Resident] = OrderedDict()
-        self._writer = _Writer()
+        self._torch_ops = False
         self._saved: dict[str, torch.Tensor] = {}  # base values under the active fine-tune's entries
         self._saved_bufs: dict[str, torch.Tensor] = {}
         self._base_names: dict[str, str] = {}
@@ -260,7 +249,7 @@ class Switcher:
             holds = held["finetune"]
         if holds is not None:
             res = self._decode(holds, with_base=True)
-            self._saved = {k: self._keep_saved(k, v) for k, v in res.base_values.items()}
+            self._saved, self._saved_bufs = dict(res.base_values), dict(res.base_values)
             res.base_values = None
             self._residents[holds] = self._active = res
             setattr(model, ATTR, {"store": self.store.root, "finetune": holds})
@@ -277,13 +266,14 @@ class Switcher:
             return list(self._residents)
 
     def memory(self) -> dict:
-        """Bytes held: per resident fine-tune (and its stored bytes), the saved base values of the
-        active one, and the index buffers of the scatter."""
+        """Bytes held: per resident fine-tune (and its stored bytes, entries and how many of its
+        tensors keep positions as mask / gaps), and the saved base values of the active one."""
         with self._lock:
-            return {"finetunes": {n: {"bytes": r.nbytes, "stored_bytes": r.stored_bytes, "entries": r.entries}
+            return {"finetunes": {n: {"bytes": r.nbytes, "stored_bytes": r.stored_bytes, "entries": r.entries,
+                                      "forms": {f: sum(e.form == f for e in r.tensors.values())
+                                                for f in ("mask", "gaps", "whole")}}
                                   for n, r in self._residents.items()},
-                    "saved_base_bytes": sum(b.numel() * b.element_size() for b in self._saved_bufs.values()),
-                    "index_buffer_bytes": self._writer.nbytes}
+                    "saved_base_bytes": sum(b.numel() * b.element_size() for b in self._saved_bufs.values())}
 
     # ---- loading -----------------------------------------------------------------------------
     def _decode(self, name: str, with_base: bool = False) -> Resident:
@@ -315,7 +305,7 @@ class Switcher:
             return res
 
     def evict(self, name: str) -> None:
-        """Drop a resident fine-tune (not the active one: its indices put the base back)."""
+        """Drop a resident fine-tune (not the active one: its positions put the base back)."""
         with self._lock:
             if name == self.active:
                 raise InputError(f"fine-tune {name!r} is active; switch away (use/base) before evicting it")
@@ -341,32 +331,34 @@ class Switcher:
             raise InputError(f"the model records fine-tune {now!r} but this Switcher put {self.active!r} in it: "
                              f"something else (apply, swap, another Switcher) changed it; create a new Switcher")
 
-    def _keep_saved(self, target: str, values: torch.Tensor) -> torch.Tensor:
-        buf = self._saved_bufs.get(target)
-        if buf is None or buf.numel() < values.numel():
-            buf = self._saved_bufs[target] = torch.empty_like(values)
-        return buf[: values.numel()].copy_(values)
-
     @torch.no_grad()
     def _switch(self, nxt: Resident | None) -> dict:
-        tensors, _ = model_tensors(self.model)
-        prev, restored, written = self._active, 0, 0
+        prev = self._active
+        targets = list(dict.fromkeys([*(prev.tensors if prev else ()), *(nxt.tensors if nxt else ())]))
+        saved, bufs = self._saved, self._saved_bufs
+
+        def one(target: str, flat: torch.Tensor) -> tuple[int, int]:
+            restored = written = 0
+            if prev is not None and target in prev.tensors:
+                restored = walk(prev.tensors[target], flat, PUT, values=saved[target], torch_ops=self._torch_ops)
+            if nxt is not None and target in nxt.tensors:
+                e = nxt.tensors[target]
+                n = e.values.numel()
+                buf = bufs.get(target)
+                if buf is None or buf.numel() < n or buf.dtype != flat.dtype or buf.device != flat.device:
+                    buf = torch.empty(n, dtype=flat.dtype, device=flat.device)
+                written = walk(e, flat, SWAP, values=e.values, saved=buf, torch_ops=self._torch_ops)
+                bufs[target] = buf  # one key per thread: dict assignment is atomic
+            return restored, written
+
         try:
-            if prev is not None:
-                for target, e in prev.tensors.items():
-                    restored += self._writer.put(tensors[target].data.view(-1), e, self._saved.pop(target))
-            self._active = None
-            if nxt is not None:
-                for target, e in nxt.tensors.items():
-                    flat = tensors[target].data.view(-1)
-                    index = self._writer.index(e, flat.device)
-                    buf = self._saved_bufs[target] = self._writer.take(flat, e, self._saved_bufs.get(target), index)
-                    self._saved[target] = buf[: e.values.numel()]
-                    written += self._writer.put(flat, e, e.values, index)
+            counts = _walk_all(self.model, one, targets, self._workers, self._torch_ops)
+            self._saved = {t: bufs[t][: e.values.numel()] for t, e in (nxt.tensors.items() if nxt else ())}
             self._active = nxt
         except BaseException:
             what = f"switch to {nxt.name if nxt else 'the base'!r}"
             self._broken = what
+            self._active = None
             setattr(self.model, ATTR, {"store": self.store.root, "finetune": None, "failed": what})
             raise
         if nxt is None:
@@ -374,8 +366,7 @@ class Switcher:
                 delattr(self.model, ATTR)
         else:
             setattr(self.model, ATTR, {"store": self.store.root, "finetune": nxt.name})
-        return {"restored": restored, "entries": written,
-                "tensors": len(set(nxt.tensors if nxt else ()) | set(prev.tensors if prev else ()))}
+        return {"restored": sum(c[0] for c in counts), "entries": sum(c[1] for c in counts), "tensors": len(targets)}
 
     def use(self, name: str) -> dict:
         """Put the model into fine-tune `name` in place; decodes it first when not resident (then

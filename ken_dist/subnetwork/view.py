@@ -29,7 +29,7 @@ from ken_dist.checkpoints.inventory import Checkpoint
 from ken_dist.checkpoints.reads import read_rows, read_rows_array
 from ken_dist.errors import CheckpointError, InputError, StoreError
 from ken_dist.store.codecs import RAW
-from ken_dist.store.parts import block_rows, decode_whole, put_kept
+from ken_dist.store.parts import block_bitmasks, block_rows, decode_whole, put_kept
 from ken_dist.store.protocol import Store
 from ken_dist.subnetwork.base import open_verified_base
 
@@ -145,6 +145,20 @@ class Subnetwork:
         t = self.entry(name)
         return read_rows(self.base_checkpoint.tensors[t["base_name"]], a, b)
 
+    def _decode_part(self, name: str, block: dict, decoder, *ranges):
+        """decoder(table, ...) over one part of pruned tensor `name` (parts.block_rows or
+        block_bitmasks), its codec's base rows at hand, a ValueError named as a StoreError."""
+        t = self.entry(name)
+        table = self.store.read_part(block, name, verify=self.verify)
+        base_info = self.base_checkpoint.tensors[t["base_name"]] if "values" in block else None
+        try:
+            yield from decoder(table, t["row_len"], t["dtype"], block["row_start"], block["row_end"], *ranges,
+                               codec=block.get("values", RAW), index=block.get("index", "mask"),
+                               base_rows=lambda lo, hi: read_rows_array(base_info, lo, hi))
+        except ValueError as e:
+            raise StoreError(f"part file {self.store.resolve(block['file'])} of tensor {name!r} is "
+                             f"inconsistent ({e}); delete it and rerun the prune command") from None
+
     def kept(self, name: str, a: int = 0, b: int | None = None):
         """Yield (first_row, keep [m, row_len] bool numpy, values uint8 numpy) for the kept entries
         of rows [a, b) of a pruned tensor, reading only the parts whose blocks overlap them.
@@ -152,20 +166,14 @@ class Subnetwork:
         them (store/parts.block_rows): the fine-tuned bytes for raw, base + decoded delta else."""
         t = self.entry(name)
         b = t["rows"] if b is None else b
-        base_info = None
         for block in t["blocks"]:
-            if block["row_end"] <= a or block["row_start"] >= b:
-                continue
-            table = self.store.read_part(block, name, verify=self.verify)
-            if "values" in block and base_info is None:
-                base_info = self.base_checkpoint.tensors[t["base_name"]]
-            try:
-                yield from block_rows(table, t["row_len"], t["dtype"], block["row_start"], block["row_end"], a, b,
-                                      codec=block.get("values", RAW), index=block.get("index", "mask"),
-                                      base_rows=lambda lo, hi: read_rows_array(base_info, lo, hi))
-            except ValueError as e:
-                raise StoreError(f"part file {self.store.resolve(block['file'])} of tensor {name!r} is "
-                               f"inconsistent ({e}); delete it and rerun the prune command") from None
+            if block["row_end"] > a and block["row_start"] < b:
+                yield from self._decode_part(name, block, block_rows, a, b)
+
+    def bitmasks(self, name: str, block: dict):
+        """Yield (first_row, packed [m, ceil(row_len/8)] uint8 bitmask, values uint8 numpy) for every
+        row of one part of a pruned tensor (store/parts.block_bitmasks: the stored bitmask as it is)."""
+        yield from self._decode_part(name, block, block_bitmasks)
 
     def rows(self, name: str, a: int, b: int) -> torch.Tensor:
         """Rows [a, b) of a pruned tensor as [b - a, row_len]: base rows + kept fine-tuned entries."""
