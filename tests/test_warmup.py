@@ -19,25 +19,31 @@ from ken_dist.testing.synthetic import LlamaShape, write_pair
 
 def test_one_process_per_machine_compiles_the_others_load(tmp_path):
     """Two processes start warming up at once on a fresh numba cache: one compiles (and says so
-    once), the other waits on the lock and then loads the cache without compiling anything."""
+    once), the other sees it compiling, waits on the lock and then loads the cache without
+    compiling anything."""
     script = textwrap.dedent(f"""
         import sys, time
         from ken_dist.runtime import warmup
         warmup.LOCK_FILE = {str(tmp_path / 'kernel.lock')!r}
+        warmup.MARKER_FILE = warmup.LOCK_FILE + ".compiling"
+        waited = []
         calls = []
-        w = warmup.KernelWarmUp(lambda: calls.append(1))
+        w = warmup.KernelWarmUp(lambda: calls.append(1), while_waiting=lambda: waited.append(1))
         w.join()
         assert w.error is None, w.error
-        print(len(calls), w.ready.is_set())
+        import os
+        assert not os.path.exists(warmup.MARKER_FILE)  # the compiler removed its marker
+        print(len(calls), w.ready.is_set(), len(waited))
     """)
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
     procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
-    assert sorted(out.split() for out, _ in outs) == [["0", "True"], ["1", "True"]]
+    # the one that waited saw the other compiling (its marker) and could prepare meanwhile
+    assert sorted(out.split() for out, _ in outs) == [["0", "True", "1"], ["1", "True", "0"]]
     again = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert again.stdout.split() == ["0", "True"], again.stderr
+    assert again.stdout.split() == ["0", "True", "0"], again.stderr
 
 
 class _Warm:

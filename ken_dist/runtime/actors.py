@@ -16,6 +16,12 @@ from ken_dist.runtime.warmup import LOAD_GRACE_S, KernelWarmUp, cpu_device_for
 from ken_dist.store.protocol import Store
 
 
+def _import_torch() -> None:
+    """Ahead of the first unit, while another process compiles the kernel: the units run on
+    its torch path meanwhile (ken_dist/runtime/warmup.py)."""
+    import torch  # noqa: F401
+
+
 class SelectionActor:
     def __init__(self, store_path: str, want_gpu: bool):
         self.store = Store(store_path)
@@ -24,7 +30,7 @@ class SelectionActor:
             import torch
 
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.warm = KernelWarmUp() if self.device == "cpu" else None
+        self.warm = KernelWarmUp(while_waiting=_import_torch) if self.device == "cpu" else None
         self.grace_s = LOAD_GRACE_S  # the first unit may wait this long for the cached kernel
 
     def info(self) -> dict:
