@@ -108,24 +108,11 @@ def _walk_words(flat, words, tail, values, saved, mode):
         x = words[w]
         p0 = w * 64
         while x:
-            p = p0 + np.int64(trailing_zeros(x))
+            _visit(flat, p0 + np.int64(trailing_zeros(x)), values, saved, i, mode)
             x &= x - np.uint64(1)
-            if mode != PUT:
-                saved[i] = flat[p]
-            if mode != TAKE:
-                flat[p] = values[i]
             i += 1
     for b in range(tail.size):
-        x = np.int64(tail[b])
-        p0 = words.size * 64 + 8 * b
-        while x:
-            p = p0 + _LOWEST_BIT[x]
-            x &= x - 1
-            if mode != PUT:
-                saved[i] = flat[p]
-            if mode != TAKE:
-                flat[p] = values[i]
-            i += 1
+        i = _walk_byte(flat, np.int64(tail[b]), words.size * 64 + 8 * b, values, saved, i, mode)
     return i
 
 
@@ -134,16 +121,26 @@ def _walk_rows(flat, mask, nb, n, values, saved, mode):
     i = 0
     for r in range(mask.size // nb):
         for b in range(nb):
-            x = np.int64(mask[r * nb + b])
-            p0 = r * n + 8 * b
-            while x:
-                p = p0 + _LOWEST_BIT[x]
-                x &= x - 1
-                if mode != PUT:
-                    saved[i] = flat[p]
-                if mode != TAKE:
-                    flat[p] = values[i]
-                i += 1
+            i = _walk_byte(flat, np.int64(mask[r * nb + b]), r * n + 8 * b, values, saved, i, mode)
+    return i
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _visit(flat, p, values, saved, i, mode):
+    """Kept entry i at flat position p: save what is there (TAKE, SWAP), write its value (PUT, SWAP)."""
+    if mode != PUT:
+        saved[i] = flat[p]
+    if mode != TAKE:
+        flat[p] = values[i]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _walk_byte(flat, x, p0, values, saved, i, mode):
+    """The kept entries of one mask byte x whose bit 0 is flat position p0, from entry i; next i."""
+    while x:
+        _visit(flat, p0 + _LOWEST_BIT[x], values, saved, i, mode)
+        x &= x - 1
+        i += 1
     return i
 
 
@@ -158,10 +155,7 @@ def _walk_gaps(flat, gaps, escapes, values, saved, mode):
             e += 1
         else:
             p += g
-        if mode != PUT:
-            saved[i] = flat[p]
-        if mode != TAKE:
-            flat[p] = values[i]
+        _visit(flat, p, values, saved, i, mode)
     return gaps.size
 
 
