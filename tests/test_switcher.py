@@ -213,15 +213,22 @@ def test_a_lossy_format_2_store_switches_bit_for_bit_like_load_model(heads):
     load_model: switching equals loading, and base() still restores the base exactly."""
     store = prune_all(heads["root"], heads["base"], {n: heads[n] for n in ("a", "b")}, keep=0.3, codec="int4")
     assert json.load(open(f"{store}/finetunes/a/manifest.json"))["format_version"] == 2
-    want = {n: {k: v.clone() for k, v in quiet(load_model, store, n).state_dict().items()} for n in ("a", "b")}
+    _, want = switch_a_b_like_load_model(store, heads["base"])
     assert differs_from(want["a"], heads["want"]["a"])  # the codec did change values
+
+
+def switch_a_b_like_load_model(store: str, base_dir) -> tuple:
+    """Switch a model loaded as fine-tune a to b, a, b, checking each against load_model, then
+    back to the base; (switcher, {name: load_model's state dict})."""
+    want = {n: {k: v.clone() for k, v in quiet(load_model, store, n).state_dict().items()} for n in ("a", "b")}
     model = quiet(load_model, store, "a")
     switcher = quiet(Switcher, model, store)
     for name in ("b", "a", "b"):
         quiet(switcher.use, name)
         assert differs(model, want[name]) == []
     switcher.base()
-    assert base_differs(model, heads["base"]) == []
+    assert base_differs(model, base_dir) == []
+    return switcher, want
 
 
 def differs_from(a: dict, b: dict) -> bool:
@@ -250,14 +257,7 @@ def test_low_keep_becomes_gaps_and_memory_counts_every_byte(heads):
     for i, name in enumerate(("a", "b")):
         prune_into(store, name, _load_dir(heads[name]), heads["base"], heads[name], keep=0.02, block_rows=7,
                    seed=30 + i, base_names=base_names, params={"strategy": "random", "keep": 0.02})
-    want = {n: {k: v.clone() for k, v in quiet(load_model, store, n).state_dict().items()} for n in ("a", "b")}
-    model = quiet(load_model, store, "a")
-    switcher = quiet(Switcher, model, store)
-    for name in ("b", "a", "b"):
-        quiet(switcher.use, name)
-        assert differs(model, want[name]) == []
-    switcher.base()
-    assert base_differs(model, heads["base"]) == []
+    switcher, _ = switch_a_b_like_load_model(store, heads["base"])
     low = switcher.memory()["finetunes"]["b"]
     assert low["forms"]["gaps"] > 0
     high = quiet(Switcher, quiet(load_model, heads["store"], "a"), heads["store"])
