@@ -316,6 +316,9 @@ def _run_units(store: Store, todo: list[WorkUnit], to_score: list[FineTunePlan],
             finally:
                 dispatch.cancel()
                 dispatch.add_workers(pool.describe())
+            if warm_up.error is not None:  # the actors warm up on their own; their units raise it if it is real
+                progress.note(f"the driver could not warm the selection kernel up: {type(warm_up.error).__name__}: "
+                              f"{warm_up.error}")
             if dispatch.uncompiled_blocks:
                 progress.note(f"{dispatch.uncompiled_blocks} block(s) ran on the kernel's torch path; "
                               + ("the compiled kernel is cached for the next runs" if warm_up.ready.is_set() else

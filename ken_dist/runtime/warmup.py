@@ -20,19 +20,22 @@ except ImportError:  # Windows: no lock; each process compiles or loads on its o
     fcntl = None
 
 LOCK_FILE = os.path.join(tempfile.gettempdir(), f"ken-dist-kernel-{os.getuid() if hasattr(os, 'getuid') else 0}.lock")
-
-
 MARKER_FILE = LOCK_FILE + ".compiling"  # holds the pid of the process compiling now
 POLL_S = 0.05  # how often a waiting process retries the lock
 
 
-def compiling_elsewhere() -> bool:
-    """Whether another live process on this machine is compiling the kernel now."""
+def _marker_pid() -> int:
+    """The pid in the compiling marker; 0 if there is none (or it is being written)."""
     try:
         with open(MARKER_FILE) as f:
-            pid = int(f.read().strip() or 0)
+            return int(f.read().strip() or 0)
     except (OSError, ValueError):
-        return False
+        return 0
+
+
+def compiling_elsewhere() -> bool:
+    """Whether another live process on this machine is compiling the kernel now."""
+    pid = _marker_pid()
     if pid <= 0 or pid == os.getpid():
         return False
     try:
@@ -60,12 +63,9 @@ class KernelWarmUp(threading.Thread):
     def run(self) -> None:
         from ken_dist.kernel.ken_cpu import warm_up
 
-        wrote_marker = []
-
         def compiling():
             with open(MARKER_FILE, "w") as f:
                 f.write(str(os.getpid()))
-            wrote_marker.append(True)
             if self.on_compile is not None:
                 self.on_compile()
 
@@ -76,7 +76,7 @@ class KernelWarmUp(threading.Thread):
                 try:
                     warm_up(compiling)
                 finally:
-                    if wrote_marker:
+                    if _marker_pid() == os.getpid():  # this process compiled: its marker goes
                         os.unlink(MARKER_FILE)
             self.ready.set()
         except BaseException as exc:  # noqa: BLE001  (kept for the caller: see `error`)
@@ -99,7 +99,8 @@ class KernelWarmUp(threading.Thread):
     def settled(self, wait_s: float = 0.0) -> bool:
         """Whether the compiled kernel can be used now (or its failure reported by using it),
         after waiting up to wait_s seconds for it."""
-        self.ready.wait(wait_s)
+        if self.error is None:
+            self.ready.wait(wait_s)
         return self.ready.is_set() or self.error is not None
 
 
