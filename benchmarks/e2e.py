@@ -104,9 +104,10 @@ def child_kernel(args) -> dict:
 
 
 def child_pipeline(args) -> dict:
-    """ray.init, run_job, ray.shutdown, each timed; totals from the store's journal."""
+    """ray.init, run_job, ray.shutdown, each timed; actor totals from the job log's end event."""
     import ray
 
+    from ken_dist.job.log import read_job_log
     from ken_dist.runtime import run_job
 
     t0 = time.perf_counter()
@@ -117,16 +118,11 @@ def child_pipeline(args) -> dict:
     t2 = time.perf_counter()
     ray.shutdown()
     t3 = time.perf_counter()
-    recs = []
-    for path in glob.glob(os.path.join(args.store, "finetunes", "*", "journal.jsonl")):
-        with open(path) as f:
-            recs += [json.loads(line) for line in f if line.strip()]
+    end = [e for e in read_job_log(args.store) if e["event"] == "end"][-1]
     tot = collections.Counter()
-    for r in recs:
-        for k in ("seconds", "cpu_seconds", "read_seconds", "select_seconds"):
-            tot[k] += r.get(k) or 0.0
-        tot["rows"] += r["row_end"] - r["row_start"]
-    return {"ray_init": t1 - t0, "run_job": t2 - t1, "ray_shutdown": t3 - t2, "blocks": len(recs),
+    for w in end["workers"].values():  # what each actor's committed blocks recorded, summed by the driver
+        tot.update({k: w[k] for k in ("seconds", "cpu_seconds", "read_seconds", "select_seconds", "rows", "blocks")})
+    return {"ray_init": t1 - t0, "run_job": t2 - t1, "ray_shutdown": t3 - t2, "blocks": tot["blocks"],
             "startup": result.timings.get("startup_seconds"), "selection": result.timings.get("selection_seconds"),
             "actor_seconds": tot["seconds"], "actor_cpu": tot["cpu_seconds"], "actor_read": tot["read_seconds"],
             "actor_select": tot["select_seconds"], "rows": tot["rows"]}

@@ -64,9 +64,30 @@ def kill_tagged(tag: str) -> None:
 
 
 def journal_keys(store_path, finetune: str) -> list[tuple]:
+    """The blocks committed so far by an unfinished run (finalize drops the journal)."""
     from ken_dist.store.protocol import Store
 
     return [(r["tensor"], r["row_start"], r["row_end"]) for r in Store(store_path).journal(finetune)]
+
+
+def planned_blocks(store_path, finetune: str) -> int:
+    from ken_dist.store.protocol import Store
+
+    return sum(len(t["blocks"]) for t in Store(store_path).manifest(finetune)["tensors"].values())
+
+
+def assert_committed_once(store_path, finetune: str, reused: int = 0) -> None:
+    """The finished run committed each planned block not reused from an earlier run exactly once
+    (its end event counts commits; a duplicate result of a re-dispatched unit is not one) and
+    dropped the journal."""
+    import os
+
+    from ken_dist.job.log import read_job_log
+
+    end = [e for e in read_job_log(store_path) if e["event"] == "end"][-1]
+    assert end["finetunes"][finetune] == {"blocks_run": planned_blocks(store_path, finetune) - reused,
+                                          "blocks_reused": reused}, end
+    assert not os.path.exists(os.path.join(store_path, "finetunes", finetune, "journal.jsonl"))
 
 
 def serial_reference(job) -> None:

@@ -3,7 +3,6 @@ ken_dist/kernel/strategies/budget.py, and the two-pass pipeline (scoring pass, b
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 from dataclasses import replace
@@ -193,21 +192,24 @@ def test_pipeline_spends_one_budget_and_resumes_with_it(tmp_path, pair, strategy
             mask = select(strategy, ft, base, budget=budgets[u.key])
             assert torch.equal(got, torch.where(mask, ft, base).to(got.dtype)), u.key
 
-    # resume: drop the last committed block from the journal; only it runs, without a new scoring pass
-    journal = os.path.join(job.store, "finetunes", "task", "journal.jsonl")
-    lines = open(journal).read().splitlines()
-    dropped = json.loads(lines[-1])
-    with open(journal, "w") as f:
-        f.write("\n".join(lines[:-1]) + "\n")
-    manifest["complete"] = False
-    with open(os.path.join(job.store, "finetunes", "task", "manifest.json"), "w") as f:
-        json.dump(manifest, f)
+    # resume: the journal went with finalize; one part goes missing: only its block runs again, with
+    # the budget the manifest recorded, without a new scoring pass, and the store is as before
+    assert not os.path.exists(os.path.join(job.store, "finetunes", "task", "journal.jsonl"))
+    name, t = next((n, t) for n, t in manifest["tensors"].items() if t["action"] == "prune")
+    lost = t["blocks"][-1]
+    with open(store.resolve(lost["file"]), "rb") as f:
+        lost_bytes = f.read()
+    os.unlink(store.resolve(lost["file"]))
     log = io.StringIO()
     result = run_job(job, workers=2, stream=log)
     assert "scoring pass" not in log.getvalue()
     assert "0 block(s) selected from their spilled candidates, 1 read and scored again" in log.getvalue()
-    assert result.blocks_run == {"task": 1} and result["task"]["complete"]
-    assert json.loads(open(journal).read().splitlines()[-1])["budget"] == dropped["budget"]
+    assert result.blocks_run == {"task": 1} and result.blocks_reused == {
+        "task": sum(len(t["blocks"]) for t in manifest["tensors"].values()) - 1}
+    again_manifest = Store(job.store).manifest("task")
+    assert again_manifest["complete"] and again_manifest["tensors"] == manifest["tensors"]
+    with open(store.resolve(lost["file"]), "rb") as f:
+        assert f.read() == lost_bytes
     again = run_job(job, workers=2, stream=io.StringIO())
     assert again.already_complete == {"task"}
 

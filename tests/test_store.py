@@ -47,7 +47,7 @@ def toy(tmp_path):
 
 
 def begin(store, toy, name="ft", params=PARAMS, **kw):
-    store.begin(name, params=params, base_identity=identity(toy["bdir"]),
+    return store.begin(name, params=params, base_identity=identity(toy["bdir"]),
                 finetune_identity=identity(toy["fdir"]), tensors=toy["plan"], **kw)
 
 
@@ -270,6 +270,26 @@ def test_finalize_refuses_holes_and_then_completes(toy):
         assert key in m
     for key in ("shape", "dtype", "action", "rows", "row_len", "base_name", "kept", "bytes", "blocks"):
         assert key in w
+
+
+def test_finalize_drops_the_journal_and_a_lost_part_is_all_that_runs_again(toy):
+    """A complete fine-tune is its parts + manifest; when a part goes missing, the manifest's
+    records stand in for the journal, so only that block is missing on resume."""
+    store = Store(toy["store"], create=True)
+    begin(store, toy)
+    write_all(store, "ft", toy["ft"], toy["plan"])
+    m = store.finalize("ft", summary={})
+    ftdir = store._ft_dir("ft")
+    assert not os.path.exists(store._journal("ft")) and sorted(os.listdir(ftdir)) == [".lock", "manifest.json",
+                                                                                        "tensors"]
+    planned = [(t, a, b) for t, p in toy["plan"].items() for a, b in p["blocks"]]
+    lost = m["tensors"]["w"]["blocks"][1]
+    os.unlink(store.resolve(lost["file"]))
+    assert begin(store, toy) == "resume"
+    assert set(store.completed_blocks("ft")) == set(planned) - {("w", lost["row_start"], lost["row_end"])}
+    write_all(store, "ft", toy["ft"], toy["plan"])  # the same seed: the same parts
+    again = store.finalize("ft", summary={})
+    assert again["tensors"] == m["tensors"] and not os.path.exists(store._journal("ft"))
 
 
 def test_a_changed_block_plan_resumes_and_old_parts_are_removed(toy):

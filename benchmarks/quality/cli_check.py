@@ -6,7 +6,8 @@
 run.py measures every cell through the library (run_job, open_subnetwork); this check takes the
 other road, independently of it: the CLI in a subprocess writes a fresh store, the CLI rebuilds a
 dense Hugging Face directory, transformers loads it, and the test split is scored. Bits per
-parameter count every file the fine-tune has in the store (parts, manifest, journal, lock file)
+parameter count every file the fine-tune has in the store (parts, manifest, lock file; and the
+job's journal, which stores written before finalize dropped it still have)
 plus the store's own ken_store.json, over the parameter count read from the fine-tune's
 safetensors header; the gap is to the full fine-tune loaded the same way in the same run.
 The fine-tunes come from common.finetune (cached under cache/).

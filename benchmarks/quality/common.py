@@ -15,6 +15,11 @@ A second task for checking that a recipe carries over (issue 13), chosen with `s
 ~750 words (750 positive / 750 negative), a seed-0 split of 1000 train / 500 test, max length 128
 tokens (the reviews' first ~100 words: a fine-tune step costs 6 s at 256 tokens and roughly half
 of that at 128 on the 2-core machine); its fine-tunes, cells and report files carry the task's name.
+
+A third task that no recipe was chosen on, for checking the README's recipe as a new user would
+(cli_check.py --task uncertainty): `uncertainty-conll2010.csv` from the same archive, 3000
+Wikipedia sentences labelled certain / uncertain (CoNLL-2010 shared task 1, 1500 each), a seed-0
+split of 2000 train / 1000 test, max length 64.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ RESULTS = HERE / "results"
 TASKS = {  # name: (archive member, rows, train rows, max length in tokens)
     "sentences": ("test/corpora/polarity-en-pang&lee2.csv", 4000, 3000, 64),
     "reviews": ("test/corpora/polarity-en-pang&lee1.csv", 1500, 1000, 128),
+    "uncertainty": ("test/corpora/uncertainty-conll2010.csv", 3000, 2000, 64),
 }
 TASK = "sentences"
 DATA_MEMBER, N_ROWS, N_TRAIN, MAX_LENGTH = TASKS[TASK]
@@ -62,8 +68,9 @@ def task_suffix() -> str:
 
 
 def task_description() -> str:
-    kind = "sentence" if TASK == "sentences" else "review (document)"
-    return (f"{kind} polarity (Pang & Lee, {DATA_MEMBER.rsplit('/', 1)[-1]}, {N_TRAIN} train / "
+    kind = {"sentences": "sentence polarity (Pang & Lee", "reviews": "review (document) polarity (Pang & Lee",
+            "uncertainty": "sentence uncertainty (CoNLL-2010 Wikipedia"}[TASK]
+    return (f"{kind}, {DATA_MEMBER.rsplit('/', 1)[-1]}, {N_TRAIN} train / "
             f"{N_ROWS - N_TRAIN} test, max length {MAX_LENGTH})")
 
 

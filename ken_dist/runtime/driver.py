@@ -32,6 +32,7 @@ from ken_dist.store.protocol import Store
 
 IN_FLIGHT_PER_ACTOR = 2
 UNIT_ATTEMPTS = 4  # a unit whose actor died this many times under it fails the job
+_BLOCK_SECONDS = ("seconds", "cpu_seconds", "read_seconds", "select_seconds")  # process_unit's timings
 
 
 class JobResult(dict):
@@ -176,7 +177,7 @@ class _Dispatch:
         self.committed.add(key)
         self.blocks_run[unit.finetune] = self.blocks_run.get(unit.finetune, 0) + 1
         if worker.get("pid") is not None:
-            self.add_workers([dict(worker, gpu_requested=slot.gpu)], blocks=1)
+            self.add_workers([dict(worker, gpu_requested=slot.gpu)], blocks=1, record=record)
             slot.pid, slot.node = worker["pid"], worker.get("node")
         self.progress.advance(unit.finetune, unit.elements)
 
@@ -190,12 +191,19 @@ class _Dispatch:
             c["entries"] += record["spilled"]
             c["bytes"] += record["spill_bytes"]
 
-    def add_workers(self, infos: list[dict], blocks: int = 0) -> None:
-        """Fold actors' info() into {pid: {node, device, gpu_ids, gpu_requested, blocks, peak_rss}}."""
+    def add_workers(self, infos: list[dict], blocks: int = 0, record: dict | None = None) -> None:
+        """Fold actors' info() into {pid: {node, device, gpu_ids, gpu_requested, blocks, peak_rss}},
+        and a committed block's record into that worker's rows and seconds (wall, cpu, read, select):
+        where an actor's time went, kept in the job log once finalize has dropped the journal."""
         for info in infos:
-            w = self.workers.setdefault(str(info["pid"]), {"blocks": 0, "peak_rss": 0})
+            w = self.workers.setdefault(str(info["pid"]), {"blocks": 0, "peak_rss": 0, "rows": 0,
+                                                           **dict.fromkeys(_BLOCK_SECONDS, 0.0)})
             w.update({k: info.get(k) for k in ("node", "device", "gpu_ids", "gpu_requested")},
                      blocks=w["blocks"] + blocks, peak_rss=max(w["peak_rss"], info.get("peak_rss") or 0))
+            if record is not None:
+                w["rows"] += record["row_end"] - record["row_start"]
+                for k in _BLOCK_SECONDS:
+                    w[k] = round(w[k] + (record.get(k) or 0.0), 6)
 
     def _lost(self, slot: Slot, unit: WorkUnit, exc: BaseException) -> None:
         self.todo.appendleft(unit)

@@ -372,6 +372,8 @@ class Store:
                         old, base_identity=base_identity, finetune_identity=finetune_identity, updated=stamp))
                 return "complete"
             manifest = dict(old, base_identity=base_identity, finetune_identity=finetune_identity, updated=stamp)
+            if old.get("complete"):
+                self._journal_from_manifest(finetune, old)
             if not same_plan or old.get("complete"):  # a part of a complete fine-tune went missing
                 manifest.update(tensors=plan if not same_plan else old["tensors"], complete=False)
             if not same_plan:
@@ -517,6 +519,15 @@ class Store:
             self.resolve(rec["file"])
         append_jsonl(self._journal(finetune), *records)
 
+    def _journal_from_manifest(self, finetune: str, manifest: dict) -> None:
+        """Before a complete fine-tune runs again (a part went missing, or a new block plan): its
+        manifest's block records become the journal that finalize dropped, so that intact parts
+        are reused as they would have been from the journal itself."""
+        if os.path.exists(self._journal(finetune)):
+            return  # written by a release that kept it, or a run of this one stopped mid-way
+        append_jsonl(self._journal(finetune), *({"tensor": name, **b} for name, t in manifest["tensors"].items()
+                                                for b in t["blocks"] if "file" in b))
+
     def journal(self, finetune: str) -> list[dict]:
         """Committed records in commit order; a torn or garbled line is not a commit and is skipped."""
         return [rec for rec in read_jsonl(self._journal(finetune)) if _well_formed(rec)]
@@ -579,10 +590,20 @@ class Store:
         manifest.update(format_version=version, complete=True, summary=summary, totals=totals, updated=now())
         self.drop_spills(finetune)  # before `complete`: a complete fine-tune never runs again to drop them
         atomic_json(self._manifest_path(finetune), manifest)
+        self._drop_journal(finetune)
         self._collect_garbage(finetune, keep_files)
         if finetune not in self._scoped:
             self.release(finetune)
         return manifest
+
+    def _drop_journal(self, finetune: str) -> None:
+        """A complete manifest holds every block record, so the journal (only a resume reads it)
+        would be dead weight in what a stored fine-tune costs and ships; a crash before the
+        unlink leaves a journal that says what the manifest says."""
+        path = self._journal(finetune)
+        if os.path.exists(path):
+            os.unlink(path)
+            fsync_path(os.path.dirname(path))
 
     def _collect_garbage(self, finetune: str, keep: set[str]) -> None:
         """Remove parts of an earlier block plan and tmp files left by killed workers."""
