@@ -159,6 +159,9 @@ def _regex(text: str, option: str):
 
 
 def cmd_demo(args) -> int:
+    from ken_dist.runtime.warmup import start_compile
+
+    start_compile()  # first run on this machine: the kernel compiles while the demo imports torch and Ray
     from ken_dist.cli.demo import run_demo
 
     return run_demo(args.workdir, keep=args.keep, workers=args.workers)

@@ -501,7 +501,8 @@ def radix_sort_order(bits):
                 c[d] = q + 1
             keys, keys2 = keys2, keys
             idx, idx2 = idx2, idx
-        out[i, :] = idx
+        for j in range(n):  # element by element: a slice copy compiles numba's shape-mismatch message
+            out[i, j] = idx[j]
     return out
 
 
