@@ -27,6 +27,7 @@ from ken_dist.job.spec import JobSpec
 from ken_dist.kernel import STRATEGIES
 from ken_dist.kernel.strategies.budget import allocate, total_budget
 from ken_dist.runtime.pool import WATCH_S, ActorPool, Slot, plan_slots
+from ken_dist.runtime.warmup import NOTE as COMPILE_NOTE
 from ken_dist.runtime.warmup import start_compile
 from ken_dist.store.protocol import Store
 
@@ -59,7 +60,7 @@ def plan_job(job: JobSpec) -> tuple[object, list[FineTunePlan]]:
     return base, plans
 
 
-def _connect(address: str | None, workers: int | None) -> bool:
+def connect(address: str | None, workers: int | None) -> bool:
     """Join `address` or start a private local Ray; True when we started it (and must stop it).
 
     The address a private Ray advertises is chosen by Ray when it is imported, from
@@ -297,11 +298,10 @@ def _run_units(store: Store, todo: list[WorkUnit], to_score: list[FineTunePlan],
     kernel = None  # the compiled CPU kernel, compiled (once per machine) while Ray starts: warmup.py
     if any(STRATEGIES[u.params.strategy].compiled_kernel for u in todo):
         kernel = start_compile()
-        kernel.report_to(lambda: progress.note("compiling the selection kernel (first run on this machine; once: "
-                                               "the blocks start when it is cached)"),
+        kernel.report_to(lambda: progress.note(COMPILE_NOTE),
                          lambda s: progress.note(f"the selection kernel compiled in {s:.1f} s; cached for the next "
                                                  "runs on this machine"))
-    started = _connect(address, workers)
+    started = connect(address, workers)
     try:
         blocks = len(todo) + sum(len(p.units) for p in to_score)
         kinds = plan_slots(ray.cluster_resources(), workers, placement, blocks)

@@ -32,6 +32,7 @@ except ImportError:  # Windows: no lock; each process compiles or loads on its o
 LOCK_FILE = os.path.join(tempfile.gettempdir(), f"ken-dist-kernel-{os.getuid() if hasattr(os, 'getuid') else 0}.lock")
 COMPILING = "compiling"  # the child's line when numba really compiles (not when it loads the cache)
 CHILD = [sys.executable, "-m", "ken_dist.runtime.warmup"]  # the driver's compile child (main() below)
+NOTE = "compiling the selection kernel (first run on this machine; once: the blocks start when it is cached)"
 
 
 @contextlib.contextmanager
