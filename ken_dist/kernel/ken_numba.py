@@ -285,7 +285,7 @@ def _lagrange_term(c, prefix, suffix, y, shift, nodes, first, i, out, lebesgue):
         suffix[j] *= y[j] - shift
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")  # into select_block: one module less to compile
 def _rounded_density(values, sorted_values, grid, h):
     """Rounded (half to even) KDE at each float32 grid point, equal to rounding the spec's float64
     sum: the estimate's rounding where its bound decides it, else the literal sum's."""
@@ -391,7 +391,7 @@ def greedy_match(sorted_values, order, grid, visit):
     return picked
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")  # into select_block: one module less to compile
 def _visit_order(density):
     """Grid indices by rounded density, highest first; ties keep ascending index.
 
