@@ -1,6 +1,6 @@
 """Compile the CPU selection kernel once per machine, as early as the command can.
 
-numba compiles KEN's CPU kernel the first time a machine runs it (about 9 CPU seconds) and
+numba compiles KEN's CPU kernel the first time a machine runs it (about 7.5 CPU seconds) and
 caches the result on disk; loading the cache takes about half a second. A per-user lock file
 makes one process on the machine compile while the others wait for it and then load the cache.
 
@@ -9,9 +9,9 @@ ken_dist.runtime.warmup`), so that it runs on another core while the command imp
 starts Ray (a thread in the driver would share the driver's GIL with that work). A CPU actor's
 first unit that needs the kernel takes the lock (`load_kernel`): it waits while the driver's
 child compiles, then loads the cache. Actors wait rather than select on the kernel's torch path
-meanwhile: on the CPU that path costs ~20x the compiled kernel's CPU time per row, so where the
-actors share the cores with the compiler it delays the compilation more than it gets done
-(docs/performance.md, "The first run").
+meanwhile: on the CPU that path costs 15-30x the compiled kernel's CPU time per row, so where
+the actors share the cores with the compiler it delays the compilation more than it gets done,
+and CPU actors need not import torch (docs/performance.md, "The first run").
 """
 from __future__ import annotations
 
@@ -80,24 +80,25 @@ class KernelCompile:
     def report_to(self, on_compiling=None, on_compiled=None) -> None:
         """on_compiling() when the child starts compiling, on_compiled(seconds) when it has the
         kernel cached, each only if it really compiles (not when it loads the cache); both now
-        for what happened while no one listened. report_to() with no arguments stops listening."""
+        for what happened while no one listened. report_to() with no arguments stops listening.
+        The callbacks run one at a time, in order (they must not call report_to)."""
         with self._mutex:
             self._listener = (on_compiling, on_compiled) if on_compiling or on_compiled else None
-            untold, self._untold = (self._untold, []) if self._listener else ([], self._untold)
-        for event in untold:
-            self._tell(*event)
+            if self._listener is not None:
+                untold, self._untold = self._untold, []
+                for which, args in untold:
+                    self._tell(which, args)
 
     def _event(self, which: int, *args) -> None:
         with self._mutex:
             if self._listener is None:
                 self._untold.append((which, args))
-                return
-        self._tell(which, args)
+            else:
+                self._tell(which, args)
 
     def _tell(self, which: int, args) -> None:
-        listener = self._listener
-        if listener is not None and listener[which] is not None:
-            listener[which](*args)
+        if self._listener[which] is not None:
+            self._listener[which](*args)
 
     @property
     def done(self) -> bool:
