@@ -1,6 +1,6 @@
 """Compile the CPU selection kernel once per machine, as early as the command can.
 
-numba compiles KEN's CPU kernel the first time a machine runs it (about 7.5 CPU seconds) and
+numba compiles KEN's CPU kernel the first time a machine runs it (about 8 CPU seconds) and
 caches the result on disk; loading the cache takes about half a second. A per-user lock file
 makes one process on the machine compile while the others wait for it and then load the cache.
 
