@@ -29,8 +29,10 @@ def short_tmp():
 
 
 def test_demo_prunes_summarizes_and_rebuilds_bit_exact(short_tmp):
+    """A new user's first run: an empty numba cache, so the kernel compiles (said once) first."""
     tag = new_tag()  # every process the demo starts (its Ray too) carries it, so cleanup finds only ours
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", TMPDIR=short_tmp, **{TAG_VAR: tag})
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", TMPDIR=short_tmp,
+               NUMBA_CACHE_DIR=os.path.join(short_tmp, "numba"), **{TAG_VAR: tag})
     try:
         run = subprocess.run([sys.executable, "-m", "ken_dist.cli", "demo"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=600)
@@ -58,3 +60,6 @@ def test_demo_prunes_summarizes_and_rebuilds_bit_exact(short_tmp):
 
     assert out.rstrip().splitlines()[-1].endswith("bit-exact vs in-memory KEN: True"), out
     assert re.search(r"^\[ken-dist\] 100\.0%  \d+ blocks", run.stderr, re.M), run.stderr
+    assert run.stderr.count("compiling the selection kernel (first run on this machine") == 1, run.stderr
+    compiled = re.findall(r"^\[ken-dist\] the selection kernel compiled in [\d.]+ s", run.stderr, re.M)
+    assert len(compiled) == 1 and run.stderr.index("compiling the selection kernel") < run.stderr.index(compiled[0])

@@ -25,10 +25,10 @@ def pair(tmp_path_factory):
     return str(base), str(ft)
 
 
-def run_units(pair, store, strategy, device=None):
+def run_units(pair, store, strategy, device=None, compat="index"):
     """Every unit of the pair (one block per tensor) through process_unit; {key: sha256}."""
-    job = JobSpec(base=pair[0], store=str(store), block_bytes=2**30,
-                  finetunes=(FineTuneEntry("x", pair[1], None, PruneParams(strategy=strategy, keep=0.3, seed=5)),))
+    job = JobSpec(base=pair[0], store=str(store), block_bytes=2**30, finetunes=(
+        FineTuneEntry("x", pair[1], None, PruneParams(strategy=strategy, keep=0.3, seed=5, compat=compat)),))
     base, (plan,) = plan_job(job)
     with Store(job.store, create=True) as s:
         s.begin("x", params=plan.spec.params.as_dict(), base_identity=base.identity(),
@@ -43,10 +43,12 @@ def test_chunked_selection_writes_the_same_parts(pair, tmp_path, monkeypatch, st
     assert run_units(pair, tmp_path / "chunked", strategy) == whole
 
 
-@pytest.mark.parametrize("strategy", ["ken", "ken-delta", "lowrank-delta-block"])
-def test_the_gpu_code_path_writes_the_same_parts(pair, tmp_path, strategy):
+@pytest.mark.parametrize(("strategy", "compat"), [("ken", "index"), ("ken", "reference"), ("ken-delta", "index"),
+                                                  ("lowrank-delta-block", "index")])
+def test_the_gpu_code_path_writes_the_same_parts(pair, tmp_path, strategy, compat):
     """A GPU actor's path (torch tensors from read to store), run on the CPU ("torch")."""
-    assert run_units(pair, tmp_path / "torch", strategy, "torch") == run_units(pair, tmp_path / "numpy", strategy)
+    assert (run_units(pair, tmp_path / "torch", strategy, "torch", compat)
+            == run_units(pair, tmp_path / "numpy", strategy, compat=compat))
 
 
 def test_a_nan_row_is_named_by_its_tensor_row_across_chunks(pair, tmp_path, monkeypatch):

@@ -1,85 +1,102 @@
-"""The kernel is compiled once per machine, and no block waits for it (ken_dist/runtime/warmup.py)."""
+"""The kernel is compiled once per machine, by the driver's child process, and the actors load
+what it cached (ken_dist/runtime/warmup.py)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
-from ken_dist.job.plan import PruneParams
-from ken_dist.job.spec import FineTuneEntry, JobSpec
-from ken_dist.kernel import STRATEGIES
-from ken_dist.runtime.driver import plan_job
-from ken_dist.runtime.warmup import cpu_device_for
-from ken_dist.store.protocol import Store
-from ken_dist.testing.synthetic import LlamaShape, write_pair
+from ken_dist.runtime import warmup
 
 
-def test_one_process_per_machine_compiles_the_others_load(tmp_path):
-    """Two processes start warming up at once on a fresh numba cache: one compiles (and says so
-    once), the other sees it compiling, waits on the lock and then loads the cache without
-    compiling anything."""
-    script = textwrap.dedent(f"""
-        import sys, time
+@pytest.fixture
+def fresh_machine(tmp_path, monkeypatch):
+    """An empty numba cache and a lock of its own, for this process and the children it starts."""
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the children's LOCK_FILE
+    monkeypatch.setattr(warmup, "LOCK_FILE", os.path.join(str(tmp_path), os.path.basename(warmup.LOCK_FILE)))
+    monkeypatch.setattr(warmup, "_driver_compile", None)
+    return tmp_path
+
+
+def _load_in_child(env) -> subprocess.Popen:
+    script = textwrap.dedent("""
         from ken_dist.runtime import warmup
-        warmup.LOCK_FILE = {str(tmp_path / 'kernel.lock')!r}
-        warmup.MARKER_FILE = warmup.LOCK_FILE + ".compiling"
-        waited = []
         calls = []
-        w = warmup.KernelWarmUp(lambda: calls.append(1), while_waiting=lambda: waited.append(1))
-        w.join()
-        assert w.error is None, w.error
-        import os
-        assert not os.path.exists(warmup.MARKER_FILE)  # the compiler removed its marker
-        print(len(calls), w.ready.is_set(), len(waited))
+        compiled = warmup.load_kernel(lambda: calls.append(1))
+        print(len(calls), compiled)
     """)
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
-    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    return subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_one_process_per_machine_compiles_the_others_load(fresh_machine):
+    """Two processes load the kernel at once on a fresh cache: one compiles (and says so once),
+    the other waits on the lock and loads the cache without compiling anything."""
+    procs = [_load_in_child(dict(os.environ)) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
-    # the one that waited saw the other compiling (its marker) and could prepare meanwhile
-    assert sorted(out.split() for out, _ in outs) == [["0", "True", "1"], ["1", "True", "0"]]
-    again = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert again.stdout.split() == ["0", "True", "0"], again.stderr
+    assert sorted(out.split() for out, _ in outs) == [["0", "False"], ["1", "True"]]
+    again = _load_in_child(dict(os.environ)).communicate(timeout=600)
+    assert again[0].split() == ["0", "False"], again[1]
 
 
-class _Warm:
-    def __init__(self, ready: bool, error: BaseException | None = None):
-        self.is_ready, self.error = ready, error
+def test_the_driver_compiles_in_a_child_and_tells_the_job_once(fresh_machine):
+    """The driver's child compiles on a fresh cache; what it said before the job listened is told
+    to the job when it does (the demo starts the child before the job), each event once, and a
+    later listener hears nothing. The next command's child loads the cache: no event at all."""
+    kernel = warmup.start_compile()
+    assert warmup.start_compile() is kernel  # one per driver process
+    kernel.proc.wait(timeout=600)
+    kernel._thread.join()
+    assert kernel.ready.is_set() and kernel.error is None and kernel.compiled
+    heard = []
+    kernel.report_to(lambda: heard.append("compiling"), lambda s: heard.append(("compiled", s > 0)))
+    assert heard == ["compiling", ("compiled", True)]
+    kernel.report_to(lambda: heard.append("again"), lambda s: heard.append("again"))
+    assert len(heard) == 2
 
-    def settled(self, wait_s: float = 0.0) -> bool:
-        return self.is_ready or self.error is not None
+    warm = warmup.KernelCompile()  # the next command on this machine
+    warm.report_to(lambda: heard.append("warm"), lambda s: heard.append("warm"))
+    warm.proc.wait(timeout=600)
+    warm._thread.join()
+    assert warm.ready.is_set() and not warm.compiled and len(heard) == 2
 
 
-def test_only_the_compiled_kernel_waits_for_the_warm_up():
-    compiled = [n for n, s in STRATEGIES.items() if s.compiled_kernel]
-    assert sorted(compiled) == ["ken", "ken-delta"]
-    for name, strategy in STRATEGIES.items():
-        assert cpu_device_for(strategy, _Warm(False)) == ("torch" if name in compiled else "cpu")
-        assert cpu_device_for(strategy, _Warm(True)) == "cpu"
-        assert cpu_device_for(strategy, _Warm(False, RuntimeError("llvm"))) == "cpu"  # the kernel call reports it
-        assert cpu_device_for(strategy, None) == "cpu"
+def test_actors_wait_for_the_compiling_child_then_load_its_cache(fresh_machine):
+    """An actor's first unit (load_kernel) started while the driver's child compiles waits on the
+    machine's lock, and loads what the child cached instead of compiling it again."""
+    kernel = warmup.start_compile()
+    started = threading.Event()
+    kernel.report_to(started.set)
+    assert started.wait(600)  # the child holds the lock and compiles
+    actor = _load_in_child(dict(os.environ))
+    out, err = actor.communicate(timeout=600)
+    assert actor.returncode == 0 and out.split() == ["0", "False"], err
+    assert kernel.ready.wait(600) and kernel.compiled
 
 
-@pytest.mark.parametrize(("strategy", "compat"), [("ken", "index"), ("ken", "reference"), ("ken-delta", "index")])
-def test_blocks_run_while_compiling_store_the_same_parts(tmp_path, strategy, compat):
-    """A block an actor runs on the torch path while the kernel compiles is the block the
-    compiled kernel writes, byte for byte (raw values; lossy codecs: tests/test_codecs.py)."""
-    from ken_dist.job.execute import process_unit
+def test_a_failed_compile_is_reported_and_started_again(fresh_machine, monkeypatch):
+    monkeypatch.setattr(warmup, "CHILD", [sys.executable, "-c", "import sys; print('LLVM ERROR: out of memory'); "
+                                                                "sys.exit(3)"])
+    kernel = warmup.start_compile()
+    kernel.proc.wait(timeout=60)
+    kernel._thread.join()
+    assert kernel.error == "LLVM ERROR: out of memory" and not kernel.ready.is_set()
+    monkeypatch.setattr(warmup, "CHILD", [sys.executable, "-c", "pass"])
+    again = warmup.start_compile()
+    assert again is not kernel
+    again.proc.wait(timeout=60)
+    again._thread.join()
+    assert again.ready.is_set() and again.error is None
 
-    base, ft = write_pair(tmp_path / "pair", LlamaShape(hidden=64, intermediate=96, layers=1, vocab=80, heads=4,
-                                                        kv_heads=4), dtype="bf16")
-    out = {}
-    for device in ("cpu", "torch"):
-        job = JobSpec(base=str(base), store=str(tmp_path / f"s-{device}"), block_bytes=4096, finetunes=(
-            FineTuneEntry("x", str(ft), None, PruneParams(strategy=strategy, keep=0.3, compat=compat)),))
-        b, (plan,) = plan_job(job)
-        with Store(job.store, create=True) as s:
-            s.begin("x", params=plan.spec.params.as_dict(), base_identity=b.identity(),
-                    finetune_identity=plan.spec.checkpoint.identity(), tensors=plan.tensors)
-            out[device] = {(r["tensor"], r["row_start"]): r["sha256"] for r in
-                           (process_unit(u, s, device) for u in plan.units)}
-    assert len(out["cpu"]) > 3 and out["cpu"] == out["torch"]
+
+def test_stop_ends_a_child_still_compiling(fresh_machine, monkeypatch):
+    monkeypatch.setattr(warmup, "CHILD", [sys.executable, "-c", "import time; time.sleep(600)"])
+    kernel = warmup.start_compile()
+    kernel.stop()
+    assert kernel.proc.returncode is not None and kernel.error is not None and not kernel.ready.is_set()

@@ -52,7 +52,7 @@ def ken_masks(rows: np.ndarray, k: int, reference: bool) -> np.ndarray:
         live = np.flatnonzero(~degenerate)
         if live.size:
             sub = np.ascontiguousarray(rows[live])
-            mask[live] = ken_numba.select_block(sub, sort_order(sub), grids(sub, k), h[live], k, False)
+            mask[live] = ken_numba.select_block(sub, sort_order(sub), grids(sub, k), h[live], k)
     if reference:
         mask = value_mask(rows, mask)
     return mask

@@ -285,7 +285,7 @@ def _lagrange_term(c, prefix, suffix, y, shift, nodes, first, i, out, lebesgue):
         suffix[j] *= y[j] - shift
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")  # into select_block: one module less to compile
 def _rounded_density(values, sorted_values, grid, h):
     """Rounded (half to even) KDE at each float32 grid point, equal to rounding the spec's float64
     sum: the estimate's rounding where its bound decides it, else the literal sum's."""
@@ -391,7 +391,7 @@ def greedy_match(sorted_values, order, grid, visit):
     return picked
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")  # into select_block: one module less to compile
 def _visit_order(density):
     """Grid indices by rounded density, highest first; ties keep ascending index.
 
@@ -501,48 +501,31 @@ def radix_sort_order(bits):
                 c[d] = q + 1
             keys, keys2 = keys2, keys
             idx, idx2 = idx2, idx
-        out[i, :] = idx
+        for j in range(n):  # element by element: a slice copy compiles numba's shape-mismatch message
+            out[i, j] = idx[j]
     return out
 
 
 @numba.njit(cache=True, nogil=True)
-def select_block(rows, sort_order, grids, h, k, reference):
+def select_block(rows, sort_order, grids, h, k):
     """Keep masks for a float32 block [r, n] whose rows are all non-degenerate, 2 <= k < n.
 
     sort_order[i]: row i's indices sorted by (value, index); grids[i]: its float32 grid;
-    h[i]: its bandwidth. `reference` selects the published code's value-based mask.
+    h[i]: its bandwidth. (The published code's value-based mask is built from these in numpy:
+    ken_cpu.value_mask.)
     """
     r, n = rows.shape
     mask = np.zeros((r, n), dtype=np.bool_)
+    sorted_values = np.empty(n, dtype=np.float32)
+    sorted64 = np.empty(n, dtype=np.float64)
     for i in range(r):
         values = rows[i]
         order = sort_order[i]
-        sorted_values = values[order]
-        density = _rounded_density(values, sorted_values.astype(np.float64), grids[i], h[i])
+        for p in range(n):  # a loop, not values[order]: numba's fancy indexing costs compile time
+            sorted_values[p] = values[order[p]]
+            sorted64[p] = sorted_values[p]
+        density = _rounded_density(values, sorted64, grids[i], h[i])
         picked = greedy_match(sorted_values, order, grids[i], _visit_order(density))
-        if not reference:
-            for t in range(k):
-                mask[i, picked[t]] = True
-        else:
-            _reference_mask(values, sorted_values, order, picked, mask[i])
+        for t in range(k):
+            mask[i, picked[t]] = True
     return mask
-
-
-@numba.njit(cache=True, nogil=True)
-def _reference_mask(values, sorted_values, order, picked, out):
-    """Value-based mask of the published code: every entry equal to a picked value, zeros excluded."""
-    n = values.size
-    hit = np.zeros(n, dtype=np.bool_)
-    for t in range(picked.size):
-        hit[picked[t]] = True
-    s = 0
-    for p in range(1, n + 1):
-        if p == n or sorted_values[p] != sorted_values[s]:
-            keep = False
-            for q in range(s, p):
-                if hit[order[q]]:
-                    keep = True
-            if keep and sorted_values[s] != 0:
-                for q in range(s, p):
-                    out[order[q]] = True
-            s = p

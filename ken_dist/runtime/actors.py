@@ -12,26 +12,19 @@ import ray
 from ken_dist.job.execute import process_unit, score_unit
 from ken_dist.job.log import peak_rss
 from ken_dist.kernel import STRATEGIES
-from ken_dist.runtime.warmup import LOAD_GRACE_S, KernelWarmUp, cpu_device_for
+from ken_dist.runtime.warmup import load_kernel
 from ken_dist.store.protocol import Store
-
-
-def _import_torch() -> None:
-    """Ahead of the first unit, while another process compiles the kernel: the units run on
-    its torch path meanwhile (ken_dist/runtime/warmup.py)."""
-    import torch  # noqa: F401
 
 
 class SelectionActor:
     def __init__(self, store_path: str, want_gpu: bool):
         self.store = Store(store_path)
-        self.device = "cpu"  # CPU actors import torch only for the kernel's torch path (warmup.py)
+        self.device = "cpu"  # CPU actors never import torch
         if want_gpu:
             import torch
 
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.warm = KernelWarmUp(while_waiting=_import_torch) if self.device == "cpu" else None
-        self.grace_s = LOAD_GRACE_S  # the first unit may wait this long for the cached kernel
+        self.kernel_loaded = False  # the compiled CPU kernel, loaded by the first unit that needs it
 
     def info(self) -> dict:
         """Who this worker is, for the job log: pid, node, device, GPUs Ray assigned, peak RSS."""
@@ -40,12 +33,10 @@ class SelectionActor:
 
     def run(self, unit) -> dict:
         """The unit's block record, plus `worker` (info(), taken after the unit: peak RSS so far)."""
-        device = self.device
-        if device == "cpu":
-            device = cpu_device_for(STRATEGIES[unit.params.strategy], self.warm, self.grace_s)
-            self.grace_s = 0.0
-        record = process_unit(unit, self.store, device=device)
-        record["kernel_path"] = device
+        if self.device == "cpu" and not self.kernel_loaded and STRATEGIES[unit.params.strategy].compiled_kernel:
+            load_kernel()  # waits while another process on this machine compiles it (warmup.py)
+            self.kernel_loaded = True
+        record = process_unit(unit, self.store, device=self.device)
         record["worker"] = self.info()
         return record
 

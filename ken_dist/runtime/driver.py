@@ -27,7 +27,8 @@ from ken_dist.job.spec import JobSpec
 from ken_dist.kernel import STRATEGIES
 from ken_dist.kernel.strategies.budget import allocate, total_budget
 from ken_dist.runtime.pool import WATCH_S, ActorPool, Slot, plan_slots
-from ken_dist.runtime.warmup import KernelWarmUp
+from ken_dist.runtime.warmup import NOTE as COMPILE_NOTE
+from ken_dist.runtime.warmup import start_compile
 from ken_dist.store.protocol import Store
 
 IN_FLIGHT_PER_ACTOR = 2
@@ -60,7 +61,7 @@ def plan_job(job: JobSpec) -> tuple[object, list[FineTunePlan]]:
     return base, plans
 
 
-def _connect(address: str | None, workers: int | None) -> bool:
+def connect(address: str | None, workers: int | None) -> bool:
     """Join `address` or start a private local Ray; True when we started it (and must stop it).
 
     The address a private Ray advertises is chosen by Ray when it is imported, from
@@ -123,7 +124,6 @@ class _Dispatch:
         self.blocks_run: dict = {}
         self.first_submit: float | None = None  # when the first actor got work: start-up ends here
         self.last_result: float | None = None
-        self.uncompiled_blocks = 0  # run on the kernel's torch path while numba compiled (warmup.py)
 
     def run(self) -> None:
         """Until every unit is committed: give work to the ready actors, then wait for a result or
@@ -169,8 +169,6 @@ class _Dispatch:
             self.progress.advance(unit.finetune, unit.elements)
             return
         worker = record.pop("worker", None) or {}
-        if record.pop("kernel_path", None) == "torch":
-            self.uncompiled_blocks += 1
         if "from_spill" in record:
             self.from_spill.setdefault(unit.finetune, [0, 0])[0 if record["from_spill"] else 1] += 1
         self.store.commit(unit.finetune, [record])
@@ -305,9 +303,13 @@ def _run_units(store: Store, todo: list[WorkUnit], to_score: list[FineTunePlan],
                address, workers, placement: str, out: list) -> None:
     """Start or join Ray, score the model-budget fine-tunes, run the units on an actor pool; `out`
     receives the _Dispatch of each pass (scoring first, if any; for the log and the timings)."""
-    warm_up = KernelWarmUp(lambda: progress.note("compiling the selection kernel (first run on this machine; "
-                                                  "meanwhile blocks run on its torch path, same masks)"))
-    started = _connect(address, workers)
+    kernel = None  # the compiled CPU kernel, compiled (once per machine) while Ray starts: warmup.py
+    if any(STRATEGIES[u.params.strategy].compiled_kernel for u in todo):
+        kernel = start_compile()
+        kernel.report_to(lambda: progress.note(COMPILE_NOTE),
+                         lambda s: progress.note(f"the selection kernel compiled in {s:.1f} s; cached for the next "
+                                                 "runs on this machine"))
+    started = connect(address, workers)
     try:
         blocks = len(todo) + sum(len(p.units) for p in to_score)
         kinds = plan_slots(ray.cluster_resources(), workers, placement, blocks)
@@ -324,19 +326,18 @@ def _run_units(store: Store, todo: list[WorkUnit], to_score: list[FineTunePlan],
             finally:
                 dispatch.cancel()
                 dispatch.add_workers(pool.describe())
-            if warm_up.error is not None:  # the actors warm up on their own; their units raise it if it is real
-                progress.note(f"the driver could not warm the selection kernel up: {type(warm_up.error).__name__}: "
-                              f"{warm_up.error}")
-            if dispatch.uncompiled_blocks:
-                progress.note(f"{dispatch.uncompiled_blocks} block(s) ran on the kernel's torch path; "
-                              + ("the compiled kernel is cached for the next runs" if warm_up.ready.is_set() else
-                                 "the kernel is still compiling: the next run on this machine continues it"))
+            if kernel is not None and kernel.error is not None:  # the actors load it on their own; their units
+                progress.note(f"the driver could not compile the selection kernel: {kernel.error}")  # raise it if real
             for name, (hits, again) in dispatch.from_spill.items():
                 progress.note(f"{name}: {hits} block(s) selected from their spilled candidates, {again} read "
                               "and scored again (budget above the candidates kept, or no spill)")
         finally:
             pool.shutdown()
     finally:
+        if kernel is not None:
+            kernel.report_to()
+            if not kernel.done:  # no actor on this machine needed it (GPUs, a cluster)
+                kernel.stop()
         if started:
             ray.shutdown()
 

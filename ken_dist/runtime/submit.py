@@ -2,7 +2,7 @@
 
 Why Ray Jobs rather than a driver on the laptop: the driver of a job that runs for hours must
 not die with an SSH session or a closed lid. A Ray Job runs the driver (`ken-dist prune --job
-FILE`) on the head node, where RAY_ADDRESS is set, so it joins the cluster (driver._connect).
+FILE`) on the head node, where RAY_ADDRESS is set, so it joins the cluster (driver.connect).
 Checkpoints and the store live on storage every node sees, so the job needs nothing from here
 but the job file: by default only the job file is uploaded (a temporary directory holding just
 it), never the directory it sits in, which may hold a checkpoint. `--working-dir DIR` ships DIR

@@ -1,15 +1,25 @@
-"""Compile the CPU selection kernel once per machine, while blocks already run.
+"""Compile the CPU selection kernel once per machine, as early as the command can.
 
-numba compiles KEN's CPU kernel the first time a machine runs it (tens of seconds) and caches
-the result on disk. The driver and every CPU actor start a KernelWarmUp; a per-user lock file
+numba compiles KEN's CPU kernel the first time a machine runs it (about 8 CPU seconds) and
+caches the result on disk; loading the cache takes about half a second. A per-user lock file
 makes one process on the machine compile while the others wait for it and then load the cache.
-Until its warm-up is ready an actor selects with the kernel's torch path on the CPU, which gives
-the same masks bit for bit (tests/test_kernel_torch.py) without compiling anything, so no one
-sits idle on the compiler and no two processes compile the same code.
+
+The driver starts the compilation first, in a child process (`KernelCompile`, `python -m
+ken_dist.runtime.warmup`), so that it runs on another core while the command imports, plans and
+starts Ray (a thread in the driver would share the driver's GIL with that work). A CPU actor's
+first unit that needs the kernel takes the lock (`load_kernel`): it waits while the driver's
+child compiles, then loads the cache. Actors wait rather than select on the kernel's torch path
+meanwhile: on the CPU that path costs 15-30x the compiled kernel's CPU time per row, so where
+the actors share the cores with the compiler it delays the compilation more than it gets done,
+and CPU actors need not import torch (docs/performance.md, "The first run").
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -20,100 +30,122 @@ except ImportError:  # Windows: no lock; each process compiles or loads on its o
     fcntl = None
 
 LOCK_FILE = os.path.join(tempfile.gettempdir(), f"ken-dist-kernel-{os.getuid() if hasattr(os, 'getuid') else 0}.lock")
-MARKER_FILE = LOCK_FILE + ".compiling"  # holds the pid of the process compiling now
-POLL_S = 0.05  # how often a waiting process retries the lock
+COMPILING = "compiling"  # the child's line when numba really compiles (not when it loads the cache)
+CHILD = [sys.executable, "-m", "ken_dist.runtime.warmup"]  # the driver's compile child (main() below)
+NOTE = "compiling the selection kernel (first run on this machine; once: the blocks start when it is cached)"
 
 
-def _marker_pid() -> int:
-    """The pid in the compiling marker; 0 if there is none (or it is being written)."""
-    try:
-        with open(MARKER_FILE) as f:
-            return int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        return 0
+@contextlib.contextmanager
+def machine_lock():
+    """The machine's kernel lock, held until the block ends (or the process dies)."""
+    with open(LOCK_FILE, "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
-def compiling_elsewhere() -> bool:
-    """Whether another live process on this machine is compiling the kernel now."""
-    pid = _marker_pid()
-    if pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False  # a compiler killed before it cleaned up
-    except PermissionError:
-        return True
-    return True
+def load_kernel(on_compile=None) -> bool:
+    """Load the compiled kernel into this process, compiling it if no process on this machine
+    has (on_compile() is called then, once); waits while another process compiles it. Returns
+    whether this process compiled."""
+    from ken_dist.kernel.ken_cpu import warm_up
+
+    with machine_lock():
+        return warm_up(on_compile)
 
 
-class KernelWarmUp(threading.Thread):
-    """Loads or compiles the kernel in the background: `ready` is set when it can be called
-    without compiling; `error` holds what went wrong (the kernel's own call then raises it again
-    where it is used). on_compile() is called once if this process really compiles."""
+class KernelCompile:
+    """The driver's compilation: a child process that loads or compiles the kernel into numba's
+    cache. `ready` is set when it finished, `error` holds why it failed (each actor then meets
+    the failure again where it loads the kernel); `compiled` says whether it really compiled,
+    and report_to() whom to tell when it starts and when it ends doing so."""
 
-    def __init__(self, on_compile=None, while_waiting=None):
-        super().__init__(name="ken-kernel-warm-up", daemon=True)
-        self.on_compile = on_compile
-        self.while_waiting = while_waiting  # called if another process is compiling (e.g. import torch)
+    def __init__(self):
         self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self.start()
+        self.error: str | None = None
+        self.compiled = False
+        self._since = 0.0  # when the child said it compiles
+        self._mutex = threading.Lock()
+        self._listener = None
+        self._untold: list = []  # what happened while no one listened: told to the next listener
+        # the child imports this very package (numba's cache is keyed by the source file's path)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        self.proc = subprocess.Popen(CHILD, env=env,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self._thread = threading.Thread(target=self._follow, name="ken-kernel-compile", daemon=True)
+        self._thread.start()
 
-    def run(self) -> None:
-        from ken_dist.kernel.ken_cpu import warm_up
+    def report_to(self, on_compiling=None, on_compiled=None) -> None:
+        """on_compiling() when the child starts compiling, on_compiled(seconds) when it has the
+        kernel cached, each only if it really compiles (not when it loads the cache); both now
+        for what happened while no one listened. report_to() with no arguments stops listening.
+        The callbacks run one at a time, in order (they must not call report_to)."""
+        with self._mutex:
+            self._listener = (on_compiling, on_compiled) if on_compiling or on_compiled else None
+            if self._listener is not None:
+                untold, self._untold = self._untold, []
+                for which, args in untold:
+                    self._tell(which, args)
 
-        def compiling():
-            with open(MARKER_FILE, "w") as f:
-                f.write(str(os.getpid()))
-            if self.on_compile is not None:
-                self.on_compile()
+    def _event(self, which: int, *args) -> None:
+        with self._mutex:
+            if self._listener is None:
+                self._untold.append((which, args))
+            else:
+                self._tell(which, args)
 
-        try:
-            with open(LOCK_FILE, "a") as lock:
-                if fcntl is not None:
-                    self._take(lock)
-                try:
-                    warm_up(compiling)
-                finally:
-                    if _marker_pid() == os.getpid():  # this process compiled: its marker goes
-                        os.unlink(MARKER_FILE)
-            self.ready.set()
-        except BaseException as exc:  # noqa: BLE001  (kept for the caller: see `error`)
-            self.error = exc
+    def _tell(self, which: int, args) -> None:
+        if self._listener[which] is not None:
+            self._listener[which](*args)
 
-    def _take(self, lock) -> None:
-        """The machine's lock (released when the file closes, or the process dies); while another
-        process holds it, while_waiting() runs once if that process turns out to be compiling."""
-        prepared = self.while_waiting is None
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if not prepared and compiling_elsewhere():
-                    prepared = True
-                    self.while_waiting()
-                time.sleep(POLL_S)
-
-    def settled(self, wait_s: float = 0.0) -> bool:
-        """Whether the compiled kernel can be used now (or its failure reported by using it),
-        after waiting up to wait_s seconds for it."""
-        if self.error is None:
-            self.ready.wait(wait_s)
+    @property
+    def done(self) -> bool:
         return self.ready.is_set() or self.error is not None
 
+    def _follow(self) -> None:
+        said = []  # the child's other output (a traceback when it fails)
+        for line in self.proc.stdout:
+            if line.strip() == COMPILING:
+                self.compiled, self._since = True, time.monotonic()
+                self._event(0)
+            else:
+                said = [*said[-20:], line.rstrip()]
+        code = self.proc.wait()
+        if code == 0:
+            self.ready.set()
+            if self.compiled:
+                self._event(1, time.monotonic() - self._since)
+        else:
+            self.error = next((line for line in reversed(said) if line.strip()), f"exit status {code}")
 
-# Loading the kernel from numba's cache takes about a second: a first unit waits that long rather
-# than import torch for nothing, unless another process is known to be compiling it.
-LOAD_GRACE_S = 3.0
+    def stop(self) -> None:
+        """End the child if it still runs (numba keeps every function it finished cached)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self._thread.join()
 
 
-def cpu_device_for(strategy, warm: KernelWarmUp | None, wait_s: float = 0.0) -> str:
-    """The CPU actor's device for a unit of `strategy` (a registry Strategy): "torch" (the
-    kernel's torch path on the CPU, same masks) while the compiled kernel it would use is not
-    ready after wait_s seconds, else "cpu"."""
-    if strategy.compiled_kernel and warm is not None and not warm.settled(0.0):
-        if compiling_elsewhere() or not warm.settled(wait_s):
-            return "torch"
-    return "cpu"
+_driver_compile: KernelCompile | None = None
+
+
+def start_compile() -> KernelCompile:
+    """This process's KernelCompile: started on the first call (or again after one that failed
+    or was stopped), the same one after, so a command can start it before its own imports and
+    the job it runs later finds it under way."""
+    global _driver_compile
+    if _driver_compile is None or _driver_compile.error is not None:
+        _driver_compile = KernelCompile()
+        atexit.register(_driver_compile.stop)  # a command that ends first leaves no compiler running
+    return _driver_compile
+
+
+def main() -> int:
+    """The child of KernelCompile: says COMPILING on stdout when numba really compiles."""
+    load_kernel(lambda: print(COMPILING, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
