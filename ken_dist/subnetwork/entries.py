@@ -224,12 +224,15 @@ def _smaller_form(packed: np.ndarray, gaps: np.ndarray, escapes: np.ndarray, n_e
     return {"gaps": gaps, "escapes": escapes[:n_esc].copy()}
 
 
-def compact_positions(packed: np.ndarray, row_len: int, kept: int) -> dict:
+def compact_positions(packed: np.ndarray, row_len: int, kept: int, counted: bool = False) -> dict:
     """The smaller resident form of a tensor's [rows * ceil(row_len/8)] bitmask (padding bits zero)
     with `kept` set bits: {"mask": packed} or {"gaps": uint8, "escapes": int64}. ValueError when
-    the bitmask holds another number of entries."""
+    the bitmask holds another number of entries (counted: the caller counted them already, so a
+    bitmask that stays one is not counted again)."""
     nb = (row_len + 7) // 8
     if kept >= packed.size:  # gaps cost at least a byte per kept entry
+        if counted:
+            return {"mask": packed}
         entries = int(popcount_rows(packed.reshape(-1, nb), row_len).sum()) if packed.size else 0
         if entries != kept:
             raise ValueError(f"the bitmask holds {entries} entries, expected {kept}")
@@ -308,14 +311,18 @@ def compactable(e: Entries) -> bool:
 
 
 def walk_compacting(e: Entries, flat: torch.Tensor, mode: int, values: torch.Tensor | None = None,
-                    saved: torch.Tensor | None = None) -> tuple[int, Entries]:
-    """walk(), and e in its smaller form (compact_positions) computed in the same pass when e is
-    compactable and the walk is the compiled one: (entries walked, e or its gaps form). Why: a
-    fine-tune decoded for a switch is walked anyway; a second pass over its bitmask to find the
-    gaps costs as much again."""
-    arrays = _compiled(flat, values, saved, False)
-    if not compactable(e) or arrays is None:
-        return walk(e, flat, mode, values, saved), e
+                    saved: torch.Tensor | None = None, torch_ops: bool = False) -> tuple[int, Entries]:
+    """walk(), and e in its smaller form (compact_positions): (entries walked, e or its gaps
+    form). Why: a fine-tune decoded for a switch is walked anyway; the compiled walk records the
+    gaps in the same pass, where a pass of its own over the bitmask costs about as much again
+    (torch ops: that separate pass, on the CPU)."""
+    if not compactable(e):
+        return walk(e, flat, mode, values, saved, torch_ops), e
+    arrays = _compiled(flat, values, saved, torch_ops)
+    if arrays is None:
+        count = walk(e, flat, mode, values, saved, torch_ops)
+        form = compact_positions(e.mask.cpu().numpy(), e.row_len, count)
+        return count, Entries(e.values, e.row_len, **{k: torch.from_numpy(v).to(e.mask.device) for k, v in form.items()})
     count = _checked(e, flat, mode, values, saved)
     gaps, escapes = _gap_buffers(count, e.mask.numel())
     mask = e.mask.numpy()
