@@ -13,6 +13,8 @@ noise, 10x on 5% of rows; random masks at the keep, one store per keep), for kee
   cold (cache)      Switcher.use(next) with nothing resident (budget 0): read, sha256-check and
                     decode the next fine-tune's parts (page cache warm), then the switch
   cold (dropped)    the same after posix_fadvise(DONTNEED) on the next fine-tune's part files
+                    (for both: the CPU seconds the process spent in it, all threads, too: steadier
+                    than the wall time on a shared machine)
   read bytes        the limit of the cold path's I/O: reading the same part files (cache warm /
                     dropped), with no decode; and (cache warm) reading + sha256 of them, the
                     check against the manifest the cold path makes
@@ -27,6 +29,7 @@ Preparation (generating and pruning) is cached under benchmarks/results/tmp/swit
 
     python benchmarks/switch_speed.py                                  # 1.06B, keep 0.25 and 0.1
     python benchmarks/switch_speed.py --hidden 1792 --layers 24 --intermediate 4864  # another shape
+    python benchmarks/switch_speed.py --only-cold      # only the cold switch and its limits
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import gc
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -147,6 +151,13 @@ def read_bytes(paths, workers: int, sha256: bool = False) -> int:
         return sum(pool.map(one, paths))
 
 
+def process_cpu() -> float:
+    """CPU seconds this process has used, all threads (user + system): the work a cold switch does,
+    which a shared machine's load inflates less than its wall time."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
 def timed(fn) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn()
@@ -211,7 +222,7 @@ def measure(base: Path, store: Path, fts: dict, keep: float, args) -> dict:
         switcher.use(n)
     forward(model, ids)
     rows = {k: [] for k in ("resident", "bare", "cold_cache", "cold_dropped", "read_cache", "read_dropped", "hash_cache",
-                            "from_pretrained", "forward")}
+                            "from_pretrained", "forward", "cold_cpu_cache", "cold_cpu_dropped")}
     for i in range(args.cycles * len(resident)):  # resident switch and its bare scatter, alternated
         prev = switcher._residents[switcher.active]
         nxt_name = resident[(resident.index(switcher.active) + 1) % len(resident)]
@@ -238,8 +249,10 @@ def measure(base: Path, store: Path, fts: dict, keep: float, args) -> dict:
             drop_cache(parts[nxt_name])
         else:
             read_bytes(parts[nxt_name], workers)
+        cpu0 = process_cpu()
         t, _ = timed(lambda: switcher.use(nxt_name))
         rows["cold_dropped" if dropped else "cold_cache"].append(t)
+        rows["cold_cpu_dropped" if dropped else "cold_cpu_cache"].append(process_cpu() - cpu0)
         nxt = switcher._residents[nxt_name]
         rows["bare_cold"] = rows.get("bare_cold", []) + [bare_scatter(model, prev, nxt)]
         if dropped:
@@ -278,6 +291,8 @@ def report(r: dict) -> None:
           f"fine-tune; torch threads {torch.get_num_threads()}; medians in seconds (samples)")
     for key, label in (("resident", "resident switch (Switcher.use)"), ("bare", "  bare scatter, same entries"),
                        ("cold_cache", "cold switch, page cache warm"), ("cold_dropped", "cold switch, files dropped"),
+                       ("cold_cpu_cache", "  CPU seconds (all threads) of it, cache warm"),
+                       ("cold_cpu_dropped", "  CPU seconds (all threads) of it, dropped"),
                        ("bare_cold", "  bare scatter of those switches"),
                        ("read_cache", "  read the stored bytes, cache warm"),
                        ("read_dropped", "  read the stored bytes, dropped"),
