@@ -21,9 +21,10 @@ Least recently used fine-tunes are dropped beyond `budget_bytes` (the active one
 positions are needed to put the base back). The cold path (a fine-tune not resident) reads only
 the fine-tune's part files, each checked once against the manifest's sha256, in parallel
 threads, and decodes them through store/parts.block_bitmasks (so every store version and value
-codec works here): a stored bitmask is copied as it is, never unpacked. It finishes before the
-first write, so a corrupt part fails `use` with a StoreError and leaves the model in its previous
-task.
+codec works here): a stored bitmask is copied as it is, never unpacked, and the switch that
+follows turns it into gaps (when smaller) in the same walk that writes it. Decoding finishes
+before the first write, so a corrupt part fails `use` with a StoreError and leaves the model in
+its previous task.
 
 Thread-safe: `use`, `base`, `load` and `evict` hold one lock.
 """
