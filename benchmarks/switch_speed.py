@@ -13,6 +13,8 @@ noise, 10x on 5% of rows; random masks at the keep, one store per keep), for kee
   cold (cache)      Switcher.use(next) with nothing resident (budget 0): read, sha256-check and
                     decode the next fine-tune's parts (page cache warm), then the switch
   cold (dropped)    the same after posix_fadvise(DONTNEED) on the next fine-tune's part files
+                    (for both: the CPU seconds the process spent in it, all threads, too: steadier
+                    than the wall time on a shared machine)
   read bytes        the limit of the cold path's I/O: reading the same part files (cache warm /
                     dropped), with no decode; and (cache warm) reading + sha256 of them, the
                     check against the manifest the cold path makes
@@ -27,6 +29,7 @@ Preparation (generating and pruning) is cached under benchmarks/results/tmp/swit
 
     python benchmarks/switch_speed.py                                  # 1.06B, keep 0.25 and 0.1
     python benchmarks/switch_speed.py --hidden 1792 --layers 24 --intermediate 4864  # another shape
+    python benchmarks/switch_speed.py --only-cold      # only the cold switch and its limits
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import gc
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -147,6 +151,13 @@ def read_bytes(paths, workers: int, sha256: bool = False) -> int:
         return sum(pool.map(one, paths))
 
 
+def process_cpu() -> float:
+    """CPU seconds this process has used, all threads (user + system): the work a cold switch does,
+    which a shared machine's load inflates less than its wall time."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
 def timed(fn) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn()
@@ -206,12 +217,12 @@ def measure(base: Path, store: Path, fts: dict, keep: float, args) -> dict:
     ids = torch.randint(0, args.vocab, (1, 16), generator=torch.Generator().manual_seed(0))
     model = LlamaForCausalLM.from_pretrained(base)
     switcher = ken_dist.Switcher(model, store)
-    resident = names[: args.resident]
+    resident = [] if args.only_cold else names[: args.resident]
     for n in resident:  # first writes also pay the copy-on-write of the memory-mapped base pages
         switcher.use(n)
     forward(model, ids)
     rows = {k: [] for k in ("resident", "bare", "cold_cache", "cold_dropped", "read_cache", "read_dropped", "hash_cache",
-                            "from_pretrained", "forward")}
+                            "from_pretrained", "forward", "cold_cpu_cache", "cold_cpu_dropped")}
     for i in range(args.cycles * len(resident)):  # resident switch and its bare scatter, alternated
         prev = switcher._residents[switcher.active]
         nxt_name = resident[(resident.index(switcher.active) + 1) % len(resident)]
@@ -221,7 +232,7 @@ def measure(base: Path, store: Path, fts: dict, keep: float, args) -> dict:
         rows["forward"].append(timed(lambda: forward(model, ids))[0])
     mem = switcher.memory()
     for step, nxt_name in enumerate(names * args.cold_rounds):  # cold: nothing of the next one resident
-        if step < len(names):  # from_pretrained of each dense fine-tune once, until it answers
+        if step < len(names) and not args.only_cold:  # from_pretrained of each dense fine-tune once, until it answers
             gc.collect()
             t, _ = timed(lambda: forward(LlamaForCausalLM.from_pretrained(fts[nxt_name]), ids))
             rows["from_pretrained"].append(t)
@@ -229,7 +240,7 @@ def measure(base: Path, store: Path, fts: dict, keep: float, args) -> dict:
         if nxt_name == switcher.active:
             continue
         dropped = step % 2 == 1
-        prev = switcher._residents[switcher.active]
+        prev = switcher._residents[switcher.active] if switcher.active else None
         for n in switcher.resident():
             if n != switcher.active:
                 switcher.evict(n)
@@ -238,8 +249,10 @@ def measure(base: Path, store: Path, fts: dict, keep: float, args) -> dict:
             drop_cache(parts[nxt_name])
         else:
             read_bytes(parts[nxt_name], workers)
+        cpu0 = process_cpu()
         t, _ = timed(lambda: switcher.use(nxt_name))
         rows["cold_dropped" if dropped else "cold_cache"].append(t)
+        rows["cold_cpu_dropped" if dropped else "cold_cpu_cache"].append(process_cpu() - cpu0)
         nxt = switcher._residents[nxt_name]
         rows["bare_cold"] = rows.get("bare_cold", []) + [bare_scatter(model, prev, nxt)]
         if dropped:
@@ -247,7 +260,9 @@ def measure(base: Path, store: Path, fts: dict, keep: float, args) -> dict:
         rows["read_dropped" if dropped else "read_cache"].append(timed(lambda: read_bytes(parts[nxt_name], workers))[0])
         if not dropped:
             rows["hash_cache"].append(timed(lambda: read_bytes(parts[nxt_name], workers, sha256=True))[0])
-    exact = check_exact(model, store, switcher.active)
+    if args.only_cold:  # the fine-tune the cold cycle ended in, in the form its switch left it
+        mem = switcher.memory()
+    exact = check_exact(model, store, switcher.active) if switcher.active else True
     switcher.base()
     med = {k: statistics.median(v) for k, v in rows.items() if v}
     res = mem["finetunes"]
@@ -261,12 +276,23 @@ def measure(base: Path, store: Path, fts: dict, keep: float, args) -> dict:
             "params": sum(p.numel() for p in model.parameters())}
 
 
+def _measured(ratio) -> bool:
+    """Whether this run measured what the ratio needs (--only-cold leaves some out)."""
+    try:
+        ratio()
+    except KeyError:
+        return False
+    return True
+
+
 def report(r: dict) -> None:
     m = r["median_s"]
     print(f"\nkeep {r['keep']}: {r['params'] / 1e9:.2f}B params bf16, {r['entries'] / 1e6:.0f}M kept entries per "
           f"fine-tune; torch threads {torch.get_num_threads()}; medians in seconds (samples)")
     for key, label in (("resident", "resident switch (Switcher.use)"), ("bare", "  bare scatter, same entries"),
                        ("cold_cache", "cold switch, page cache warm"), ("cold_dropped", "cold switch, files dropped"),
+                       ("cold_cpu_cache", "  CPU seconds (all threads) of it, cache warm"),
+                       ("cold_cpu_dropped", "  CPU seconds (all threads) of it, dropped"),
                        ("bare_cold", "  bare scatter of those switches"),
                        ("read_cache", "  read the stored bytes, cache warm"),
                        ("read_dropped", "  read the stored bytes, dropped"),
@@ -276,13 +302,15 @@ def report(r: dict) -> None:
             print(f"  {label:<40} {m[key]:>8.3f}  ({r['samples'][key]})")
     cold_limit = lambda kind: m["read_" + kind] + m["bare_cold"]  # noqa: E731
     ratios = {
-        "resident / bare scatter (target <= 2)": m["resident"] / m["bare"],
-        "cold (cache warm) / (read + bare) (target <= 2)": m["cold_cache"] / cold_limit("cache"),
-        "cold (dropped) / (read + bare) (target <= 2)": m["cold_dropped"] / cold_limit("dropped"),
-        "resident memory / stored bytes (target <= 1.5)": r["memory_ratio"],
-        "from_pretrained+forward / resident switch (target >= 5)": m["from_pretrained"] / m["resident"],
-        "from_pretrained+forward / (resident switch + forward)": m["from_pretrained"] / (m["resident"] + m["forward"]),
+        "resident / bare scatter (target <= 2)": lambda: m["resident"] / m["bare"],
+        "cold (cache warm) / (read + bare) (target <= 2)": lambda: m["cold_cache"] / cold_limit("cache"),
+        "cold (dropped) / (read + bare) (target <= 2)": lambda: m["cold_dropped"] / cold_limit("dropped"),
+        "resident memory / stored bytes (target <= 1.5)": lambda: r["memory_ratio"],
+        "from_pretrained+forward / resident switch (target >= 5)": lambda: m["from_pretrained"] / m["resident"],
+        "from_pretrained+forward / (resident switch + forward)":
+            lambda: m["from_pretrained"] / (m["resident"] + m["forward"]),
     }
+    ratios = {k: ratio() for k, ratio in ratios.items() if _measured(ratio)}
     for k, v in ratios.items():
         print(f"  {k:<58} {v:6.2f}")
     print(f"  resident fine-tune {r['resident_bytes'] / 2**20:.0f} MiB vs {r['stored_bytes'] / 2**20:.0f} MiB stored; "
@@ -302,6 +330,7 @@ def main() -> int:
     p.add_argument("--resident", type=int, default=3, help="fine-tunes kept resident for the resident cycle")
     p.add_argument("--cycles", type=int, default=3, help="rounds through the resident ones")
     p.add_argument("--cold-rounds", type=int, default=1, help="rounds through all 8 for the cold switch")
+    p.add_argument("--only-cold", action="store_true", help="only the cold switch and its limits (quick iteration)")
     args = p.parse_args()
     shape = LlamaShape(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, vocab=args.vocab,
                        heads=max(1, args.hidden // 128), kv_heads=max(1, args.hidden // 128))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ken_dist.subnetwork.entries import PUT, SWAP, TAKE, Entries, compact_positions, walk
+from ken_dist.subnetwork.entries import PUT, SWAP, TAKE, Entries, compact_positions, walk, walk_compacting
 
 
 def make(keep_p: float, rows: int, n: int, seed: int, dtype=torch.bfloat16, long_gaps: bool = False):
@@ -105,3 +105,45 @@ def test_part_bitmasks_decode_like_block_rows(codec, keep_p, n):
     for (_, k, v), (_, p, w) in zip(rows, packed):
         assert np.array_equal(np.packbits(k, axis=1, bitorder="little"), p) and np.array_equal(v, w)
         assert np.unpackbits(p, axis=1, bitorder="little")[:, n:].sum() == 0
+
+
+@pytest.mark.parametrize("torch_ops", [False, True])
+@pytest.mark.parametrize("mode", [PUT, TAKE, SWAP])
+@pytest.mark.parametrize("keep_p, rows, n, long_gaps", [
+    (0.05, 12, 101, False),  # gaps win, rows walked byte by byte (padding bits)
+    (0.02, 40, 320, True),   # gaps with escapes, 64 bits at a time
+    (0.1, 5, 8, False),      # 5 mask bytes: only the zero-padded tail word
+    (0.02, 3, 2000, True),   # an escape across a whole empty row
+    (0.11, 9, 64, False),    # just under 1/8 kept: compactable, either form
+    (0.3, 9, 37, False),     # above 1/8: not compactable, the walk alone
+    (0.0, 3, 16, False),     # nothing kept
+])
+def test_walk_compacting_walks_like_walk_and_compacts_like_compact_positions(torch_ops, mode, keep_p, rows, n,
+                                                                              long_gaps):
+    """The cold switch's walk over a fresh bitmask: the same bits written and saved as walk() over
+    the compacted entries, and the same smaller form as compact_positions, escapes included."""
+    keep, compacted = make(keep_p, rows, n, seed=rows * n, long_gaps=long_gaps)
+    packed = np.packbits(keep, axis=1, bitorder="little").reshape(-1)
+    fresh = Entries(compacted.values, n, mask=torch.from_numpy(packed))
+    start = torch.randn(rows * n, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    count = compacted.values.numel()
+    values = compacted.values if mode != TAKE else None
+    flat_a, saved_a = start.clone(), torch.zeros(count, dtype=torch.bfloat16)
+    flat_b, saved_b = start.clone(), torch.zeros(count, dtype=torch.bfloat16)
+    done, got = walk_compacting(fresh, flat_a, mode, values=values, saved=saved_a if mode != PUT else None,
+                                torch_ops=torch_ops)
+    assert done == walk(compacted, flat_b, mode, values=values, saved=saved_b if mode != PUT else None) == count
+    assert torch.equal(flat_a.view(torch.int16), flat_b.view(torch.int16))
+    assert torch.equal(saved_a.view(torch.int16), saved_b.view(torch.int16))
+    assert got.form == compacted.form
+    for field in ("mask", "gaps", "escapes"):
+        a, b = getattr(got, field), getattr(compacted, field)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), field
+    assert torch.equal(got.positions("cpu"), torch.from_numpy(np.flatnonzero(keep)))
+
+
+def test_walk_compacting_refuses_a_bitmask_with_more_entries_than_values():
+    packed = np.array([0b1011, 0, 0, 0, 0, 0, 0, 0], np.uint8)
+    e = Entries(torch.ones(2, dtype=torch.bfloat16), 64, mask=torch.from_numpy(packed))
+    with pytest.raises(ValueError, match="holds more than 2 entries"):
+        walk_compacting(e, torch.zeros(64, dtype=torch.bfloat16), PUT, values=e.values)

@@ -5,15 +5,17 @@ Stores are written without Ray (store_helpers.prune_into: random masks, which ex
 switcher exactly as KEN's would): a bf16 Llama base with four fine-tunes that add a classifier
 head (score.weight, stored whole, the base lacks it), and a Llama with tied embeddings."""
 import json
+import os
 import random
+import shutil
 import threading
 import warnings
 
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
-from store_helpers import corrupt_part, prune_into
+from safetensors.torch import load_file, save_file
+from store_helpers import corrupt_part, prune_into, same_bits
 from tiny_models import LLAMA, _load_dir, make_finetune, make_tiny_llama
 
 import ken_dist
@@ -266,3 +268,83 @@ def test_low_keep_becomes_gaps_and_memory_counts_every_byte(heads):
         for res in sw._residents.values():
             arrays = [t for e in res.tensors.values() for t in (e.values, e.mask, e.gaps, e.escapes) if t is not None]
             assert res.nbytes == sum(t.numel() * t.element_size() for t in arrays) > 0
+
+
+def plain_model(tensors: dict) -> tuple[torch.nn.Module, dict]:
+    """A bare module holding these tensors as buffers, and the name map from stored names to them."""
+    model = torch.nn.Module()
+    names = {k: k.replace(".", "_") for k in tensors}
+    for k, t in tensors.items():
+        model.register_buffer(names[k], t.clone())
+    return model, names
+
+
+def holds_bits(model, names: dict, want: dict) -> list[str]:
+    got = dict(model.named_buffers())
+    return [k for k, t in want.items() if not same_bits(got[names[k]], t)]
+
+
+def cold_switches_like_the_lazy_view(store: str, base_tensors: dict, finetunes, base=None) -> None:
+    """Cold switches (nothing resident: each decoded, then compacted by the walk that writes it)
+    equal the lazy view bit for bit, leave each fine-tune in the form load() gives, and base()
+    restores the base."""
+    want = {}
+    for name in finetunes:
+        with ken_dist.open_subnetwork(store, name, base=base) as sub:
+            want[name] = {k: sub.get_tensor(k) for k in sub.keys()}
+    model, names = plain_model(base_tensors)
+    switcher = Switcher(model, store, budget_bytes=0, name_map=names, base=base)
+    warm_model, _ = plain_model(base_tensors)
+    warm = Switcher(warm_model, store, name_map=names, base=base)
+    for name in [*finetunes, None, finetunes[0], None]:  # None: the base (which drops every resident)
+        if name is None:
+            switcher.base()
+            assert holds_bits(model, names, base_tensors) == []
+            continue
+        assert switcher.use(name)["cold"]
+        assert holds_bits(model, names, want[name]) == []
+        got, loaded = switcher._residents[name], warm.load(name)
+        assert got.compact and loaded.compact and got.tensors.keys() == loaded.tensors.keys()
+        for target, e in got.tensors.items():
+            for field in ("values", "mask", "gaps", "escapes"):
+                a, b = getattr(e, field), getattr(loaded.tensors[target], field)
+                assert (a is None) == (b is None) and (a is None or same_bits(a, b)), (name, target, field)
+
+
+@pytest.mark.parametrize("codec", ["raw", "int8", "int4-g64", "int2", "sign"])
+@pytest.mark.parametrize("keep", [0.03, 0.3])
+def test_cold_switches_compact_in_their_walk_for_every_codec_and_index(tmp_path, codec, keep):
+    """Both index kinds (wide rows at keep 0.03 are stored as position lists, kept as gaps; keep
+    0.3 as bitmasks), every value codec, rows of a multiple of 8 entries and not."""
+    gen = torch.Generator().manual_seed(3)
+    base = {"w.weight": torch.randn(48, 4096, generator=gen).to(torch.bfloat16),
+            "u.weight": torch.randn(20, 333, generator=gen), "s.steps": torch.arange(5)}
+    bdir = tmp_path / "base"
+    bdir.mkdir()
+    save_file(base, str(bdir / "model.safetensors"))
+    (bdir / "config.json").write_text(json.dumps({"model_type": "toy"}))
+    store = str(tmp_path / "store")
+    for i, name in enumerate(("x", "y")):
+        ft = {k: (v + 0.01 * torch.randn(v.shape, generator=gen).to(v.dtype)) if v.is_floating_point() else v + i
+              for k, v in base.items()}
+        fdir = tmp_path / name
+        fdir.mkdir()
+        save_file(ft, str(fdir / "model.safetensors"))
+        (fdir / "config.json").write_text(json.dumps({"model_type": "toy"}))
+        prune_into(store, name, ft, str(bdir), str(fdir), keep=keep, block_rows=16, seed=40 + i, codec=codec,
+                   params={"strategy": "random", "keep": keep, "values": codec})
+    blocks = [b for t in json.load(open(f"{store}/finetunes/x/manifest.json"))["tensors"].values()
+              for b in t["blocks"]]
+    assert any(b.get("index") == "positions" for b in blocks) == (keep < 0.1)
+    cold_switches_like_the_lazy_view(store, base, ["x", "y"])
+
+
+def test_cold_switches_of_a_version_1_store(tmp_path):
+    """A store written by the version 1 code (tests/data/v1_store) switches in cold bit for bit."""
+    root = tmp_path / "v1"
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "v1_store"), root)
+    base = load_file(str(root / "base" / "model.safetensors"))
+    cold_switches_like_the_lazy_view(str(root / "store"), base, ["tiny"], base=str(root / "base"))
+    model, names = plain_model(base)
+    quiet(Switcher(model, str(root / "store"), name_map=names, base=str(root / "base")).use, "tiny")
+    assert holds_bits(model, names, load_file(str(root / "expected.safetensors"))) == []

@@ -227,7 +227,10 @@ def popcount_rows(packed: np.ndarray, n: int) -> np.ndarray:
     """Set bits per row of [m, ceil(n/8)] little-order bitmasks, ignoring padding bits past n."""
     if not hasattr(np, "bitwise_count"):  # numpy < 2
         return np.unpackbits(packed, axis=1, count=n, bitorder="little").sum(axis=1)
-    counts = np.bitwise_count(packed).sum(axis=1, dtype=np.int64)
+    if packed.shape[1] % 8 == 0 and packed.flags.c_contiguous:  # 8 bytes a count: 8x fewer to sum
+        counts = np.bitwise_count(packed.view("<u8")).sum(axis=1, dtype=np.int64)
+    else:
+        counts = np.bitwise_count(packed).sum(axis=1, dtype=np.int64)
     if n % 8 and packed.shape[1]:
         counts -= np.bitwise_count(packed[:, -1] >> (n % 8)).astype(np.int64)
     return counts

@@ -617,10 +617,13 @@ class Store:
                 os.rmdir(dirpath)
 
     # ---- reading -----------------------------------------------------------------------------
-    def read_part(self, block: dict, tensor: str, *, verify: bool = True) -> pa.Table:
-        """The Parquet table of a committed block, after checking size and sha256."""
+    def read_part(self, block: dict, tensor: str, *, verify: bool = True, threads: bool = True,
+                  path: str | None = None) -> pa.Table:
+        """The Parquet table of a committed block, after checking size and sha256. threads: decode
+        its columns in Arrow's threads (False for a caller that reads parts in its own threads);
+        path: the part's path when the caller resolved it already."""
         rel = block["file"]
-        path = self.resolve(rel)
+        path = path or self.resolve(rel)
         fix = "rerun the same `ken-dist prune` command (it rewrites missing blocks) or prune with --overwrite"
         if not os.path.isfile(path):
             raise StoreError(f"part file {path} of tensor {tensor!r} is missing; {fix}")
@@ -630,7 +633,7 @@ class Store:
             raise StoreError(f"part file {path} of tensor {tensor!r} is corrupt (size or sha256 differs from "
                            f"the manifest); delete it and {fix}")
         try:
-            return pq.read_table(pa.BufferReader(data))
+            return pq.ParquetFile(pa.py_buffer(data)).read(use_threads=threads)  # not read_table: no dataset setup
         except (pa.ArrowException, OSError) as e:
             raise StoreError(f"part file {path} of tensor {tensor!r} is not readable Parquet ({e}); "
                            f"delete it and {fix}") from None

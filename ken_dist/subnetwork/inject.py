@@ -59,7 +59,7 @@ def apply(model, store, finetune: str, *, base=None, strict: bool = False, name_
     sub = _open(store, finetune, base, verify)
     if names is None:
         names = resolve_names(model, sub, name_map=name_map, strict=strict)
-    res = decode_finetune(sub, names, model, workers=workers)
+    res = decode_finetune(sub, names, model, workers=workers, compact=False)  # written once, then dropped
     tensors, _ = model_tensors(model)
     fill = {s: flat_target(t, tensors[t], sub.entry(s), s, sub.finetune) for s, t in names.items()
             if t in set(fill_from_base) and sub.entry(s)["action"] == "prune"}

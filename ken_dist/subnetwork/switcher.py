@@ -21,9 +21,10 @@ Least recently used fine-tunes are dropped beyond `budget_bytes` (the active one
 positions are needed to put the base back). The cold path (a fine-tune not resident) reads only
 the fine-tune's part files, each checked once against the manifest's sha256, in parallel
 threads, and decodes them through store/parts.block_bitmasks (so every store version and value
-codec works here): a stored bitmask is copied as it is, never unpacked. It finishes before the
-first write, so a corrupt part fails `use` with a StoreError and leaves the model in its previous
-task.
+codec works here): a stored bitmask is copied as it is, never unpacked, and the switch that
+follows turns it into gaps (when smaller) in the same walk that writes it. Decoding finishes
+before the first write, so a corrupt part fails `use` with a StoreError and leaves the model in
+its previous task.
 
 Thread-safe: `use`, `base`, `load` and `evict` hold one lock.
 """
@@ -43,7 +44,7 @@ from ken_dist.checkpoints.dtypes import itemsize, torch_dtype
 from ken_dist.checkpoints.reads import read_tensor
 from ken_dist.errors import InputError, KenError, StoreError
 from ken_dist.store.protocol import Store
-from ken_dist.subnetwork.entries import PUT, SWAP, TAKE, Entries, compact_positions, walk
+from ken_dist.subnetwork.entries import PUT, SWAP, TAKE, Entries, compact_positions, walk, walk_compacting
 from ken_dist.subnetwork.targets import ATTR, expect_holds, flat_target, model_tensors, resolve_names, same_base
 from ken_dist.subnetwork.view import Subnetwork, open_subnetwork
 
@@ -58,6 +59,7 @@ class Resident:
     stored_bytes: int
     base_names: dict[str, str] = field(default_factory=dict)
     base_values: dict[str, torch.Tensor] | None = None  # only when decoded with_base=True
+    compact: bool = True  # False: bitmasks not yet put in their smaller form (decode_finetune)
 
     @property
     def nbytes(self) -> int:
@@ -94,14 +96,15 @@ def _in_threads(fn, items: list, workers: int) -> list:
     return [done[k % workers][k // workers] for k in range(len(items))]
 
 
-def _decode_block(sub: Subnetwork, stored: str, block: dict, mask: np.ndarray, raw: np.ndarray, start: int) -> None:
-    """Decode one part whole, straight into the tensor's arrays: its rows' bitmask bytes into
-    mask, its value bytes into raw from kept entry `start` on."""
+def _decode_block(sub: Subnetwork, stored: str, block: dict, path: str, mask: np.ndarray, raw: np.ndarray,
+                  start: int) -> None:
+    """Decode one part (at path) whole, straight into the tensor's arrays: its rows' bitmask bytes
+    into mask, its value bytes into raw from kept entry `start` on."""
     t = sub.entry(stored)
     nb, size = (t["row_len"] + 7) // 8, itemsize(t["dtype"])
     pos, end = start, start + block["kept"]
-    where = f"part file {sub.store.resolve(block['file'])} of tensor {stored!r}"
-    for first, packed, values in sub.bitmasks(stored, block):
+    where = f"part file {path} of tensor {stored!r}"
+    for first, packed, values in sub.bitmasks(stored, block, path):
         count = values.size // size
         if pos + count > end:
             pos = end + 1  # more than the manifest says: refused below
@@ -136,17 +139,21 @@ def _pruned_base(sub: Subnetwork, stored: str, e: Entries) -> torch.Tensor:
 
 
 def decode_finetune(sub: Subnetwork, names: dict[str, str], model, *, workers: int | None = None,
-                    pinned: bool = False, with_base: bool = False) -> Resident:
+                    pinned: bool = False, with_base: bool = False, compact: bool = True) -> Resident:
     """Read and decode fine-tune `sub` for `model` (names: resolve_names' result): every part in
     parallel threads, positions in compact form, values converted to each model tensor's dtype,
     all moved to its device (pinned host memory for a CUDA tensor when pinned=True). with_base:
     also the base values under the kept entries (from the base checkpoint), for a model that
-    holds this fine-tune already. Raises before anything is written anywhere."""
+    holds this fine-tune already. compact=False leaves the bitmasks of CPU tensors as they are
+    (Resident.compact False): for a caller that walks them next anyway (walk_compacting finds
+    the gaps in that pass) or drops them after one write. Raises before anything is written
+    anywhere."""
     tensors, _ = model_tensors(model)
     flats = {s: flat_target(m, tensors[m], sub.entry(s), s, sub.finetune) for s, m in names.items()}
+    paths = {}
     for stored in names:  # every part there before reading any: one clear error naming the file
         for block in sub.entry(stored)["blocks"]:
-            path = sub.store.resolve(block["file"])
+            path = paths[block["file"]] = sub.store.resolve(block["file"])
             if not os.path.isfile(path):
                 raise StoreError(f"part file {path} of tensor {stored!r} (fine-tune {sub.finetune!r}) is missing; "
                                  f"rerun the same `ken-dist prune` command (it rewrites missing blocks); the model "
@@ -164,7 +171,7 @@ def decode_finetune(sub: Subnetwork, names: dict[str, str], model, *, workers: i
             jobs.append((stored, block, start))
             start += block["kept"]
     workers = _workers(workers)
-    _in_threads(lambda j: _decode_block(sub, j[0], j[1], *arrays[j[0]][:2], j[2]), jobs, workers)
+    _in_threads(lambda j: _decode_block(sub, j[0], j[1], paths[j[1]["file"]], *arrays[j[0]][:2], j[2]), jobs, workers)
 
     def finish(stored: str):
         t, flat, target = sub.entry(stored), flats[stored], names[stored]
@@ -173,8 +180,9 @@ def decode_finetune(sub: Subnetwork, names: dict[str, str], model, *, workers: i
             base = _whole_base(sub, stored, flat) if with_base else None
         else:
             mask, raw, kept = arrays.pop(stored)
-            try:
-                form = compact_positions(mask, t["row_len"], kept)
+            try:  # _decode_block counted every row's entries against its values and the manifest
+                form = compact_positions(mask, t["row_len"], kept, counted=True) \
+                    if compact or flat.device.type != "cpu" else {"mask": mask}
             except ValueError as exc:
                 raise StoreError(f"tensor {stored!r} of fine-tune {sub.finetune!r}: {exc}; delete its part files "
                                  f"and rerun the prune command") from None
@@ -190,7 +198,7 @@ def decode_finetune(sub: Subnetwork, names: dict[str, str], model, *, workers: i
     base_names = {names[s]: sub.entry(s).get("base_name") or s for s in names if sub.entry(s)["action"] == "prune"}
     stored_bytes = sum(b["bytes"] for s in names for b in sub.entry(s)["blocks"])
     return Resident(sub.finetune, {t: e for t, e, _ in done}, stored_bytes, base_names,
-                    {t: b for t, _, b in done} if with_base else None)
+                    {t: b for t, _, b in done} if with_base else None, compact=compact)
 
 
 def _walk_all(model, fn, targets: list, workers: int | None = None, torch_ops: bool = False) -> list:
@@ -276,7 +284,7 @@ class Switcher:
                     "saved_base_bytes": sum(b.numel() * b.element_size() for b in self._saved_bufs.values())}
 
     # ---- loading -----------------------------------------------------------------------------
-    def _decode(self, name: str, with_base: bool = False) -> Resident:
+    def _decode(self, name: str, with_base: bool = False, compact: bool = True) -> Resident:
         if self._first is not None:
             same_base(self._first, name)
         sub = open_subnetwork(self.store, name, self._base, verify=self._verify)
@@ -286,7 +294,7 @@ class Switcher:
                 self._base = sub.base_checkpoint  # opened and verified once for every fine-tune
         names = resolve_names(self.model, sub, name_map=self._name_map, strict=self._strict, warn=not with_base)
         res = decode_finetune(sub, names, self.model, workers=self._workers, pinned=self._pinned,
-                              with_base=with_base)
+                              with_base=with_base, compact=compact)
         for target, base_name in res.base_names.items():
             if self._base_names.setdefault(target, base_name) != base_name:
                 raise StoreError(f"fine-tune {name!r} writes model tensor {target!r} over base tensor "
@@ -296,10 +304,14 @@ class Switcher:
 
     def load(self, name: str) -> Resident:
         """Make `name` resident without switching to it (a server warming up)."""
+        return self._load(name, compact=True)
+
+    def _load(self, name: str, compact: bool) -> Resident:
+        """load(); compact=False when a switch to it follows (the switch compacts it)."""
         with self._lock:
             res = self._residents.get(name)
             if res is None:
-                res = self._residents[name] = self._decode(name)
+                res = self._residents[name] = self._decode(name, compact=compact)
                 self._evict(protect={name, self.active})
             self._residents.move_to_end(name)
             return res
@@ -336,6 +348,7 @@ class Switcher:
         prev = self._active
         targets = list(dict.fromkeys([*(prev.tensors if prev else ()), *(nxt.tensors if nxt else ())]))
         saved, bufs = self._saved, self._saved_bufs
+        compacted = {}  # a fresh nxt's tensors in their smaller form, found by the walk that writes them
 
         def one(target: str, flat: torch.Tensor) -> tuple[int, int]:
             restored = written = 0
@@ -347,13 +360,20 @@ class Switcher:
                 buf = bufs.get(target)
                 if buf is None or buf.numel() < n or buf.dtype != flat.dtype or buf.device != flat.device:
                     buf = torch.empty(n, dtype=flat.dtype, device=flat.device)
-                written = walk(e, flat, SWAP, values=e.values, saved=buf, torch_ops=self._torch_ops)
+                if nxt.compact:
+                    written = walk(e, flat, SWAP, values=e.values, saved=buf, torch_ops=self._torch_ops)
+                else:
+                    written, compacted[target] = walk_compacting(e, flat, SWAP, values=e.values, saved=buf,
+                                                                 torch_ops=self._torch_ops)
                 bufs[target] = buf  # one key per thread: dict assignment is atomic
             return restored, written
 
         try:
             counts = _walk_all(self.model, one, targets, self._workers, self._torch_ops)
             self._saved = {t: bufs[t][: e.values.numel()] for t, e in (nxt.tensors.items() if nxt else ())}
+            if nxt is not None and not nxt.compact:
+                nxt.tensors.update(compacted)
+                nxt.compact = True
             self._active = nxt
         except BaseException:
             what = f"switch to {nxt.name if nxt else 'the base'!r}"
@@ -380,7 +400,7 @@ class Switcher:
             if name == self.active:
                 report = {"restored": 0, "entries": 0, "tensors": 0}
             else:
-                nxt = self.load(name)
+                nxt = self._load(name, compact=False)
                 report = self._switch(nxt)
             self._residents.move_to_end(name)
             self._evict(protect={name})

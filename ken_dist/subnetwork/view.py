@@ -145,18 +145,20 @@ class Subnetwork:
         t = self.entry(name)
         return read_rows(self.base_checkpoint.tensors[t["base_name"]], a, b)
 
-    def _decode_part(self, name: str, block: dict, decoder, *ranges):
+    def _decode_part(self, name: str, block: dict, decoder, *ranges, threads: bool = True, path: str | None = None):
         """decoder(table, ...) over one part of pruned tensor `name` (parts.block_rows or
-        block_bitmasks), its codec's base rows at hand, a ValueError named as a StoreError."""
+        block_bitmasks), its codec's base rows at hand, a ValueError named as a StoreError.
+        threads, path: as for Store.read_part."""
         t = self.entry(name)
-        table = self.store.read_part(block, name, verify=self.verify)
+        path = path or self.store.resolve(block["file"])
+        table = self.store.read_part(block, name, verify=self.verify, threads=threads, path=path)
         base_info = self.base_checkpoint.tensors[t["base_name"]] if "values" in block else None
         try:
             yield from decoder(table, t["row_len"], t["dtype"], block["row_start"], block["row_end"], *ranges,
                                codec=block.get("values", RAW), index=block.get("index", "mask"),
                                base_rows=lambda lo, hi: read_rows_array(base_info, lo, hi))
         except ValueError as e:
-            raise StoreError(f"part file {self.store.resolve(block['file'])} of tensor {name!r} is "
+            raise StoreError(f"part file {path} of tensor {name!r} is "
                              f"inconsistent ({e}); delete it and rerun the prune command") from None
 
     def kept(self, name: str, a: int = 0, b: int | None = None):
@@ -170,10 +172,12 @@ class Subnetwork:
             if block["row_end"] > a and block["row_start"] < b:
                 yield from self._decode_part(name, block, block_rows, a, b)
 
-    def bitmasks(self, name: str, block: dict):
+    def bitmasks(self, name: str, block: dict, path: str | None = None):
         """Yield (first_row, packed [m, ceil(row_len/8)] uint8 bitmask, values uint8 numpy) for every
-        row of one part of a pruned tensor (store/parts.block_bitmasks: the stored bitmask as it is)."""
-        yield from self._decode_part(name, block, block_bitmasks)
+        row of one part of a pruned tensor (store/parts.block_bitmasks: the stored bitmask as it is).
+        For callers that decode parts in their own threads (Arrow's are not used); path: as for
+        Store.read_part."""
+        yield from self._decode_part(name, block, block_bitmasks, threads=False, path=path)
 
     def rows(self, name: str, a: int, b: int) -> torch.Tensor:
         """Rows [a, b) of a pruned tensor as [b - a, row_len]: base rows + kept fine-tuned entries."""
