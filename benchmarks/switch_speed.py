@@ -239,7 +239,10 @@ def measure(base: Path, store: Path, fts: dict, keep: float, args) -> dict:
             gc.collect()
             dense = [str(f) for f in Path(fts[nxt_name]).iterdir() if f.suffix == ".safetensors"]
             cached = step % 2 == 0  # the reference: the files in the page cache (a memory map is nearly free)
-            read_bytes(dense, workers) if cached else drop_cache(dense)
+            if cached:
+                read_bytes(dense, workers)
+            else:
+                drop_cache(dense)
             t, _ = timed(lambda: forward(LlamaForCausalLM.from_pretrained(fts[nxt_name]), ids))
             rows["from_pretrained" if cached else "from_pretrained_dropped"].append(t)
             gc.collect()

@@ -80,8 +80,6 @@ def assert_committed_once(store_path, finetune: str, reused: int = 0) -> None:
     """The finished run committed each planned block not reused from an earlier run exactly once
     (its end event counts commits; a duplicate result of a re-dispatched unit is not one) and
     dropped the journal."""
-    import os
-
     from ken_dist.job.log import read_job_log
 
     end = [e for e in read_job_log(store_path) if e["event"] == "end"][-1]
