@@ -95,8 +95,7 @@ def breakdown(x: torch.Tensor, k: int, device: str) -> str:
 
     h = stage("bandwidth", ken_torch.bandwidths, x)
     g = stage("grid", ken_torch.grids, x, k)
-    dens = stage("density", ken_torch_density.rounded_density, x, g, h)
-    visit = stage("sort", lambda d: torch.sort(-d, dim=1, stable=True).indices, dens)
+    visit = stage("density and visit order", ken_torch_density.visit_order, x, g, h)
     stage("greedy", ken_torch_greedy.greedy_match, x, g, visit)
     total = sum(times.values())
     return ", ".join(f"{name} {t:.3f}s ({100 * t / total:.0f}%)" for name, t in times.items())

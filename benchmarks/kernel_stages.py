@@ -3,8 +3,9 @@
     python benchmarks/kernel_stages.py [--rows 16] [--shapes 4096x2048] [--baseline REV]
 
 For each family of benchmarks/kernel_speed.py: ms/row (this thread's CPU time, median of 3) of
-the density (`_rounded_density`), the visit order and the greedy match, the literal O(n)
-fix-ups per row (grid points whose estimate's bound could not decide the rounding), the grid
+the density with the visit order (`_visit_order_of`; revisions before it: `_rounded_density`,
+then `_visit_order`), the greedy match, the literal O(n) fix-ups per row (grid points whose
+rounding, or since `_visit_order_of` whose order, the estimate's bound left open), the grid
 points per bandwidth (h / grid step) and the largest possible density 1/(h sqrt(2 pi)).
 --baseline REV does the same for git revision REV's ken_numba.py; its fix-ups are counted by a
 copy of its `_rounded_density` whose literal-sum branch also counts (the text of commit 671fadb
@@ -53,11 +54,8 @@ def load_revision(rev: str, count_fixups: bool):
 
 
 def todays_fixups(rows, sorted64, grids, h) -> float:
-    total = 0
-    for i in range(rows.shape[0]):
-        f, bound = ken_numba.density_estimates(rows[i], sorted64[i], grids[i], h[i])
-        total += int(np.sum((bound > 0) & ((bound >= 0.25) | (np.abs(f - np.floor(f) - 0.5) <= bound))))
-    return total / rows.shape[0]
+    return float(np.mean([ken_numba._visit_order_of(rows[i], sorted64[i], grids[i], h[i])[1]
+                          for i in range(rows.shape[0])]))
 
 
 def stage_ms(fn, r: int) -> float:
@@ -77,13 +75,18 @@ def profile(module, fixups, rows: np.ndarray, k: int) -> list[str]:
     order = ken_cpu.sort_order(rows)
     ordered = [rows[i][order[i]] for i in range(r)]
     sorted64 = [v.astype(np.float64) for v in ordered]
-    density = [module._rounded_density(rows[i], sorted64[i], grids[i], h[i]) for i in range(r)]
-    visits = [module._visit_order(d) for d in density]
-    out = [stage_ms(lambda: [module._rounded_density(rows[i], sorted64[i], grids[i], h[i]) for i in range(r)], r),
-           stage_ms(lambda: [module._visit_order(d) for d in density], r),
-           stage_ms(lambda: [module.greedy_match(ordered[i], order[i], grids[i], visits[i]) for i in range(r)], r)]
+    if hasattr(module, "_visit_order_of"):
+        visits = [module._visit_order_of(rows[i], sorted64[i], grids[i], h[i])[0] for i in range(r)]
+        out = [stage_ms(lambda: [module._visit_order_of(rows[i], sorted64[i], grids[i], h[i]) for i in range(r)], r),
+               None]  # in the density column
+    else:
+        density = [module._rounded_density(rows[i], sorted64[i], grids[i], h[i]) for i in range(r)]
+        visits = [module._visit_order(d) for d in density]
+        out = [stage_ms(lambda: [module._rounded_density(rows[i], sorted64[i], grids[i], h[i]) for i in range(r)], r),
+               stage_ms(lambda: [module._visit_order(d) for d in density], r)]
+    out.append(stage_ms(lambda: [module.greedy_match(ordered[i], order[i], grids[i], visits[i]) for i in range(r)], r))
     fix = fixups(rows, sorted64, grids, h) if fixups else None
-    return [f"{x:.3f}" for x in out] + ["-" if fix is None else f"{fix:.1f}"]
+    return ["-" if x is None else f"{x:.3f}" for x in out] + ["-" if fix is None else f"{fix:.1f}"]
 
 
 def main() -> None:

@@ -106,26 +106,30 @@ def test_bandwidths_and_grids_equal_numpy():
 
 
 # ----------------------------------------------------------------------------- density
-def _literal_rounded(v, g, h):
-    return np.array([np.rint(ken_numba.exact_density(v, np.float64(x), h)) for x in g])
+def _literal_visit_order(v, g, h):
+    dens = np.array([np.rint(ken_numba.exact_density(v, np.float64(x), h)) for x in g])
+    return np.argsort(-dens, kind="stable")
 
 
 @pytest.mark.parametrize("terms", [16, 3])
-def test_rounded_density_equals_literal_sum(terms, monkeypatch):
-    """With the shipped expansion, and with one so short that most points need the literal sum."""
+def test_visit_order_equals_the_literal_sums_order(terms, monkeypatch):
+    """With the shipped expansion, and with one so short that most points need the literal sum;
+    and on tiny and mirrored tiny rows, whose densities are huge near-equal integers."""
     monkeypatch.setattr(ken_torch_density, "P_TERMS", terms)
     monkeypatch.setattr(ken_torch_density, "Q_TERMS", terms)
     rng = np.random.default_rng(terms)
+    half = rng.standard_normal(750) * 1e-9
     rows = np.stack([rng.standard_normal(1500) * 0.02, rng.standard_t(2, 1500) * 0.01,
                      np.where(rng.random(1500) < 0.5, -1, 1) * 0.05 + rng.standard_normal(1500) * 0.005,
-                     rng.integers(-3, 4, 1500) * 0.25]).astype(np.float32)
+                     rng.integers(-3, 4, 1500) * 0.25, rng.standard_normal(1500) * 1e-8,
+                     np.concatenate([half, -half])]).astype(np.float32)
     t = torch.from_numpy(rows)
     h = ken_torch.bandwidths(t)
     for k in (2, 64, 700):
         g = ken_torch.grids(t, k)
-        got = ken_torch_density.rounded_density(t, g, h).numpy()
+        got = ken_torch_density.visit_order(t, g, h).numpy()
         for i in range(rows.shape[0]):
-            assert np.array_equal(got[i], _literal_rounded(rows[i], g[i].numpy(), float(h[i]))), (i, k)
+            assert np.array_equal(got[i], _literal_visit_order(rows[i], g[i].numpy(), float(h[i]))), (i, k)
 
 
 # ----------------------------------------------------------------------------- torch == CPU path

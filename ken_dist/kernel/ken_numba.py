@@ -11,8 +11,9 @@ Cost per row (n values, k grid points), all exact:
 - density: a truncated Hermite expansion of the Gaussian sum over boxes one bandwidth wide,
   evaluated on a lattice of a few nodes per bandwidth and interpolated to the grid points
   (O(n*P + nodes*T*P + k*M) instead of O(n*k)). Each estimate carries a rigorous error bound in
-  units of the bandwidth and the largest density (so the same on every row scale); where the
-  bound cannot decide the integer rounding, the density is recomputed by the literal O(n) sum;
+  units of the bandwidth and the largest density (so the same on every row scale); only the
+  order of the rounded densities matters, so the literal O(n) sum is paid only where the bound
+  leaves that order open (a rounding undecided and another point's density within its reach);
 - greedy match: the row sorted once, "next alive"/"previous alive" links with path halving,
   O((n + k) * alpha(n)) after the sort.
 """
@@ -28,11 +29,11 @@ EPS = 2.0 ** -52
 # Hermite expansion of each box of sources (boxes one bandwidth wide, P terms); a box is seen
 # from points within T bandwidths of its sources. Both truncations stay below 1e-10 of the
 # largest possible density, so the rounding is decided almost everywhere, whatever the scale.
-P_TERMS = 15
+P_TERMS = 16
 T_WINDOW = 7.2
 # Density nodes D per bandwidth; each grid point interpolates the M nodes around it.
 NODES_PER_H = 8
-M_INTERP = 10
+M_INTERP = 12
 # Cramer's inequality: |He_n(x)| exp(-x^2/4) <= CRAMER * sqrt(n!) (constant rounded up).
 CRAMER = 1.086436
 # Below this many kernel evaluations per row the literal sum is as cheap as the expansion.
@@ -286,19 +287,59 @@ def _lagrange_term(c, prefix, suffix, y, shift, nodes, first, i, out, lebesgue):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")  # into select_block: one module less to compile
-def _rounded_density(values, sorted_values, grid, h):
-    """Rounded (half to even) KDE at each float32 grid point, equal to rounding the spec's float64
-    sum: the estimate's rounding where its bound decides it, else the literal sum's."""
+def _visit_order_of(values, sorted_values, grid, h):
+    """The grid points in the greedy's visit order: by the spec's rounded (half to even) float64
+    density, highest first, ties in ascending index.
+
+    Only that order matters, not the roundings themselves. Where the estimate's bound decides a
+    rounding, it is used. Elsewhere the rounding lies in a small interval of integers, and it
+    matters only if another point's possible roundings meet that interval (their order, or their
+    tie, is then open): only those points pay the literal O(n) sum. So rows whose densities are
+    huge integers (tiny bandwidths: bounds wider than a unit) pay it only at near-equal densities.
+    Returns (order, how many literal sums were paid: benchmarks/kernel_stages.py reports it)."""
     f, bound = density_estimates(values, sorted_values, grid, h)
-    out = np.empty(grid.size, dtype=np.float64)
-    for j in range(grid.size):
-        if bound[j] < 0.25 and abs(f[j] - math.floor(f[j]) - 0.5) > bound[j]:
-            out[j] = np.rint(f[j])
-        elif bound[j] == 0.0:  # the literal sum already
-            out[j] = np.rint(f[j])
-        else:
-            out[j] = np.rint(exact_density(values, np.float64(grid[j]), h))
-    return out
+    k = grid.size
+    lo = np.empty(k, dtype=np.float64)  # every rounding still possible at each point
+    hi = np.empty(k, dtype=np.float64)
+    open_points = 0
+    for j in range(k):
+        if bound[j] == 0.0:  # the literal sum already
+            lo[j] = hi[j] = np.rint(f[j])
+        else:  # rounding is monotone; the bound widened for the float64 rounding of f -/+ bound
+            reach = bound[j] + 4.0 * EPS * (abs(f[j]) + bound[j])
+            lo[j] = np.rint(f[j] - reach)
+            hi[j] = np.rint(f[j] + reach)
+            open_points += lo[j] < hi[j]
+    literal = 0
+    for settled in range(2):  # one call site each: both are inlined
+        order = _visit_order(lo)
+        if settled or not open_points:
+            break
+        literal = _settle_open(values, grid, h, lo, hi, order)
+        if not literal:
+            break
+    return order, literal
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _settle_open(values, grid, h, lo, hi, order):
+    """Sets lo = hi = the literal rounding at each open point (lo < hi) whose interval meets
+    another point's; returns how many. Any other open point orders against every other point
+    by its lo as by its true rounding: no other possible value lies in its interval. `order`:
+    the points by lo, highest first (equal lo in ascending index), swept from the end."""
+    k = lo.size
+    meets = np.zeros(k, dtype=np.bool_)
+    reach = -1.0  # the largest hi among the intervals of lower (or equal, earlier) lo
+    for t in range(k - 1, -1, -1):
+        j = order[t]
+        meets[j] = lo[j] <= reach or (t > 0 and lo[order[t - 1]] <= hi[j])
+        reach = max(reach, hi[j])
+    literal = 0
+    for j in range(k):
+        if meets[j] and lo[j] < hi[j]:
+            lo[j] = hi[j] = np.rint(exact_density(values, np.float64(grid[j]), h))
+            literal += 1
+    return literal
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -395,7 +436,7 @@ def greedy_match(sorted_values, order, grid, visit):
 def _visit_order(density):
     """Grid indices by rounded density, highest first; ties keep ascending index.
 
-    Rounded densities are small non-negative integers, so a counting sort (stable by
+    Rounded densities are often small non-negative integers, so a counting sort (stable by
     construction) does it when their range is small; otherwise a bottom-up merge sort (stable:
     on ties the left run goes first)."""
     k = density.size
@@ -421,35 +462,78 @@ def _visit_order(density):
 @numba.njit(cache=True, nogil=True)
 def _merge_sort_descending(keys):
     """Indices of keys, highest first, equal keys in ascending index (numpy's stable argsort of
-    -keys, without compiling numba's own sort for this rare case)."""
+    -keys, without compiling numba's own sort). A natural merge sort: densities along a grid are
+    smooth, so the keys come in a few long monotone runs and the sort costs about one pass per
+    doubling of the run count, not log2(k) passes."""
     k = keys.size
     order = np.arange(k)
     spare = np.empty(k, dtype=np.int64)
-    width = 1
-    while width < k:
-        for lo in range(0, k, 2 * width):
-            mid = min(lo + width, k)
-            hi = min(lo + 2 * width, k)
+    # runs over contiguous index ranges: non-increasing ones are sorted already (equal keys in
+    # index order); non-decreasing ones are reversed, then each group of equal keys back again
+    bounds = np.empty(k + 1, dtype=np.int64)
+    runs = 0
+    a = 0
+    while a < k:
+        b = a + 1
+        while b < k and keys[b] == keys[a]:
+            b += 1
+        if b < k and keys[b] > keys[a]:
+            while b < k and keys[b] >= keys[b - 1]:
+                b += 1
+            _reverse(order, a, b)
+            g = a
+            for t in range(a + 1, b + 1):
+                if t == b or keys[order[t]] != keys[order[g]]:
+                    _reverse(order, g, t)
+                    g = t
+        else:
+            while b < k and keys[b] <= keys[b - 1]:
+                b += 1
+        bounds[runs] = a
+        runs += 1
+        a = b
+    bounds[runs] = k
+    key = np.empty(k, dtype=keys.dtype)  # keys in the order's order: one load per comparison
+    for t in range(k):
+        key[t] = keys[order[t]]
+    spare_key = np.empty(k, dtype=keys.dtype)
+    while runs > 1:  # merge neighbouring runs; the left one holds the smaller indices: it wins ties
+        merged = 0
+        for r in range(0, runs, 2):
+            lo = bounds[r]
+            mid = bounds[min(r + 1, runs)]
+            hi = bounds[min(r + 2, runs)]
             a, b, t = lo, mid, lo
-            while a < mid and b < hi:
-                if keys[order[b]] > keys[order[a]]:
-                    spare[t] = order[b]
-                    b += 1
-                else:
-                    spare[t] = order[a]
-                    a += 1
+            while a < mid and b < hi:  # selects, not branches: which side wins is data
+                right = key[b] > key[a]
+                spare[t] = order[b] if right else order[a]
+                spare_key[t] = key[b] if right else key[a]
+                b += right
+                a += 1 - right
                 t += 1
             while a < mid:
                 spare[t] = order[a]
+                spare_key[t] = key[a]
                 a += 1
                 t += 1
             while b < hi:
                 spare[t] = order[b]
+                spare_key[t] = key[b]
                 b += 1
                 t += 1
+            bounds[merged] = lo
+            merged += 1
+        bounds[merged] = k
+        runs = merged
         order, spare = spare, order
-        width *= 2
+        key, spare_key = spare_key, key
     return order
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _reverse(order, a, b):
+    for t in range((b - a) // 2):
+        order[a + t], order[b - 1 - t] = order[b - 1 - t], order[a + t]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -524,8 +608,7 @@ def select_block(rows, sort_order, grids, h, k):
         for p in range(n):  # a loop, not values[order]: numba's fancy indexing costs compile time
             sorted_values[p] = values[order[p]]
             sorted64[p] = sorted_values[p]
-        density = _rounded_density(values, sorted64, grids[i], h[i])
-        picked = greedy_match(sorted_values, order, grids[i], _visit_order(density))
+        picked = greedy_match(sorted_values, order, grids[i], _visit_order_of(values, sorted64, grids[i], h[i])[0])
         for t in range(k):
             mask[i, picked[t]] = True
     return mask

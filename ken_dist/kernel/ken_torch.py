@@ -187,8 +187,7 @@ def select_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     if k == 1:
         visit = torch.zeros((r, 1), dtype=torch.int64, device=x.device)
     else:
-        dens = ken_torch_density.rounded_density(x, g, h)
-        visit = torch.sort(-dens, dim=1, stable=True).indices
+        visit = ken_torch_density.visit_order(x, g, h)
     picked = ken_torch_greedy.greedy_match(x, g, visit)
     first = torch.arange(k, dtype=torch.int64, device=x.device).expand(r, k)
     return torch.where(degenerate[:, None], first, picked)

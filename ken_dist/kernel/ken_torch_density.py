@@ -1,8 +1,9 @@
-"""Rounded KDE densities at the grid points, batched over rows in torch, exact.
+"""The grid points' visit order by rounded KDE density, batched over rows in torch, exact.
 
 The spec's density is the literal float64 sum f(x) = sum_i exp(-(x - v_i)^2 / (2 h^2)) / (n h sqrt(2 pi)),
-rounded half to even. Only the rounding matters, so an estimate with a rigorous error bound is
-enough wherever the bound keeps it away from a half-integer; every other grid point is
+rounded half to even, and only the order of the roundings matters. So an estimate with a
+rigorous error bound is enough wherever the bound keeps it away from a half-integer, or keeps
+its possible roundings apart from every other point's; the remaining grid points are
 recomputed by the literal float64 formula (`_literal_density`, chunked to bound memory).
 
 The estimate is a fast Gauss transform (Hermite source moments -> Taylor target coefficients)
@@ -28,7 +29,7 @@ Error bound (per source, in units of the kernel's maximum 1), with a = sqrt2*max
 - the literal float64 sum differs from the real-number density by at most (n + 32) 4u d0
   (d0 = 1/(h sqrt(2 pi)), the largest density), so a decided rounding is also the literal sum's.
 With P = Q = 16 and U = 7 the bound is about 5e-9 * d0: almost every rounding is decided.
-The decision is taken only where |frac(f) - 1/2| > bound and bound < 1/4.
+A rounding is decided where f - bound and f + bound round alike.
 """
 from __future__ import annotations
 
@@ -162,9 +163,15 @@ def _literal_density(x: torch.Tensor, rows: torch.Tensor, pts: torch.Tensor, h: 
     return out
 
 
-def rounded_density(x: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Rounded (half to even) KDE densities [r, k] (float64) of float32 rows x at float32 grids g,
-    bandwidths h (float64, all > 0), identical to the literal float64 sum's rounding."""
+def visit_order(x: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Grid indices [r, k] of float32 rows x at float32 grids g, bandwidths h (float64, all > 0),
+    by rounded (half to even) KDE density, highest first, ties in ascending index: the order of
+    the literal float64 sums' roundings.
+
+    Only that order matters. Where the bound leaves a rounding undecided, the rounding lies in a
+    small interval of integers; the literal sum is paid only where another point's interval meets
+    it (ken_numba._visit_order_of: the same rule), so rows with huge-integer densities (tiny
+    bandwidths) stay fast."""
     r, n = x.shape
     k = g.shape[1]
     dev = x.device
@@ -178,8 +185,9 @@ def rounded_density(x: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.
     cap = int(4 * math.sqrt(n) * n ** 0.2) + 64
     too_many = ~(nb_row <= cap)
 
-    dens = torch.empty((r, k), dtype=torch.float64, device=dev)
-    undecided = torch.empty((r, k), dtype=torch.bool, device=dev)
+    least = torch.empty((r, k), dtype=torch.float64, device=dev)  # every rounding still possible
+    most = torch.empty((r, k), dtype=torch.float64, device=dev)
+    unusable = torch.empty((r, k), dtype=torch.bool, device=dev)
     nb_all = int(torch.where(too_many, torch.ones_like(nb_row), nb_row).max().item())
     per_row = n * 6 + k * 6 + nb_all * (P_TERMS * (2 * U_NEAR + 4) + Q_TERMS * 2)
     step = max(1, _elems(EXPANSION_ELEMS, dev) // per_row)
@@ -189,11 +197,35 @@ def rounded_density(x: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.
         est, err_sum = _expansion(x[sl].double(), lo[sl], g[sl].double(), h[sl], nb)
         f = est / norm[sl, None]
         err = (err_sum / norm[sl] + (n + 32) * 4 * U64 * d0[sl])[:, None] + 8 * U64 * f.abs()
-        frac = f - torch.floor(f)
-        ok = ((frac - 0.5).abs() > err) & (err < 0.25) & torch.isfinite(f) & ~too_many[sl, None]
-        dens[sl] = torch.round(f)
-        undecided[sl] = ~ok
-    rows, cols = undecided.nonzero(as_tuple=True)
-    if rows.numel():
-        dens[rows, cols] = torch.round(_literal_density(x, rows, g[rows, cols].double(), h))
-    return dens
+        # rounding is monotone; the bound widened for the float64 rounding of f -/+ err
+        reach = err + 4 * 2 * U64 * (f.abs() + err)
+        least[sl] = torch.round(f - reach)
+        most[sl] = torch.round(f + reach)
+        unusable[sl] = ~(torch.isfinite(f) & torch.isfinite(err) & ~too_many[sl, None])
+    _settle_by_literal_sums(x, g, h, least, most, unusable)
+    order = torch.sort(-least, dim=1, stable=True).indices
+    open_ = least < most
+    if not open_.any():
+        return order
+    # sweep by least, highest first: an interval meets another if the next one's least is within
+    # it, or one of lower (or equal, earlier) least reaches it
+    lo_s = least.gather(1, order)
+    hi_s = most.gather(1, order)
+    below = torch.flip(torch.cummax(torch.flip(hi_s, [1]), dim=1).values, [1])
+    meets = torch.zeros_like(open_)
+    meets[:, :-1] = lo_s[:, :-1] <= below[:, 1:]
+    meets[:, 1:] |= lo_s[:, :-1] <= hi_s[:, 1:]
+    if not _settle_by_literal_sums(x, g, h, least, most, open_ & torch.zeros_like(open_).scatter_(1, order, meets)):
+        return order  # every open point keeps its least: it orders as its true rounding would
+    return torch.sort(-least, dim=1, stable=True).indices
+
+
+def _settle_by_literal_sums(x, g, h, least, most, where: torch.Tensor) -> bool:
+    """least = most = the literal sum's rounding at the points `where`; whether there were any."""
+    rows, cols = where.nonzero(as_tuple=True)
+    if not rows.numel():
+        return False
+    exact = torch.round(_literal_density(x, rows, g[rows, cols].double(), h))
+    least[rows, cols] = exact
+    most[rows, cols] = exact
+    return True
