@@ -51,18 +51,20 @@ from ken_dist.kernel.ken import ken_mask  # noqa: E402
 from ken_dist.kernel.ken_cpu import sort_order  # noqa: E402
 
 SHAPES = [(4096, 2048), (14336, 4096)]
-# family -> row_families kind, and whether its values are rounded to bf16 afterwards
+# family -> row_families kind, whether its values are rounded to bf16 afterwards, a scale factor
 FAMILIES = {
-    "gauss": ("gauss", False),
-    "gauss+outliers": ("sparse_outliers", False),
-    "uniform": ("uniform_weights", False),
-    "laplace": ("laplace", False),
-    "student-t3": ("student3", False),
-    "gauss bf16": ("gauss", True),
-    "outliers bf16": ("sparse_outliers", True),
-    "delta 2e-4": ("delta", False),
-    "near-constant": ("near_constant", False),
-    "delta 1e-8": ("tiny", False),
+    "gauss": ("gauss", False, 1.0),
+    "gauss+outliers": ("sparse_outliers", False, 1.0),
+    "uniform": ("uniform_weights", False, 1.0),
+    "laplace": ("laplace", False, 1.0),
+    "student-t3": ("student3", False, 1.0),
+    "gauss bf16": ("gauss", True, 1.0),
+    "outliers bf16": ("sparse_outliers", True, 1.0),
+    "delta 2e-4": ("delta", False, 1.0),
+    "near-constant": ("near_constant", False, 1.0),
+    "delta 1e-6": ("delta", False, 5e-3),  # rows of ever smaller magnitude: huge integer densities
+    "delta 1e-8": ("tiny", False, 1.0),
+    "delta 1e-10": ("tiny", False, 1e-2),
 }
 MINILM = "minilm (real)"
 
@@ -95,8 +97,8 @@ def minilm_rows(r: int, n: int) -> np.ndarray | str:
 def family_rows(r: int, n: int, seed: int) -> dict[str, np.ndarray | str]:
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray | str] = {}
-    for name, (kind, bf16) in FAMILIES.items():
-        rows = np.stack([row_families.row(kind, n, rng) for _ in range(r)]).astype(np.float32)
+    for name, (kind, bf16, scale) in FAMILIES.items():
+        rows = (np.stack([row_families.row(kind, n, rng) for _ in range(r)]) * scale).astype(np.float32)
         out[name] = bf16_rounded(rows) if bf16 else rows
     out[MINILM] = minilm_rows(r, n)
     return out

@@ -40,7 +40,7 @@ def row(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
         return rng.standard_t(3, n) * 0.02
     if kind == "delta":  # a fine-tuning delta's scale: the densities are ~100x larger integers
         return rng.standard_normal(n) * 2e-4
-    if kind == "tiny":  # a small-learning-rate fp32 delta: densities ~1e8, their rounding hard to decide
+    if kind == "tiny":  # a small-learning-rate fp32 delta: densities ~1e8, huge integers
         return rng.standard_normal(n) * 1e-8
     if kind == "near_constant":  # LayerNorm-like: float32 steps of 1.0 are 1.2e-7, so many ties
         return 1.0 + rng.standard_normal(n) * 1e-4
@@ -50,4 +50,4 @@ def row(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 KINDS = ["gauss", "cauchy", "student2", "outliers", "bf16", "zeros", "bimodal", "few_levels", "clustered", "uniform",
-         "sparse_outliers", "uniform_weights", "laplace", "student3", "delta", "near_constant"]
+         "sparse_outliers", "uniform_weights", "laplace", "student3", "delta", "near_constant", "tiny"]

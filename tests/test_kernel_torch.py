@@ -111,12 +111,14 @@ def _literal_visit_order(v, g, h):
     return np.argsort(-dens, kind="stable")
 
 
-@pytest.mark.parametrize("terms", [16, 3])
-def test_visit_order_equals_the_literal_sums_order(terms, monkeypatch):
-    """With the shipped expansion, and with one so short that most points need the literal sum;
-    and on tiny and mirrored tiny rows, whose densities are huge near-equal integers."""
+@pytest.mark.parametrize("terms,torch_sum_ulps", [(16, 2), (3, 2), (3, 1e13)])
+def test_visit_order_equals_the_literal_sums_order(terms, torch_sum_ulps, monkeypatch):
+    """With the shipped expansion, with one so short that most points need the literal sum, and
+    then with torch's literal sums trusted so little that each is redone left to right on the CPU;
+    on tiny and mirrored tiny rows too, whose densities are huge near-equal integers."""
     monkeypatch.setattr(ken_torch_density, "P_TERMS", terms)
     monkeypatch.setattr(ken_torch_density, "Q_TERMS", terms)
+    monkeypatch.setattr(ken_torch_density, "TORCH_SUM_ULPS", torch_sum_ulps)
     rng = np.random.default_rng(terms)
     half = rng.standard_normal(750) * 1e-9
     rows = np.stack([rng.standard_normal(1500) * 0.02, rng.standard_t(2, 1500) * 0.01,

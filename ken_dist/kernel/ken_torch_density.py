@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 
 SQRT_2PI = math.sqrt(2.0 * math.pi)
@@ -44,6 +45,9 @@ Q_TERMS = 16  # target (Taylor) terms
 U_NEAR = 7  # boxes within this distance interact through the expansion
 CRAMER = 1.086436  # rounded up
 U64 = 2.0 ** -53
+# torch's literal sum (its own order, its exp) is within TORCH_SUM_ULPS * n + 16 units of
+# roundoff (relative) of the spec's left-to-right sum: all terms are positive
+TORCH_SUM_ULPS = 2
 SERIES_TERMS = 64  # A_0 and the tails are summed to 64 terms, then bounded geometrically
 # Work sizes: float64 elements per chunk (the expansion and the literal fix-up).
 EXPANSION_ELEMS = {"cuda": 1 << 27, "cpu": 1 << 23}
@@ -221,11 +225,24 @@ def visit_order(x: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.Tens
 
 
 def _settle_by_literal_sums(x, g, h, least, most, where: torch.Tensor) -> bool:
-    """least = most = the literal sum's rounding at the points `where`; whether there were any."""
+    """least = most = the literal sum's rounding at the points `where`; whether there were any.
+
+    torch sums the terms in its own order (and its exp may differ from libm's by an ulp or two),
+    so its result is only near the spec's left-to-right sum (TORCH_SUM_ULPS); where that leaves
+    the rounding open, the point is summed left to right on the CPU."""
     rows, cols = where.nonzero(as_tuple=True)
     if not rows.numel():
         return False
-    exact = torch.round(_literal_density(x, rows, g[rows, cols].double(), h))
+    dens = _literal_density(x, rows, g[rows, cols].double(), h)
+    reach = (TORCH_SUM_ULPS * x.shape[1] + 16) * U64 * dens.abs() + 1e-300
+    exact = torch.round(dens)
+    unsure = (torch.round(dens - reach) != torch.round(dens + reach)) | ~torch.isfinite(dens)
+    if unsure.any():
+        from ken_dist.kernel import ken_numba
+
+        for i in unsure.nonzero().flatten().tolist():
+            r, c = int(rows[i]), int(cols[i])
+            exact[i] = float(np.rint(ken_numba.exact_density(x[r].cpu().numpy(), float(g[r, c]), float(h[r]))))
     least[rows, cols] = exact
     most[rows, cols] = exact
     return True
