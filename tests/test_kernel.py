@@ -87,7 +87,7 @@ def test_fast_visit_order_equals_literal_sums_on_long_rows(kind, seed, k, scale)
     assert np.array_equal(fast, _literal_visit_order(v[0], g, h))
 
 
-@pytest.mark.parametrize("scale", [1e-8, 1e-9, 1e-11, 1e-20])
+@pytest.mark.parametrize("scale", [1e-9, 1e-11, 1e-20])
 def test_visit_order_settles_near_equal_huge_densities_by_the_literal_sum(scale):
     """Mirrored tiny rows: the densities at mirrored grid points are huge near-equal integers whose
     roundings the estimate cannot separate, so their order is settled by the literal sums (some
@@ -104,7 +104,7 @@ def test_visit_order_settles_near_equal_huge_densities_by_the_literal_sum(scale)
             fast, literal = ken_numba._visit_order_of(v, v[order].astype(np.float64), g, h)
             assert np.array_equal(fast, _literal_visit_order(v, g, h)), (scale, mirrored, k)
             if mirrored and k > 64:
-                assert literal > 0
+                assert literal > 0, (scale, k)
             if not mirrored:
                 assert literal <= 2, literal
 
@@ -112,13 +112,13 @@ def test_visit_order_settles_near_equal_huge_densities_by_the_literal_sum(scale)
 @settings(max_examples=30, deadline=None)
 @given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**31), shape=st.sampled_from([(4000, 12), (1500, 64),
                                                                                         (2000, 900), (4096, 2048)]),
-       scale=st.sampled_from([1.0, 1e-3, 1e3]))
+       scale=st.sampled_from([1.0, 1e-3, 1e3, 1e-6]))
 def test_density_bound_holds_and_rarely_needs_the_literal_sum(kind, seed, shape, scale):
     """The fast density's rigorous bound really bounds it, on every family and at every scale,
     and is tight enough that the literal O(n) fix-up is rare (it decides the rounding otherwise).
     (4000, 12) mostly takes the direct sum (more occupied boxes than grid points), the others the nodes;
-    relative to the largest density the bound is the same at every scale, so only rows whose
-    densities are huge integers (tiny bandwidths) see a few fix-ups."""
+    relative to the largest density the bound is the same at every scale (tighter still where that
+    density is large: more expansion terms), so fix-ups stay rare even where densities are huge."""
     n, k = shape
     rng = np.random.default_rng(seed)
     v = (_row(kind, n, rng) * scale).astype(np.float32)[None, :]
@@ -131,8 +131,10 @@ def test_density_bound_holds_and_rarely_needs_the_literal_sum(kind, seed, shape,
     exact = np.array([ken_numba.exact_density(v[0], np.float64(x), h) for x in g])
     assert np.all(np.abs(estimate - exact) <= bound)
     d0 = 1 / (h * np.sqrt(2 * np.pi))  # the largest possible density: the bound scales with it
-    # the expansion's own terms (~5e-11), plus float64 positions: a few ulp of |v| / h (near-constant rows)
-    assert bound.max() <= (1e-10 + 1e-14 * np.abs(v).max() / h) * d0
+    # the expansion's own terms (~5e-10, ~5e-12 with the precise terms), plus float64 positions:
+    # a few ulp of |v| / h (near-constant rows)
+    own = 2e-11 if d0 > ken_numba.PRECISE_ABOVE else 1e-9
+    assert bound.max() <= (own + 1e-14 * np.abs(v).max() / h) * d0
     undecided = (bound >= 0.25) | (np.abs(estimate - np.floor(estimate) - 0.5) <= bound)
     assert undecided.sum() <= 2 + 4 * k * bound.max(), (undecided.sum(), bound.max())
 

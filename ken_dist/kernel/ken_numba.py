@@ -27,13 +27,16 @@ import numpy as np
 SQRT_2PI = math.sqrt(2.0 * math.pi)
 EPS = 2.0 ** -52
 # Hermite expansion of each box of sources (boxes one bandwidth wide, P terms); a box is seen
-# from points within T bandwidths of its sources. Both truncations stay below 1e-10 of the
-# largest possible density, so the rounding is decided almost everywhere, whatever the scale.
-P_TERMS = 16
-T_WINDOW = 7.2
-# Density nodes D per bandwidth; each grid point interpolates the M nodes around it.
+# from points within T bandwidths of its sources; each grid point interpolates the M density
+# nodes around it (D nodes per bandwidth). Truncations and interpolation remainder stay below
+# ~1e-9 of the largest possible density d0, which decides the integer rounding almost
+# everywhere while d0 is moderate. Rows of tiny magnitude have huge integer densities (d0 above
+# PRECISE_ABOVE): there (P, T, M) are raised so that those terms fall to ~1e-12 of d0, below
+# float64 rounding, for ~15% more expansion work on those rows only.
+P_TERMS, T_WINDOW, M_INTERP = 15, 7.2, 10
+PRECISE_TERMS, PRECISE_WINDOW, PRECISE_INTERP = 18, 7.7, 14
+PRECISE_ABOVE = 1e5
 NODES_PER_H = 8
-M_INTERP = 12
 # Cramer's inequality: |He_n(x)| exp(-x^2/4) <= CRAMER * sqrt(n!) (constant rounded up).
 CRAMER = 1.086436
 # Below this many kernel evaluations per row the literal sum is as cheap as the expansion.
@@ -53,8 +56,8 @@ def exact_density(values: np.ndarray, x: float, h: float) -> float:
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
 def _run_moments(u, centre, inv_h, moments, b, s, power):
-    """moments[b, p] = sum of s^p / p! over one box's sources u, s = (u - centre) / h; returns
-    max |s|. Reductions the compiler may reorder (fastmath reassoc: vector lanes), which
+    """moments[b, p] += sum of s^p / p! over a run of box b's sources u, s = (u - centre) / h;
+    returns max |s|. Reductions the compiler may reorder (fastmath reassoc: vector lanes), which
     _expansion_error's rounding term covers (any order). s and power: scratch, u's size."""
     smax = 0.0
     for i in range(u.size):
@@ -62,12 +65,12 @@ def _run_moments(u, centre, inv_h, moments, b, s, power):
         smax = max(smax, abs(s[i]))
         power[i] = 1.0
     inv_fact = 1.0
-    for p in range(P_TERMS):
+    for p in range(moments.shape[1]):
         total = 0.0
         for i in range(u.size):
             total += power[i]
             power[i] *= s[i]
-        moments[b, p] = total * inv_fact
+        moments[b, p] += total * inv_fact
         inv_fact /= p + 1
     return smax
 
@@ -80,14 +83,16 @@ def _axpy(a, x, y):
 
 
 @numba.njit(cache=True, nogil=True)
-def _box_moments(sorted_values, start, width, h, nbox):
+def _box_moments(sorted_values, start, width, h, nbox, terms):
     """A[b, p] = sum over box b's sources of s^p / p!, s = (u - centre_b) / h, centre_b =
-    start + b * width (start <= every value); and the largest |s| (the truncation bound needs
-    it). The sources are sorted, so each box is a run of them."""
+    start + b * width (start <= every value); the largest |s| and the most sources in one box
+    (the error bound needs both). The sources are sorted, so each box is a run of them (or two,
+    where float64 rounding puts a value at a box's edge)."""
     n = sorted_values.size
-    moments = np.zeros((nbox, P_TERMS), dtype=np.float64)
+    moments = np.zeros((nbox, terms), dtype=np.float64)
     s = np.empty(n, dtype=np.float64)
     power = np.empty(n, dtype=np.float64)
+    population = np.zeros(nbox, dtype=np.int64)
     smax = 0.0
     inv_width = 1.0 / width
     inv_h = 1.0 / h
@@ -100,21 +105,23 @@ def _box_moments(sorted_values, start, width, h, nbox):
             last += 1
         smax = max(smax, _run_moments(sorted_values[first:last], start + b * width, inv_h, moments, b,
                                       s[first:last], power[first:last]))
+        population[b] += last - first
         first = last
-    return moments, smax * (1.0 + 1e-12)
+    return moments, smax * (1.0 + 1e-12), population.max()
 
 
 @numba.njit(cache=True, nogil=True)
-def _expansion_error(smax, n):
-    """Bound on |expansion - exact| at any point, in units of the largest density d0 = 1/(h sqrt(2 pi)):
-    the Hermite remainder (Cramer, then a geometric tail), the sources beyond T bandwidths, and
-    float64 rounding (moments summed over <= n sources, P terms, table entries)."""
+def _expansion_error(smax, most, terms, window):
+    """Bound on |expansion - real-number sum| at any point, in units of the largest density
+    d0 = 1/(h sqrt(2 pi)): the Hermite remainder (Cramer, then a geometric tail), the sources
+    beyond T bandwidths, and float64 rounding (moments summed over <= `most` sources per box,
+    P terms, table entries)."""
     fact = 1.0
-    for p in range(1, P_TERMS + 1):
+    for p in range(1, terms + 1):
         fact *= p
-    ratio = smax / math.sqrt(P_TERMS + 1.0)
-    remainder = CRAMER * smax ** P_TERMS / math.sqrt(fact) / (1.0 - ratio)
-    return remainder + math.exp(-0.5 * T_WINDOW * T_WINDOW) + 4.0 * (n + 4 * P_TERMS + 64) * EPS + 1e-13
+    ratio = smax / math.sqrt(terms + 1.0)
+    remainder = CRAMER * smax ** terms / math.sqrt(fact) / (1.0 - ratio)
+    return remainder + math.exp(-0.5 * window * window) + 4.0 * (most + 4 * terms + 64) * EPS + 1e-13
 
 
 @numba.njit(cache=True, nogil=True)
@@ -124,7 +131,7 @@ def _hermite_at(moments, b, t):
     he_prev = 1.0
     he = t
     total = moments[b, 0] + moments[b, 1] * t
-    for p in range(1, P_TERMS - 1):
+    for p in range(1, moments.shape[1] - 1):
         he_next = t * he - p * he_prev
         he_prev = he
         he = he_next
@@ -138,11 +145,12 @@ def density_estimates(values, sorted_values, grid, h):
 
     The sources' Hermite expansions (boxes one bandwidth wide) are evaluated on a lattice of
     NODES_PER_H nodes per bandwidth, through one table since nodes and box centres share the
-    lattice; each grid point then interpolates its M_INTERP nearest nodes (Lagrange form) and
+    lattice; each grid point then interpolates its M nearest nodes (Lagrange form) and
     carries a rigorous bound: node error times the interpolation's Lebesgue constant at that
-    point, the interpolation remainder (|w(x)| max|f^(M)| / M!), float64 rounding of positions.
-    All bounds are in units of the bandwidth and of the largest density, so they do not depend
-    on the row's scale. With fewer grid points than occupied boxes, each grid point sums the box
+    point, the interpolation remainder (|w(x)| max|f^(M)| / M!), float64 rounding of positions,
+    and the spec's own float64 sum's distance from the real-number one. Most terms are in units
+    of the bandwidth and of the largest density d0 (the same at every row scale); since the
+    rounding is to integers, rows with a large d0 get more terms (PRECISE_ABOVE). With fewer grid points than occupied boxes, each grid point sums the box
     expansions directly; on small rows, and where h overflowed (the densities are then 0), the
     estimate is the literal sum (bound 0).
     """
@@ -156,17 +164,20 @@ def density_estimates(values, sorted_values, grid, h):
         return out, bound
 
     d0 = 1.0 / (h * SQRT_2PI)  # the largest possible density
+    terms, window, m_interp = P_TERMS, T_WINDOW, M_INTERP
+    if d0 > PRECISE_ABOVE:
+        terms, window, m_interp = PRECISE_TERMS, PRECISE_WINDOW, PRECISE_INTERP
     norm = n * h * SQRT_2PI
     lo = sorted_values[0]
     hi = sorted_values[n - 1]
     delta = h / NODES_PER_H
-    half_m = M_INTERP // 2
+    half_m = m_interp // 2
     start = lo - half_m * delta  # node i sits at start + i * delta; box b's centre at node b * D
-    n_nodes = int(math.floor((hi - lo) / delta)) + M_INTERP + 2
+    n_nodes = int(math.floor((hi - lo) / delta)) + m_interp + 2
     width = NODES_PER_H * delta
     nbox = (n_nodes - 1) // NODES_PER_H + 1
-    moments, smax = _box_moments(sorted_values, start, width, h, nbox)
-    node_err = _expansion_error(smax, n)
+    moments, smax, most = _box_moments(sorted_values, start, width, h, nbox, terms)
+    node_err = _expansion_error(smax, most, terms, window)
     # float64 positions (start, centres, nodes, grid offsets) are off by a few ulp of the row's
     # magnitude; f moves by at most d0 * exp(-1/2) / h per unit of position.
     position_err = 8.0 * EPS * (abs(lo) + abs(hi) + width) / h * math.exp(-0.5)
@@ -178,7 +189,7 @@ def density_estimates(values, sorted_values, grid, h):
     # exp and Hermite recurrences per grid point: the direct sum only pays with more boxes than
     # grid points.
     if occupied > k:
-        reach = T_WINDOW + smax  # in bandwidths: boxes beyond hold no source within T_WINDOW
+        reach = window + smax  # in bandwidths: boxes beyond hold no source within the window
         for j in range(k):
             x = np.float64(grid[j])
             z = (x - start) / width
@@ -188,11 +199,12 @@ def density_estimates(values, sorted_values, grid, h):
                     total += _hermite_at(moments, b, (x - (start + b * width)) / h)
             out[j] = total / norm
             bound[j] = d0 * (node_err + position_err)
+        _add_literal_error(out, bound, n, d0)
         return out, bound
 
     # Table of He_p(t) exp(-t^2/2) at node offsets t = d / D, |d| <= half.
-    half = int(math.ceil((T_WINDOW + smax) * NODES_PER_H))
-    table = np.empty((P_TERMS, 2 * half + 1), dtype=np.float64)
+    half = int(math.ceil((window + smax) * NODES_PER_H))
+    table = np.empty((terms, 2 * half + 1), dtype=np.float64)
     for d in range(-half, half + 1):
         t = d / NODES_PER_H
         e = math.exp(-0.5 * t * t)
@@ -200,7 +212,7 @@ def density_estimates(values, sorted_values, grid, h):
         he = t
         table[0, d + half] = e
         table[1, d + half] = t * e
-        for p in range(1, P_TERMS - 1):
+        for p in range(1, terms - 1):
             he_next = t * he - p * he_prev
             he_prev = he
             he = he_next
@@ -213,23 +225,23 @@ def density_estimates(values, sorted_values, grid, h):
         ilo = max(0, centre - half)
         ihi = min(n_nodes - 1, centre + half)
         off = half - centre
-        for p in range(P_TERMS):
+        for p in range(terms):
             _axpy(moments[b, p], table[p, ilo + off:ihi + 1 + off], nodes[ilo:ihi + 1])
 
     # Lagrange form on M equispaced nodes 0..M-1: l_i(y) = c_i * prod_{j != i} (y - j), with
     # c_i = 1 / prod_{j != i} (i - j) = (-1)^(M-1-i) / (i! (M-1-i)!).
-    coef = np.empty(M_INTERP, dtype=np.float64)
-    for i in range(M_INTERP):
+    coef = np.empty(m_interp, dtype=np.float64)
+    for i in range(m_interp):
         c = 1.0
-        for j in range(M_INTERP):
+        for j in range(m_interp):
             if j != i:
                 c /= i - j
         coef[i] = c
     fact = 1.0
-    for i in range(1, M_INTERP + 1):
+    for i in range(1, m_interp + 1):
         fact *= i
     # |f^(M)| <= d0 * CRAMER * sqrt(M!) / h^M; node spacing delta = h / D.
-    remainder_scale = CRAMER / math.sqrt(fact) / float(NODES_PER_H) ** M_INTERP
+    remainder_scale = CRAMER / math.sqrt(fact) / float(NODES_PER_H) ** m_interp
     z = np.empty(k, dtype=np.float64)
     for j in range(k):
         z[j] = (np.float64(grid[j]) - start) / delta
@@ -238,35 +250,47 @@ def density_estimates(values, sorted_values, grid, h):
     _interpolate(nodes, z, coef, out, lebesgue, omega)
     for j in range(k):
         out[j] /= norm
-        bound[j] = d0 * (lebesgue[j] * (node_err + position_err + 8.0 * M_INTERP * EPS)
+        bound[j] = d0 * (lebesgue[j] * (node_err + position_err + 8.0 * m_interp * EPS)
                          + omega[j] * remainder_scale)
+    _add_literal_error(out, bound, n, d0)
     return out, bound
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _add_literal_error(out, bound, n, d0):
+    """Widens each bound from the real-number sum to the spec's float64 one: n positive terms
+    summed left to right are within (n - 1) u of their sum, each term's argument and exp within
+    (4a + 2) u of e^-a (a e^-a <= 1/e), and the division two more roundings: (n + 3) u of the
+    density plus 1.5 u of d0. (EPS = 2u: a factor two to spare.)"""
+    for j in range(out.size):
+        bound[j] += (n + 8) * EPS * (abs(out[j]) + bound[j]) + 2.0 * EPS * d0
 
 
 @numba.njit(cache=True, nogil=True)
 def _interpolate(nodes, z, coef, out, lebesgue, omega):
-    """At each lattice position z[j], the Lagrange interpolant of the M_INTERP nodes around it
+    """At each lattice position z[j], the Lagrange interpolant of the M = coef.size nodes around it
     (out), the Lebesgue function sum |l_i| there and |prod (z - node)|. Written power by power
     over all positions (prefix and suffix products of (y - i)), so that each step is one loop
     over the positions that vectorizes."""
     k = z.size
+    m = coef.size
     first = np.empty(k, dtype=np.int64)
     y = np.empty(k, dtype=np.float64)
-    top = nodes.size - M_INTERP
+    top = nodes.size - m
     for j in range(k):
-        first[j] = min(max(int(math.floor(z[j])) - M_INTERP // 2 + 1, 0), top)
+        first[j] = min(max(int(math.floor(z[j])) - m // 2 + 1, 0), top)
         y[j] = z[j] - first[j]
-    prefix = np.empty((M_INTERP + 1, k), dtype=np.float64)
+    prefix = np.empty((m + 1, k), dtype=np.float64)
     prefix[0, :] = 1.0
-    for i in range(M_INTERP):
+    for i in range(m):
         _scaled_shift(prefix[i], y, float(i), prefix[i + 1])
     suffix = np.ones(k, dtype=np.float64)
     out[:] = 0.0
     lebesgue[:] = 0.0
-    for i in range(M_INTERP - 1, -1, -1):
+    for i in range(m - 1, -1, -1):
         _lagrange_term(coef[i], prefix[i], suffix, y, float(i), nodes, first, i, out, lebesgue)
     for j in range(k):
-        omega[j] = abs(prefix[M_INTERP, j])
+        omega[j] = abs(prefix[m, j])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -315,25 +339,34 @@ def _visit_order_of(values, sorted_values, grid, h):
         order = _visit_order(lo)
         if settled or not open_points:
             break
-        literal = _settle_open(values, grid, h, lo, hi, order)
+        literal = _settle_open(values, grid, h, lo, hi, order, open_points)
         if not literal:
             break
     return order, literal
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _settle_open(values, grid, h, lo, hi, order):
+def _settle_open(values, grid, h, lo, hi, order, open_points):
     """Sets lo = hi = the literal rounding at each open point (lo < hi) whose interval meets
     another point's; returns how many. Any other open point orders against every other point
-    by its lo as by its true rounding: no other possible value lies in its interval. `order`:
-    the points by lo, highest first (equal lo in ascending index), swept from the end."""
+    by its lo as by its true rounding: no other possible value lies in its interval. A few open
+    points are each compared with every interval; more, by one sweep over `order` (the points by
+    lo, highest first, equal lo in ascending index) from its end."""
     k = lo.size
     meets = np.zeros(k, dtype=np.bool_)
-    reach = -1.0  # the largest hi among the intervals of lower (or equal, earlier) lo
-    for t in range(k - 1, -1, -1):
-        j = order[t]
-        meets[j] = lo[j] <= reach or (t > 0 and lo[order[t - 1]] <= hi[j])
-        reach = max(reach, hi[j])
+    if open_points <= 8:
+        for j in range(k):
+            if lo[j] < hi[j]:
+                for i in range(k):
+                    if lo[i] <= hi[j] and lo[j] <= hi[i] and i != j:
+                        meets[j] = True
+                        break
+    else:
+        reach = -1.0  # the largest hi among the intervals of lower (or equal, earlier) lo
+        for t in range(k - 1, -1, -1):
+            j = order[t]
+            meets[j] = lo[j] <= reach or (t > 0 and lo[order[t - 1]] <= hi[j])
+            reach = max(reach, hi[j])
     literal = 0
     for j in range(k):
         if meets[j] and lo[j] < hi[j]:
@@ -437,14 +470,14 @@ def _visit_order(density):
     """Grid indices by rounded density, highest first; ties keep ascending index.
 
     Rounded densities are often small non-negative integers, so a counting sort (stable by
-    construction) does it when their range is small; otherwise a bottom-up merge sort (stable:
-    on ties the left run goes first)."""
+    construction) does it when their range is small; otherwise a radix sort (huge integers:
+    rows of tiny magnitude)."""
     k = density.size
     top = 0.0
     for j in range(k):
         top = max(top, density[j])
     if top > 4 * k + 1024:
-        return _merge_sort_descending(density)
+        return _radix_order_descending(density)
     levels = int(top) + 1
     count = np.zeros(levels + 1, dtype=np.int64)
     for j in range(k):
@@ -456,6 +489,31 @@ def _visit_order(density):
         slot = levels - int(density[j]) - 1
         order[count[slot]] = j
         count[slot] += 1
+    return order
+
+
+@numba.njit(cache=True, nogil=True)
+def _radix_order_descending(keys):
+    """Indices of integer-valued float64 keys, highest first, equal keys in ascending index: a
+    stable LSD radix sort of (largest key - key) as uint32; keys spanning 2^32 or more (or not
+    finite) take the merge sort."""
+    k = keys.size
+    least = keys[0]
+    most = keys[0]
+    for j in range(k):
+        least = min(least, keys[j])
+        most = max(most, keys[j])
+    if not most - least < 4294967296.0:
+        return _merge_sort_descending(keys)
+    flipped = np.empty(k, np.uint32)
+    counts = np.zeros((3, 2048), np.int64)
+    for j in range(k):
+        u = np.uint32(most - keys[j])
+        flipped[j] = u
+        counts[0, u & 0x7FF] += 1
+        counts[1, (u >> 11) & 0x7FF] += 1
+        counts[2, u >> 22] += 1
+    order = _lsd_passes(flipped, np.arange(k), np.empty(k, np.uint32), np.empty(k, np.int64), counts)[1]
     return order
 
 
@@ -536,6 +594,34 @@ def _reverse(order, a, b):
         order[a + t], order[b - 1 - t] = order[b - 1 - t], order[a + t]
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _lsd_passes(keys, idx, keys2, idx2, counts):
+    """Stable LSD radix sort of uint32 keys carrying idx, 3 passes of 11 bits (counts: each
+    digit's histogram, filled by the caller), a pass skipped when every key shares its digit.
+    Returns (keys, idx, spare keys, spare idx): the sorted pair first."""
+    n = keys.size
+    for p in range(3):
+        shift = 11 * p
+        c = counts[p]
+        if c[(keys[0] >> shift) & 0x7FF] == n:
+            continue
+        total = 0
+        for d in range(2048):
+            t = c[d]
+            c[d] = total
+            total += t
+        for j in range(n):
+            key = keys[j]
+            d = (key >> shift) & 0x7FF
+            q = c[d]
+            keys2[q] = key
+            idx2[q] = idx[j]
+            c[d] = q + 1
+        keys, keys2 = keys2, keys
+        idx, idx2 = idx2, idx
+    return keys, idx, keys2, idx2
+
+
 @numba.njit(cache=True, nogil=True)
 def radix_sort_order(bits):
     """Each row's indices sorted by (value, index), -0.0 equal to 0.0, given the rows' float32
@@ -566,25 +652,7 @@ def radix_sort_order(bits):
             counts[0, b & 0x7FF] += 1
             counts[1, (b >> 11) & 0x7FF] += 1
             counts[2, b >> 22] += 1
-        for p in range(3):
-            shift = 11 * p
-            c = counts[p]
-            if c[(keys[0] >> shift) & 0x7FF] == n:
-                continue
-            total = 0
-            for d in range(2048):
-                t = c[d]
-                c[d] = total
-                total += t
-            for j in range(n):
-                key = keys[j]
-                d = (key >> shift) & 0x7FF
-                q = c[d]
-                keys2[q] = key
-                idx2[q] = idx[j]
-                c[d] = q + 1
-            keys, keys2 = keys2, keys
-            idx, idx2 = idx2, idx
+        keys, idx, keys2, idx2 = _lsd_passes(keys, idx, keys2, idx2, counts)
         for j in range(n):  # element by element: a slice copy compiles numba's shape-mismatch message
             out[i, j] = idx[j]
     return out
