@@ -470,14 +470,14 @@ def _visit_order(density):
     """Grid indices by rounded density, highest first; ties keep ascending index.
 
     Rounded densities are often small non-negative integers, so a counting sort (stable by
-    construction) does it when their range is small; otherwise a radix sort (huge integers:
+    construction) does it when their range is small; otherwise a merge sort (huge integers:
     rows of tiny magnitude)."""
     k = density.size
     top = 0.0
     for j in range(k):
         top = max(top, density[j])
     if top > 4 * k + 1024:
-        return _radix_order_descending(density)
+        return _merge_sort_descending(density)
     levels = int(top) + 1
     count = np.zeros(levels + 1, dtype=np.int64)
     for j in range(k):
@@ -489,31 +489,6 @@ def _visit_order(density):
         slot = levels - int(density[j]) - 1
         order[count[slot]] = j
         count[slot] += 1
-    return order
-
-
-@numba.njit(cache=True, nogil=True)
-def _radix_order_descending(keys):
-    """Indices of integer-valued float64 keys, highest first, equal keys in ascending index: a
-    stable LSD radix sort of (largest key - key) as uint32; keys spanning 2^32 or more (or not
-    finite) take the merge sort."""
-    k = keys.size
-    least = keys[0]
-    most = keys[0]
-    for j in range(k):
-        least = min(least, keys[j])
-        most = max(most, keys[j])
-    if not most - least < 4294967296.0:
-        return _merge_sort_descending(keys)
-    flipped = np.empty(k, np.uint32)
-    counts = np.zeros((3, 2048), np.int64)
-    for j in range(k):
-        u = np.uint32(most - keys[j])
-        flipped[j] = u
-        counts[0, u & 0x7FF] += 1
-        counts[1, (u >> 11) & 0x7FF] += 1
-        counts[2, u >> 22] += 1
-    order = _lsd_passes(flipped, np.arange(k), np.empty(k, np.uint32), np.empty(k, np.int64), counts)[1]
     return order
 
 
@@ -590,36 +565,9 @@ def _merge_sort_descending(keys):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _reverse(order, a, b):
+    """order[a:b] reversed in place."""
     for t in range((b - a) // 2):
         order[a + t], order[b - 1 - t] = order[b - 1 - t], order[a + t]
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _lsd_passes(keys, idx, keys2, idx2, counts):
-    """Stable LSD radix sort of uint32 keys carrying idx, 3 passes of 11 bits (counts: each
-    digit's histogram, filled by the caller), a pass skipped when every key shares its digit.
-    Returns (keys, idx, spare keys, spare idx): the sorted pair first."""
-    n = keys.size
-    for p in range(3):
-        shift = 11 * p
-        c = counts[p]
-        if c[(keys[0] >> shift) & 0x7FF] == n:
-            continue
-        total = 0
-        for d in range(2048):
-            t = c[d]
-            c[d] = total
-            total += t
-        for j in range(n):
-            key = keys[j]
-            d = (key >> shift) & 0x7FF
-            q = c[d]
-            keys2[q] = key
-            idx2[q] = idx[j]
-            c[d] = q + 1
-        keys, keys2 = keys2, keys
-        idx, idx2 = idx2, idx
-    return keys, idx, keys2, idx2
 
 
 @numba.njit(cache=True, nogil=True)
@@ -652,7 +600,25 @@ def radix_sort_order(bits):
             counts[0, b & 0x7FF] += 1
             counts[1, (b >> 11) & 0x7FF] += 1
             counts[2, b >> 22] += 1
-        keys, idx, keys2, idx2 = _lsd_passes(keys, idx, keys2, idx2, counts)
+        for p in range(3):
+            shift = 11 * p
+            c = counts[p]
+            if c[(keys[0] >> shift) & 0x7FF] == n:
+                continue
+            total = 0
+            for d in range(2048):
+                t = c[d]
+                c[d] = total
+                total += t
+            for j in range(n):
+                key = keys[j]
+                d = (key >> shift) & 0x7FF
+                q = c[d]
+                keys2[q] = key
+                idx2[q] = idx[j]
+                c[d] = q + 1
+            keys, keys2 = keys2, keys
+            idx, idx2 = idx2, idx
         for j in range(n):  # element by element: a slice copy compiles numba's shape-mismatch message
             out[i, j] = idx[j]
     return out
