@@ -29,12 +29,12 @@ EPS = 2.0 ** -52
 # Hermite expansion of each box of sources (boxes one bandwidth wide, P terms); a box is seen
 # from points within T bandwidths of its sources; each grid point interpolates the M density
 # nodes around it (D nodes per bandwidth). Truncations and interpolation remainder stay below
-# ~1e-9 of the largest possible density d0, which decides the integer rounding almost
+# ~5e-10 of the largest possible density d0, which decides the integer rounding almost
 # everywhere while d0 is moderate. Rows of tiny magnitude have huge integer densities (d0 above
-# PRECISE_ABOVE): there (P, T, M) are raised so that those terms fall to ~1e-12 of d0, below
-# float64 rounding, for ~15% more expansion work on those rows only.
+# PRECISE_ABOVE): there (P, T, M) are raised so that those terms fall to ~2e-11 of d0, for ~15%
+# more expansion work on those rows only (benchmarks/kernel_speed.py's "delta 1e-N" families).
 P_TERMS, T_WINDOW, M_INTERP = 15, 7.2, 10
-PRECISE_TERMS, PRECISE_WINDOW, PRECISE_INTERP = 18, 7.7, 14
+PRECISE_TERMS, PRECISE_WINDOW, PRECISE_INTERP = 17, 7.5, 12
 PRECISE_ABOVE = 1e5
 NODES_PER_H = 8
 # Cramer's inequality: |He_n(x)| exp(-x^2/4) <= CRAMER * sqrt(n!) (constant rounded up).
@@ -331,7 +331,7 @@ def _visit_order_of(values, sorted_values, grid, h):
             lo[j] = hi[j] = np.rint(f[j])
         else:  # rounding is monotone; the bound widened for the float64 rounding of f -/+ bound
             reach = bound[j] + 4.0 * EPS * (abs(f[j]) + bound[j])
-            lo[j] = np.rint(f[j] - reach)
+            lo[j] = max(np.rint(f[j] - reach), 0.0)  # densities are >= 0 (and counting sort needs it)
             hi[j] = np.rint(f[j] + reach)
             open_points += lo[j] < hi[j]
     literal = 0
