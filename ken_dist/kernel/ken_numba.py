@@ -10,10 +10,10 @@ Cost per row (n values, k grid points), all exact:
   numpy's by construction;
 - density: a truncated Hermite expansion of the Gaussian sum over boxes one bandwidth wide,
   evaluated on a lattice of a few nodes per bandwidth and interpolated to the grid points
-  (O(n*P + nodes*T*P + k*M) instead of O(n*k)). Each estimate carries a rigorous error bound in
-  units of the bandwidth and the largest density (so the same on every row scale); only the
-  order of the rounded densities matters, so the literal O(n) sum is paid only where the bound
-  leaves that order open (a rounding undecided and another point's density within its reach);
+  (O(n*P + nodes*T*P + k*M) instead of O(n*k)). Each estimate carries a rigorous error bound,
+  mostly in units of the bandwidth and the largest density; only the order of the rounded
+  densities matters, so the literal O(n) sum is paid only where the bound leaves that order
+  open (a rounding undecided and another point's possible roundings within reach);
 - greedy match: the row sorted once, "next alive"/"previous alive" links with path halving,
   O((n + k) * alpha(n)) after the sort.
 """
@@ -150,9 +150,10 @@ def density_estimates(values, sorted_values, grid, h):
     point, the interpolation remainder (|w(x)| max|f^(M)| / M!), float64 rounding of positions,
     and the spec's own float64 sum's distance from the real-number one. Most terms are in units
     of the bandwidth and of the largest density d0 (the same at every row scale); since the
-    rounding is to integers, rows with a large d0 get more terms (PRECISE_ABOVE). With fewer grid points than occupied boxes, each grid point sums the box
-    expansions directly; on small rows, and where h overflowed (the densities are then 0), the
-    estimate is the literal sum (bound 0).
+    rounding is to integers, rows with a large d0 get more terms (PRECISE_ABOVE). With fewer
+    grid points than occupied boxes, each grid point sums the box expansions directly; on small
+    rows, and where h overflowed (the densities are then 0), the estimate is the literal sum
+    (bound 0).
     """
     n = values.size
     k = grid.size
