@@ -87,6 +87,23 @@ def test_fast_visit_order_equals_literal_sums_on_long_rows(kind, seed, k, scale)
     assert np.array_equal(fast, _literal_visit_order(v[0], g, h))
 
 
+def test_visit_order_on_grids_finer_than_float32_spacing():
+    """0.01 + 1e-7 noise: float32 steps of 9e-10 give the values ~200 levels, and a 1024-point
+    grid repeats its points (equal float32 x: equal densities, tied in index order), at densities
+    ~1e7 whose roundings the bound leaves open: the order equals the literal sums' and needs
+    almost none of them (each run of equal grid points is settled as one)."""
+    rng = np.random.default_rng(11)
+    v = (0.01 + rng.standard_normal(2048) * 1e-7).astype(np.float32)
+    rows = v[None, :]
+    h = ken_cpu.bandwidths(rows)[0]
+    order = ken_cpu.sort_order(rows)[0]
+    g = ken_cpu.grids(rows, 1024)[0]
+    assert (np.diff(g) == 0).sum() > 200
+    fast, literal = ken_numba._visit_order_of(v, v[order].astype(np.float64), g, h)
+    assert np.array_equal(fast, _literal_visit_order(v, g, h))
+    assert literal <= 4, literal
+
+
 @pytest.mark.parametrize("scale", [1e-9, 1e-11, 1e-20])
 def test_visit_order_settles_near_equal_huge_densities_by_the_literal_sum(scale):
     """Mirrored tiny rows: the densities at mirrored grid points are huge near-equal integers whose
@@ -260,14 +277,19 @@ def test_sort_order_is_value_then_index(n, rows, seed, pool):
 
 @settings(max_examples=60, deadline=None)
 @given(k=st.integers(1, 3000), top=st.sampled_from([2.0, 50.0, 1e5, 1e30]), seed=st.integers(0, 2**31),
-       shape=st.sampled_from(["random", "bumps", "steps"]))
+       shape=st.sampled_from(["random", "bumps", "steps", "tails", "crowded"]))
 def test_visit_order_is_numpy_stable_argsort(k, top, seed, shape):
-    """Both branches (counting sort for small density ranges, merge sort for large ones), on
-    random keys and on the monotone runs of real densities along a grid, with plateaus of ties
-    (the merge sort's runs: rising ones are reversed with their ties put back in index order)."""
+    """Every branch (plain counting sort for small density ranges; for large ones shared
+    buckets sorted by insertion, or the merge sort where a bucket is crowded), on random keys,
+    on the monotone runs of real densities along a grid with plateaus of ties, on many small
+    tied keys beside huge ones (a tiny row's tails), and on keys crowding one bucket."""
     rng = np.random.default_rng(seed)
     if shape == "random":
         density = np.rint(rng.uniform(0, top, k))
+    elif shape == "tails":
+        density = np.where(rng.random(k) < 0.6, rng.integers(0, 3, k), np.rint(rng.uniform(0, top, k))) * 1.0
+    elif shape == "crowded":
+        density = np.rint(top * (1 - rng.uniform(0, 1e-4, k)))
     else:
         x = np.linspace(-4, 4, k)
         centres = rng.uniform(-3, 3, rng.integers(1, 4))

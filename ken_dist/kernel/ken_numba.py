@@ -45,12 +45,16 @@ BRUTE_FORCE_WORK = 32768
 
 @numba.njit(cache=True, nogil=True)
 def exact_density(values: np.ndarray, x: float, h: float) -> float:
-    """The literal spec formula at one point: float64, sources in row order."""
+    """The literal spec formula at one point: float64, sources in row order. A term whose
+    exponent is below -746 is exactly +0.0 (exp underflows) and adding it changes nothing, so it
+    is skipped without calling exp: points far from most of the row cost a pass, not n exps."""
     total = 0.0
     two_h2 = 2.0 * h * h
     for i in range(values.size):
         d = x - np.float64(values[i])
-        total += math.exp(-(d * d) / two_h2)
+        q = (d * d) / two_h2
+        if q < 746.0:
+            total += math.exp(-q)
     return total / (values.size * h * SQRT_2PI)
 
 
@@ -85,7 +89,7 @@ def _axpy(a, x, y):
 @numba.njit(cache=True, nogil=True)
 def _box_moments(sorted_values, start, width, h, nbox, terms):
     """A[b, p] = sum over box b's sources of s^p / p!, s = (u - centre_b) / h, centre_b =
-    start + b * width (start <= every value); the largest |s| and the most sources in one box
+    start + b * width (start <= every value); the largest |s| and each box's number of sources
     (the error bound needs both). The sources are sorted, so each box is a run of them (or two,
     where float64 rounding puts a value at a box's edge)."""
     n = sorted_values.size
@@ -107,21 +111,45 @@ def _box_moments(sorted_values, start, width, h, nbox, terms):
                                       s[first:last], power[first:last]))
         population[b] += last - first
         first = last
-    return moments, smax * (1.0 + 1e-12), population.max()
+    return moments, smax * (1.0 + 1e-12), population
 
 
 @numba.njit(cache=True, nogil=True)
 def _expansion_error(smax, most, terms, window):
-    """Bound on |expansion - real-number sum| at any point, in units of the largest density
-    d0 = 1/(h sqrt(2 pi)): the Hermite remainder (Cramer, then a geometric tail), the sources
-    beyond T bandwidths, and float64 rounding (moments summed over <= `most` sources per box,
-    P terms, table entries)."""
+    """Bound on |expansion - real-number sum| at a node, in units of the largest density
+    d0 = 1/(h sqrt(2 pi)), as (per source, global): the Hermite remainder (Cramer, then a
+    geometric tail) and float64 rounding (moments summed over <= `most` sources per box, P
+    terms, table entries) bound each source's term by a multiple of its exp(-t^2/4), t its
+    distance in bandwidths, so they scale with the envelope (_envelope); the sources beyond T
+    bandwidths, and some slack, are global."""
     fact = 1.0
     for p in range(1, terms + 1):
         fact *= p
     ratio = smax / math.sqrt(terms + 1.0)
     remainder = CRAMER * smax ** terms / math.sqrt(fact) / (1.0 - ratio)
-    return remainder + math.exp(-0.5 * window * window) + 4.0 * (most + 4 * terms + 64) * EPS + 1e-13
+    return remainder + 4.0 * (most + 4 * terms + 64) * EPS, math.exp(-0.5 * window * window) + 1e-13
+
+
+@numba.njit(cache=True, nogil=True)
+def _envelope(population, n, margin):
+    """Per box c, an upper bound of (1/n) sum_i exp(-t_i^2 / 4) over the sources i, t_i the
+    distance in bandwidths from any position within `margin` bandwidths of box c's centre,
+    beyond half a box (boxes one bandwidth wide; a source lies within `margin` of its own box's
+    centre too, margin includes the largest |s|). At most 1; far below it in a row's sparse
+    regions, where the error bounds shrink with it."""
+    nbox = population.size
+    reach = int(math.ceil(margin + 13.0))  # beyond: exp(-13^2 / 4) < 5e-19 per source
+    weight = np.empty(reach + 1, dtype=np.float64)
+    for d in range(reach + 1):
+        gap = max(0.0, d - margin)
+        weight[d] = math.exp(-0.25 * gap * gap)
+    out = np.empty(nbox, dtype=np.float64)
+    for c in range(nbox):
+        total = 0.0
+        for b in range(max(0, c - reach), min(nbox, c + reach + 1)):
+            total += population[b] * weight[abs(b - c)]
+        out[c] = min(1.0, total / n * (1.0 + 1e-12) + 1e-18)
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
@@ -177,8 +205,8 @@ def density_estimates(values, sorted_values, grid, h):
     n_nodes = int(math.floor((hi - lo) / delta)) + m_interp + 2
     width = NODES_PER_H * delta
     nbox = (n_nodes - 1) // NODES_PER_H + 1
-    moments, smax, most = _box_moments(sorted_values, start, width, h, nbox, terms)
-    node_err = _expansion_error(smax, most, terms, window)
+    moments, smax, population = _box_moments(sorted_values, start, width, h, nbox, terms)
+    local_err, global_err = _expansion_error(smax, population.max(), terms, window)
     # float64 positions (start, centres, nodes, grid offsets) are off by a few ulp of the row's
     # magnitude; f moves by at most d0 * exp(-1/2) / h per unit of position.
     position_err = 8.0 * EPS * (abs(lo) + abs(hi) + width) / h * math.exp(-0.5)
@@ -191,6 +219,7 @@ def density_estimates(values, sorted_values, grid, h):
     # grid points.
     if occupied > k:
         reach = window + smax  # in bandwidths: boxes beyond hold no source within the window
+        envelope = _envelope(population, n, smax + 0.5)
         for j in range(k):
             x = np.float64(grid[j])
             z = (x - start) / width
@@ -199,7 +228,8 @@ def density_estimates(values, sorted_values, grid, h):
                 if moments[b, 0] != 0.0:
                     total += _hermite_at(moments, b, (x - (start + b * width)) / h)
             out[j] = total / norm
-            bound[j] = d0 * (node_err + position_err)
+            c = min(max(int(z + 0.5), 0), nbox - 1)
+            bound[j] = d0 * (envelope[c] * local_err + global_err + position_err)
         _add_literal_error(out, bound, n, d0)
         return out, bound
 
@@ -249,10 +279,14 @@ def density_estimates(values, sorted_values, grid, h):
     lebesgue = np.empty(k, dtype=np.float64)
     omega = np.empty(k, dtype=np.float64)
     _interpolate(nodes, z, coef, out, lebesgue, omega)
+    # the nodes and positions a grid point's interpolation uses lie within (M/2 + 1) / D
+    # bandwidths of it, and it within half a box of its box's centre
+    envelope = _envelope(population, n, smax + 0.5 + (m_interp // 2 + 1) / NODES_PER_H)
     for j in range(k):
         out[j] /= norm
-        bound[j] = d0 * (lebesgue[j] * (node_err + position_err + 8.0 * m_interp * EPS)
-                         + omega[j] * remainder_scale)
+        w = envelope[min(max(int(z[j] / NODES_PER_H + 0.5), 0), nbox - 1)]
+        bound[j] = d0 * (lebesgue[j] * (w * local_err + global_err + position_err + 8.0 * m_interp * EPS)
+                         + omega[j] * remainder_scale * w)
     _add_literal_error(out, bound, n, d0)
     return out, bound
 
@@ -350,27 +384,41 @@ def _visit_order_of(values, sorted_values, grid, h):
 def _settle_open(values, grid, h, lo, hi, order, open_points):
     """Sets lo = hi = the literal rounding at each open point (lo < hi) whose interval meets
     another point's; returns how many. Any other open point orders against every other point
-    by its lo as by its true rounding: no other possible value lies in its interval. A few open
-    points are each compared with every interval; more, by one sweep over `order` (the points by
-    lo, highest first, equal lo in ascending index) from its end."""
+    by its lo as by its true rounding: no other possible value lies in its interval. Grid points
+    equal in float32 (a step below the values' spacing) have the same density: they tie, in
+    index order, whatever it is, so only the first of each such run takes part ("twins" follow
+    it). A few open points are each compared with every interval; more, by one sweep over
+    `order` (the points by lo, highest first, equal lo in ascending index) from its end."""
     k = lo.size
+    twin = np.zeros(k, dtype=np.bool_)
+    for j in range(1, k):
+        twin[j] = grid[j] == grid[j - 1]
     meets = np.zeros(k, dtype=np.bool_)
     if open_points <= 8:
         for j in range(k):
-            if lo[j] < hi[j]:
+            if lo[j] < hi[j] and not twin[j]:
                 for i in range(k):
-                    if lo[i] <= hi[j] and lo[j] <= hi[i] and i != j:
+                    if lo[i] <= hi[j] and lo[j] <= hi[i] and i != j and not twin[i]:
                         meets[j] = True
                         break
     else:
+        seq = np.empty(k, dtype=np.int64)  # order without the twins
+        m = 0
+        for t in range(k):
+            if not twin[order[t]]:
+                seq[m] = order[t]
+                m += 1
         reach = -1.0  # the largest hi among the intervals of lower (or equal, earlier) lo
-        for t in range(k - 1, -1, -1):
-            j = order[t]
-            meets[j] = lo[j] <= reach or (t > 0 and lo[order[t - 1]] <= hi[j])
+        for t in range(m - 1, -1, -1):
+            j = seq[t]
+            meets[j] = lo[j] <= reach or (t > 0 and lo[seq[t - 1]] <= hi[j])
             reach = max(reach, hi[j])
     literal = 0
     for j in range(k):
-        if meets[j] and lo[j] < hi[j]:
+        if twin[j]:
+            lo[j] = lo[j - 1]
+            hi[j] = hi[j - 1]
+        elif meets[j] and lo[j] < hi[j]:
             lo[j] = hi[j] = np.rint(exact_density(values, np.float64(grid[j]), h))
             literal += 1
     return literal
@@ -470,105 +518,100 @@ def greedy_match(sorted_values, order, grid, visit):
 def _visit_order(density):
     """Grid indices by rounded density, highest first; ties keep ascending index.
 
-    Rounded densities are often small non-negative integers, so a counting sort (stable by
-    construction) does it when their range is small; otherwise a merge sort (huge integers:
-    rows of tiny magnitude)."""
+    Rounded densities are non-negative integers, so a counting sort (stable by construction)
+    does it. Where they are huge (rows of tiny magnitude), the keys from 2k up share at most 4k
+    buckets: their float64 bit patterns (in the order of the values, for values >= 0) shifted
+    right, so a bucket never breaks the order and buckets are finer where keys are smaller; each
+    bucket is then put in order by insertion (keys along a grid come nearly in order), and a bucket
+    of more than 256 points (a pathological row) falls back to the merge sort. (Highest first: shared buckets come before exact ones.)"""
     k = density.size
     top = 0.0
+    highest = 0
     for j in range(k):
-        top = max(top, density[j])
-    if top > 4 * k + 1024:
-        return _merge_sort_descending(density)
+        if density[j] > top:
+            top = density[j]
+            highest = j
+    exact = 2 * k  # keys below are their own bucket
+    shared = top > 4 * k + 1024
     levels = int(top) + 1
+    bits = density.view(np.uint64)
+    least = bits[highest]  # then the smallest shared key's bits
+    shift = np.uint64(0)
+    if shared:
+        for j in range(k):
+            if density[j] >= exact:
+                least = min(least, bits[j])
+        span = bits[highest] - least
+        while span >> shift >= np.uint64(4 * k):
+            shift += np.uint64(1)
+        levels = exact + int(span >> shift) + 1
+    bucket = np.empty(k, dtype=np.int64)
     count = np.zeros(levels + 1, dtype=np.int64)
     for j in range(k):
-        count[levels - int(density[j])] += 1  # slot 1 = highest density
+        if shared and density[j] >= exact:
+            bucket[j] = exact + int((bits[j] - least) >> shift)
+        else:
+            bucket[j] = int(density[j])
+        count[levels - bucket[j]] += 1  # slot 1 = highest density
     for v in range(1, levels + 1):
         count[v] += count[v - 1]
     order = np.empty(k, dtype=np.int64)
     for j in range(k):
-        slot = levels - int(density[j]) - 1
+        slot = levels - bucket[j] - 1
         order[count[slot]] = j
         count[slot] += 1
+    if not shared:
+        return order
+    a = 0
+    while a < k and bucket[order[a]] >= exact:  # below, a bucket holds equal keys only
+        b = a + 1
+        while b < k and bucket[order[b]] == bucket[order[a]]:
+            b += 1
+        if b - a > 256:
+            return _merge_sort_descending(density)
+        for t in range(a + 1, b):  # insertion: stable, few points
+            cur = order[t]
+            q = t
+            while q > a and density[order[q - 1]] < density[cur]:
+                order[q] = order[q - 1]
+                q -= 1
+            order[q] = cur
+        a = b
     return order
 
 
 @numba.njit(cache=True, nogil=True)
 def _merge_sort_descending(keys):
     """Indices of keys, highest first, equal keys in ascending index (numpy's stable argsort of
-    -keys, without compiling numba's own sort). A natural merge sort: densities along a grid are
-    smooth, so the keys come in a few long monotone runs and the sort costs about one pass per
-    doubling of the run count, not log2(k) passes."""
+    -keys, without compiling numba's own sort for this rare case)."""
     k = keys.size
     order = np.arange(k)
     spare = np.empty(k, dtype=np.int64)
-    # runs over contiguous index ranges: non-increasing ones are sorted already (equal keys in
-    # index order); non-decreasing ones are reversed, then each group of equal keys back again
-    bounds = np.empty(k + 1, dtype=np.int64)
-    runs = 0
-    a = 0
-    while a < k:
-        b = a + 1
-        while b < k and keys[b] == keys[a]:
-            b += 1
-        if b < k and keys[b] > keys[a]:
-            while b < k and keys[b] >= keys[b - 1]:
-                b += 1
-            _reverse(order, a, b)
-            g = a
-            for t in range(a + 1, b + 1):
-                if t == b or keys[order[t]] != keys[order[g]]:
-                    _reverse(order, g, t)
-                    g = t
-        else:
-            while b < k and keys[b] <= keys[b - 1]:
-                b += 1
-        bounds[runs] = a
-        runs += 1
-        a = b
-    bounds[runs] = k
-    key = np.empty(k, dtype=keys.dtype)  # keys in the order's order: one load per comparison
-    for t in range(k):
-        key[t] = keys[order[t]]
-    spare_key = np.empty(k, dtype=keys.dtype)
-    while runs > 1:  # merge neighbouring runs; the left one holds the smaller indices: it wins ties
-        merged = 0
-        for r in range(0, runs, 2):
-            lo = bounds[r]
-            mid = bounds[min(r + 1, runs)]
-            hi = bounds[min(r + 2, runs)]
+    width = 1
+    while width < k:
+        for lo in range(0, k, 2 * width):
+            mid = min(lo + width, k)
+            hi = min(lo + 2 * width, k)
             a, b, t = lo, mid, lo
-            while a < mid and b < hi:  # selects, not branches: which side wins is data
-                right = key[b] > key[a]
-                spare[t] = order[b] if right else order[a]
-                spare_key[t] = key[b] if right else key[a]
-                b += right
-                a += 1 - right
+            while a < mid and b < hi:
+                if keys[order[b]] > keys[order[a]]:
+                    spare[t] = order[b]
+                    b += 1
+                else:
+                    spare[t] = order[a]
+                    a += 1
                 t += 1
             while a < mid:
                 spare[t] = order[a]
-                spare_key[t] = key[a]
                 a += 1
                 t += 1
             while b < hi:
                 spare[t] = order[b]
-                spare_key[t] = key[b]
                 b += 1
                 t += 1
-            bounds[merged] = lo
-            merged += 1
-        bounds[merged] = k
-        runs = merged
         order, spare = spare, order
-        key, spare_key = spare_key, key
+        width *= 2
     return order
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _reverse(order, a, b):
-    """order[a:b] reversed in place."""
-    for t in range((b - a) // 2):
-        order[a + t], order[b - 1 - t] = order[b - 1 - t], order[a + t]
 
 
 @numba.njit(cache=True, nogil=True)
