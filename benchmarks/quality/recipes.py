@@ -5,8 +5,9 @@ codec, scored without Ray or a store on disk, but with the store's own bytes.
     python benchmarks/quality/recipes.py --list            # the candidates and what each does
 
 A candidate ranks every entry of the pruned tensors by the product's `lowrank-delta-model` score
-(ken_dist.kernel.strategies.delta.lowrank_scores: delta x rank-4 part of its tensor's delta,
-delta^2 for a 1-D tensor; one block per tensor, as the planner makes them on MiniLM), optionally
+(the registered function: delta x rank-4 part of its tensor's delta, delta^2 for a 1-D tensor;
+one block per tensor, as the planner makes them on MiniLM; explore.py's gmag uses
+`magnitude-model`'s), optionally
 reweighted per tensor group or normalised per tensor, and keeps the `keep` x (all pruned entries)
 best, optionally with a fixed share for some groups. Each tensor's mask then goes through the
 store's part encoder (ken_dist.store.parts.encode_block, the value codec included) and decoder
@@ -36,7 +37,7 @@ from restore_groups import GROUPS  # noqa: E402
 from run import Evaluator  # noqa: E402
 
 from ken_dist.checkpoints.geometry import row_geometry  # noqa: E402
-from ken_dist.kernel.strategies.delta import lowrank_scores  # noqa: E402
+from ken_dist.kernel.strategies.registry import get_strategy  # noqa: E402
 from ken_dist.store.codecs import parse_codec  # noqa: E402
 from ken_dist.store.parts import block_rows, encode_block, part_bytes  # noqa: E402
 
@@ -88,8 +89,10 @@ class Prepared:
     """One fine-tune against the base: every pruned tensor as [rows, n] float32 arrays, its score
     and group, and the untouched rest of the state dict."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, strategy: str = "lowrank-delta-model"):
         from safetensors.torch import load_file
+
+        score = get_strategy(strategy).fn  # a model-scope strategy's score, exactly as the pipeline computes it
 
         ft = load_file(str(common.finetune_dir(seed) / "model.safetensors"))
         base = load_file(str(common.base_model_dir() / "model.safetensors"))
@@ -100,7 +103,7 @@ class Prepared:
                 continue
             rows, _ = row_geometry(f.shape)
             f2, b2 = f.reshape(rows, -1).float().numpy(), b.reshape(rows, -1).float().numpy()
-            self.tensors[name] = (f2, b2, lowrank_scores(f2, b2), group_of(name, f))
+            self.tensors[name] = (f2, b2, score(f2, b2), group_of(name, f))
         self.entries = sum(t[0].size for t in self.tensors.values())
 
     def masks(self, c: Candidate) -> dict:
@@ -156,6 +159,39 @@ def _top(scores: dict, names: list, want: int) -> dict:
     return out
 
 
+def table(tasks: list[str], max_bits: float = 0.97) -> str:
+    """Markdown table of results/recipes.jsonl over `tasks` (seeds 0-2 each) with the selection
+    rule of results/recipe_search.md: eligible when bits/param <= max_bits on every fine-tune;
+    among those the smallest worst-seed gap, a tie within 0.1 point to fewer (mean) bits."""
+    last = {}
+    for line in OUT.read_text().splitlines():
+        r = json.loads(line)
+        if r["task"] in tasks:
+            last[(r["candidate"], r["task"], r["seed"])] = r
+    cells = [(t, s) for t in tasks for s in (0, 1, 2)]
+    rows = []
+    for name in CANDIDATES:
+        got = [last.get((name, t, s)) for t, s in cells]
+        if any(g is None for g in got):
+            continue
+        bits = [g["bits_per_param"] for g in got]
+        gaps = [g["gap_points"] for g in got]
+        rows.append((name, max(bits), float(np.mean(bits)), gaps, min(gaps)))
+    eligible = [r for r in rows if r[1] <= max_bits]
+    best = max((r[4] for r in eligible), default=None)
+    chosen = min((r for r in eligible if r[4] >= best - 0.1), key=lambda r: r[2], default=None)
+    head = " | ".join(f"{t} s{s}" for t, s in cells)
+    out = [f"| candidate | bits/param max (mean) | {head} | worst | eligible |",
+           "|---|---|" + "---|" * len(cells) + "---|---|"]
+    for r in rows:
+        mark = "**" if chosen is not None and r[0] == chosen[0] else ""
+        out.append(f"| {mark}{r[0]}{mark} | {r[1]:.3f} ({r[2]:.3f}) | " + " | ".join(f"{g:+.1f}" for g in r[3])
+                   + f" | {r[4]:+.1f} | {'yes' if r[1] <= max_bits else 'no'} |")
+    out.append("")
+    out.append(f"chosen: {chosen[0] if chosen else None}")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="sentences", choices=list(common.TASKS))
@@ -163,7 +199,11 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
     ap.add_argument("--bits-only", action="store_true", help="encode and count bytes, no scoring")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--table", nargs="+", metavar="TASK", help="print the results table (and the choice) over these tasks")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
     if args.list:
         for k, c in CANDIDATES.items():
             print(k, c)
