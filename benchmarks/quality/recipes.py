@@ -84,6 +84,19 @@ CANDIDATES = {
     "emb-0-k0.22-int2": Candidate(0.22, "int2-g64", fixed={EMB: 0.0}),
 }
 
+# Post-hoc diagnostics (run after the held-out check; never candidates): where a seed's loss comes from.
+DIAGNOSTICS = {
+    "current-raw": Candidate(0.25, "raw"),
+    "current-k0.5-raw": Candidate(0.5, "raw"),
+    "chosen-raw": Candidate(0.28, "raw", fixed={EMB: 0.02}, weights={FFN: 2.0}),
+    "chosen-int2": Candidate(0.28, "int2-g64", fixed={EMB: 0.02}, weights={FFN: 2.0}),
+    "chosen-int4": Candidate(0.28, "int4-g64", fixed={EMB: 0.02}, weights={FFN: 2.0}),
+    "ffn-all-raw": Candidate(0.56, "raw", fixed={FFN: 1.0}, note="every FFN entry + 5.7M more by score"),
+    "ffn-0.75-raw": Candidate(0.48, "raw", fixed={FFN: 0.75}),
+    "dense-sign-g64": Candidate(1.0, "sign-g64", note="every delta, 1-bit"),
+    "dense-int2-g64": Candidate(1.0, "int2-g64"),
+}
+
 
 class Prepared:
     """One fine-tune against the base: every pruned tensor as [rows, n] float32 arrays, its score
@@ -166,7 +179,7 @@ def table(tasks: list[str], max_bits: float = 0.97) -> str:
     last = {}
     for line in OUT.read_text().splitlines():
         r = json.loads(line)
-        if r["task"] in tasks:
+        if r["task"] in tasks and r.get("strategy", "lowrank-delta-model") == "lowrank-delta-model":
             last[(r["candidate"], r["task"], r["seed"])] = r
     cells = [(t, s) for t in tasks for s in (0, 1, 2)]
     rows = []
@@ -197,6 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--task", default="sentences", choices=list(common.TASKS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
+    ap.add_argument("--strategy", default="lowrank-delta-model", help="the model-scope score (magnitude-model)")
     ap.add_argument("--bits-only", action="store_true", help="encode and count bytes, no scoring")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--table", nargs="+", metavar="TASK", help="print the results table (and the choice) over these tasks")
@@ -211,15 +225,15 @@ def main(argv=None) -> int:
     common.set_task(args.task)
     for seed in args.seeds:
         t0 = time.time()
-        prep = Prepared(seed)
+        prep = Prepared(seed, args.strategy)
         ev = None if args.bits_only else Evaluator(common.finetune_dir(seed))
         full = None if ev is None else ev.score(None)["accuracy"]
         common.log(f"{args.task} seed {seed}: prepared in {time.time() - t0:.0f} s, full fine-tune {full}")
         for name in args.candidates:
             t0 = time.time()
-            c = CANDIDATES[name]
+            c = CANDIDATES.get(name) or DIAGNOSTICS[name]
             state, nbytes, shares = prep.apply(c)
-            line = {"task": args.task, "seed": seed, "candidate": name, "keep": c.keep, "values": c.values,
+            line = {"task": args.task, "seed": seed, "candidate": name, "strategy": args.strategy, "keep": c.keep, "values": c.values,
                     "part_bytes": nbytes, "bits_per_param": 8 * (nbytes + OVERHEAD_BYTES) / (prep.entries + 770),
                     "kept_share": {g: round(v, 4) for g, v in shares.items()}}
             if ev is not None:
