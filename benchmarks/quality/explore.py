@@ -168,32 +168,12 @@ def masks_for(name: str, ft: np.ndarray, base: np.ndarray, k: int, seed: int, te
 
 def global_state(kind: str, keep: float, seed: int) -> dict:
     """ONE budget (keep x all pruned entries) over the whole model, in memory, entries ranked by
-    |delta| ('gmag') or sqrt(max(delta * rank-4 part, 0)) ('glowrank')."""
-    from safetensors.torch import load_file
+    `magnitude-model`'s score ('gmag') or `lowrank-delta-model`'s ('glowrank'), raw values
+    (recipes.py's Prepared, which also searches allocations and value codecs)."""
+    from recipes import Candidate, Prepared
 
-    from ken_dist.kernel.strategies.delta import lowrank_part
-
-    ft = load_file(str(common.finetune_dir(seed) / "model.safetensors"))
-    base = load_file(str(common.base_model_dir() / "model.safetensors"))
-    scores, pairs = {}, {}
-    for name, f in ft.items():
-        b = base.get(name[len("bert."):]) if name.startswith("bert.") else None
-        if b is None or not f.is_floating_point():
-            continue
-        rows, _ = row_geometry(f.shape)
-        f2, b2 = f.reshape(rows, -1).double().numpy(), b.reshape(rows, -1).double().numpy()
-        d = f2 - b2
-        scores[name] = (np.sqrt(np.maximum(d * lowrank_part(d), 0)) if kind == "glowrank" and rows > 1
-                        else np.abs(d))
-        pairs[name] = (f2, b2)
-    allsc = np.concatenate([s.ravel() for s in scores.values()])
-    total = int(round(keep * allsc.size))
-    thr = np.partition(allsc, allsc.size - total)[allsc.size - total]
-    out = dict(ft)
-    for name, sc in scores.items():
-        f2, b2 = pairs[name]
-        out[name] = torch.from_numpy(np.where(sc >= thr, f2, b2)).reshape(ft[name].shape).to(ft[name].dtype)
-    return out
+    prep = Prepared(seed, "magnitude-model" if kind == "gmag" else "lowrank-delta-model")
+    return prep.apply(Candidate(keep, "raw"))[0]
 
 
 def pruned_state(rule_name: str, keep: float, seed: int, whole: str | None, only: str | None) -> dict:
