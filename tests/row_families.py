@@ -46,6 +46,16 @@ def row(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
         return 1.0 + rng.standard_normal(n) * 1e-4
     if kind == "uniform_weights":
         return rng.uniform(-0.03, 0.03, n)
+    if kind == "lognormal":
+        return rng.lognormal(0.0, 1.0, n) * 0.01
+    if kind == "exponential":
+        return rng.exponential(0.02, n)
+    if kind == "ramp":
+        return np.linspace(-1, 1, n) + rng.standard_normal(n) * 1e-3
+    if kind == "int8":  # int8-quantized-like: 41 levels
+        return np.round(rng.standard_normal(n) * 20) / 20 * 0.05
+    if kind == "offset":  # 0.01 + 1e-7 noise: ~200 float32 levels, a grid finer than their spacing
+        return 0.01 + rng.standard_normal(n) * 1e-7
     return rng.uniform(-1, 1, n)
 
 

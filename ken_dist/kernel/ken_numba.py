@@ -197,19 +197,24 @@ def density_estimates(values, sorted_values, grid, h):
     if d0 > PRECISE_ABOVE:
         terms, window, m_interp = PRECISE_TERMS, PRECISE_WINDOW, PRECISE_INTERP
     norm = n * h * SQRT_2PI
+    # positions are taken from the row's least value: the density only sees differences, and a
+    # row far from 0 (near-constant, offset) keeps float64 positions as fine as its own spread
     lo = sorted_values[0]
-    hi = sorted_values[n - 1]
+    shifted = np.empty(n, dtype=np.float64)
+    for i in range(n):
+        shifted[i] = sorted_values[i] - lo
+    span = shifted[n - 1]
     delta = h / NODES_PER_H
     half_m = m_interp // 2
-    start = lo - half_m * delta  # node i sits at start + i * delta; box b's centre at node b * D
-    n_nodes = int(math.floor((hi - lo) / delta)) + m_interp + 2
+    start = -half_m * delta  # node i sits at start + i * delta; box b's centre at node b * D
+    n_nodes = int(math.floor(span / delta)) + m_interp + 2
     width = NODES_PER_H * delta
     nbox = (n_nodes - 1) // NODES_PER_H + 1
-    moments, smax, population = _box_moments(sorted_values, start, width, h, nbox, terms)
+    moments, smax, population = _box_moments(shifted, start, width, h, nbox, terms)
     local_err, global_err = _expansion_error(smax, population.max(), terms, window)
-    # float64 positions (start, centres, nodes, grid offsets) are off by a few ulp of the row's
-    # magnitude; f moves by at most d0 * exp(-1/2) / h per unit of position.
-    position_err = 8.0 * EPS * (abs(lo) + abs(hi) + width) / h * math.exp(-0.5)
+    # float64 positions (shifts, start, centres, nodes, grid offsets) are off by a few ulp of the
+    # row's spread; f moves by at most d0 * exp(-1/2) / h per unit of position.
+    position_err = 8.0 * EPS * (span + 2.0 * width) / h * math.exp(-0.5)
 
     occupied = 0
     for b in range(nbox):
@@ -221,7 +226,7 @@ def density_estimates(values, sorted_values, grid, h):
         reach = window + smax  # in bandwidths: boxes beyond hold no source within the window
         envelope = _envelope(population, n, smax + 0.5)
         for j in range(k):
-            x = np.float64(grid[j])
+            x = np.float64(grid[j]) - lo
             z = (x - start) / width
             total = 0.0
             for b in range(max(0, int(math.ceil(z - reach))), min(nbox - 1, int(math.floor(z + reach))) + 1):
@@ -275,7 +280,7 @@ def density_estimates(values, sorted_values, grid, h):
     remainder_scale = CRAMER / math.sqrt(fact) / float(NODES_PER_H) ** m_interp
     z = np.empty(k, dtype=np.float64)
     for j in range(k):
-        z[j] = (np.float64(grid[j]) - start) / delta
+        z[j] = (np.float64(grid[j]) - lo - start) / delta
     lebesgue = np.empty(k, dtype=np.float64)
     omega = np.empty(k, dtype=np.float64)
     _interpolate(nodes, z, coef, out, lebesgue, omega)
