@@ -392,8 +392,10 @@ def _settle_open(values, grid, h, lo, hi, order, open_points):
     by its lo as by its true rounding: no other possible value lies in its interval. Grid points
     equal in float32 (a step below the values' spacing) have the same density: they tie, in
     index order, whatever it is, so only the first of each such run takes part ("twins" follow
-    it). A few open points are each compared with every interval; more, by one sweep over
-    `order` (the points by lo, highest first, equal lo in ascending index) from its end."""
+    it). Many open points are first narrowed by one sweep over `order` (the points by lo,
+    highest first, equal lo in ascending index) from its end; each candidate is then compared
+    with every interval just before its literal sum, so that a pair parted by its first
+    member's sum (mirror points of a symmetric row) pays one sum, not two."""
     k = lo.size
     twin = np.zeros(k, dtype=np.bool_)
     for j in range(1, k):
@@ -401,11 +403,7 @@ def _settle_open(values, grid, h, lo, hi, order, open_points):
     meets = np.zeros(k, dtype=np.bool_)
     if open_points <= 8:
         for j in range(k):
-            if lo[j] < hi[j] and not twin[j]:
-                for i in range(k):
-                    if lo[i] <= hi[j] and lo[j] <= hi[i] and i != j and not twin[i]:
-                        meets[j] = True
-                        break
+            meets[j] = lo[j] < hi[j] and not twin[j]  # checked in the loop below
     else:
         seq = np.empty(k, dtype=np.int64)  # order without the twins
         m = 0
@@ -420,13 +418,24 @@ def _settle_open(values, grid, h, lo, hi, order, open_points):
             reach = max(reach, hi[j])
     literal = 0
     for j in range(k):
+        if meets[j] and lo[j] < hi[j] and _meets_another(lo, hi, twin, j):  # again: a settled
+            lo[j] = hi[j] = np.rint(exact_density(values, np.float64(grid[j]), h))  # one may part them
+            literal += 1
+    for j in range(1, k):
         if twin[j]:
             lo[j] = lo[j - 1]
             hi[j] = hi[j - 1]
-        elif meets[j] and lo[j] < hi[j]:
-            lo[j] = hi[j] = np.rint(exact_density(values, np.float64(grid[j]), h))
-            literal += 1
     return literal
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _meets_another(lo, hi, twin, j):
+    """Whether point j's interval meets another's (twins aside): k comparisons, against the
+    literal sum's n exps."""
+    for i in range(lo.size):
+        if lo[i] <= hi[j] and lo[j] <= hi[i] and i != j and not twin[i]:
+            return True
+    return False
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
