@@ -39,6 +39,8 @@ PRECISE_ABOVE = 1e5
 NODES_PER_H = 8
 # Cramer's inequality: |He_n(x)| exp(-x^2/4) <= CRAMER * sqrt(n!) (constant rounded up).
 CRAMER = 1.086436
+# Added to every bound, in units of the largest density, beyond the terms it adds up.
+SLACK = 1e-13
 # Below this many kernel evaluations per row the literal sum is as cheap as the expansion.
 BRUTE_FORCE_WORK = 32768
 
@@ -115,40 +117,48 @@ def _box_moments(sorted_values, start, width, h, nbox, terms):
 
 
 @numba.njit(cache=True, nogil=True)
-def _expansion_error(smax, most, terms, window):
-    """Bound on |expansion - real-number sum| at a node, in units of the largest density
-    d0 = 1/(h sqrt(2 pi)), as (per source, global): the Hermite remainder (Cramer, then a
-    geometric tail) and float64 rounding (moments summed over <= `most` sources per box, P
-    terms, table entries) bound each source's term by a multiple of its exp(-t^2/4), t its
-    distance in bandwidths, so they scale with the envelope (_envelope); the sources beyond T
-    bandwidths, and some slack, are global."""
+def _expansion_error(smax, most, terms):
+    """Bound on |expansion - real-number sum| at a node, per source, in units of the largest
+    density d0 = 1/(h sqrt(2 pi)): the Hermite remainder (Cramer, then a geometric tail) and
+    float64 rounding (moments summed over <= `most` sources per box, P terms, table entries)
+    bound each source's term by a multiple of its exp(-t^2/4), t its distance in bandwidths, so
+    the bound is this times the envelope (_envelope). The sources beyond the window are the
+    envelope's second part; SLACK, global, is added on top."""
     fact = 1.0
     for p in range(1, terms + 1):
         fact *= p
     ratio = smax / math.sqrt(terms + 1.0)
     remainder = CRAMER * smax ** terms / math.sqrt(fact) / (1.0 - ratio)
-    return remainder + 4.0 * (most + 4 * terms + 64) * EPS, math.exp(-0.5 * window * window) + 1e-13
+    return remainder + 4.0 * (most + 4 * terms + 64) * EPS
 
 
 @numba.njit(cache=True, nogil=True)
-def _envelope(population, n, margin):
-    """Per box c, an upper bound of (1/n) sum_i exp(-t_i^2 / 4) over the sources i, t_i the
-    distance in bandwidths from any position within `margin` bandwidths of box c's centre,
-    beyond half a box (boxes one bandwidth wide; a source lies within `margin` of its own box's
-    centre too, margin includes the largest |s|). At most 1; far below it in a row's sparse
-    regions, where the error bounds shrink with it."""
+def _envelope(population, n, margin, window):
+    """Per box c, upper bounds of (1/n) sum_i exp(-t_i^2 / 4) over the sources i, and of
+    (1/n) sum_i exp(-t_i^2 / 2) over the sources beyond `window` bandwidths (those the expansion
+    leaves out), t_i the distance in bandwidths from any position within `margin` bandwidths of
+    box c's centre, beyond half a box (boxes one bandwidth wide; a source lies within `margin` of
+    its own box's centre too: margin includes the largest |s|). Both far below their global
+    bounds (1 and exp(-window^2 / 2)) in a row's sparse regions, where the error bounds shrink
+    with them."""
     nbox = population.size
     reach = int(math.ceil(margin + 13.0))  # beyond: exp(-13^2 / 4) < 5e-19 per source
-    weight = np.empty(reach + 1, dtype=np.float64)
+    near = np.empty(reach + 1, dtype=np.float64)
+    far = np.empty(reach + 1, dtype=np.float64)
     for d in range(reach + 1):
         gap = max(0.0, d - margin)
-        weight[d] = math.exp(-0.25 * gap * gap)
-    out = np.empty(nbox, dtype=np.float64)
+        near[d] = math.exp(-0.25 * gap * gap)
+        gap = max(window, gap)
+        far[d] = math.exp(-0.5 * gap * gap)
+    out = np.empty((2, nbox), dtype=np.float64)
     for c in range(nbox):
         total = 0.0
+        outside = 0.0
         for b in range(max(0, c - reach), min(nbox, c + reach + 1)):
-            total += population[b] * weight[abs(b - c)]
-        out[c] = min(1.0, total / n * (1.0 + 1e-12) + 1e-18)
+            total += population[b] * near[abs(b - c)]
+            outside += population[b] * far[abs(b - c)]
+        out[0, c] = min(1.0, total / n * (1.0 + 1e-12) + 1e-18)
+        out[1, c] = outside / n * (1.0 + 1e-12) + 1e-36
     return out
 
 
@@ -211,7 +221,7 @@ def density_estimates(values, sorted_values, grid, h):
     width = NODES_PER_H * delta
     nbox = (n_nodes - 1) // NODES_PER_H + 1
     moments, smax, population = _box_moments(shifted, start, width, h, nbox, terms)
-    local_err, global_err = _expansion_error(smax, population.max(), terms, window)
+    local_err = _expansion_error(smax, population.max(), terms)
     # float64 positions (shifts, start, centres, nodes, grid offsets) are off by a few ulp of the
     # row's spread; f moves by at most d0 * exp(-1/2) / h per unit of position.
     position_err = 8.0 * EPS * (span + 2.0 * width) / h * math.exp(-0.5)
@@ -224,7 +234,7 @@ def density_estimates(values, sorted_values, grid, h):
     # grid points.
     if occupied > k:
         reach = window + smax  # in bandwidths: boxes beyond hold no source within the window
-        envelope = _envelope(population, n, smax + 0.5)
+        envelope = _envelope(population, n, smax + 0.5, window)
         for j in range(k):
             x = np.float64(grid[j]) - lo
             z = (x - start) / width
@@ -234,7 +244,7 @@ def density_estimates(values, sorted_values, grid, h):
                     total += _hermite_at(moments, b, (x - (start + b * width)) / h)
             out[j] = total / norm
             c = min(max(int(z + 0.5), 0), nbox - 1)
-            bound[j] = d0 * (envelope[c] * local_err + global_err + position_err)
+            bound[j] = d0 * (envelope[0, c] * local_err + envelope[1, c] + SLACK + position_err)
         _add_literal_error(out, bound, n, d0)
         return out, bound
 
@@ -286,11 +296,12 @@ def density_estimates(values, sorted_values, grid, h):
     _interpolate(nodes, z, coef, out, lebesgue, omega)
     # the nodes and positions a grid point's interpolation uses lie within (M/2 + 1) / D
     # bandwidths of it, and it within half a box of its box's centre
-    envelope = _envelope(population, n, smax + 0.5 + (m_interp // 2 + 1) / NODES_PER_H)
+    envelope = _envelope(population, n, smax + 0.5 + (m_interp // 2 + 1) / NODES_PER_H, window)
     for j in range(k):
         out[j] /= norm
-        w = envelope[min(max(int(z[j] / NODES_PER_H + 0.5), 0), nbox - 1)]
-        bound[j] = d0 * (lebesgue[j] * (w * local_err + global_err + position_err + 8.0 * m_interp * EPS)
+        c = min(max(int(z[j] / NODES_PER_H + 0.5), 0), nbox - 1)
+        w = envelope[0, c]
+        bound[j] = d0 * (lebesgue[j] * (w * local_err + envelope[1, c] + SLACK + position_err + 8.0 * m_interp * EPS)
                          + omega[j] * remainder_scale * w)
     _add_literal_error(out, bound, n, d0)
     return out, bound
