@@ -361,10 +361,17 @@ def _lagrange_term(c, prefix, suffix, y, shift, nodes, first, i, out, lebesgue):
         suffix[j] *= y[j] - shift
 
 
-@numba.njit(cache=True, nogil=True, inline="always")  # into select_block: one module less to compile
 def _visit_order_of(values, sorted_values, grid, h):
+    """density_estimates then _order_by_density, as select_block runs them (for tests and
+    benchmarks: one call)."""
+    estimate, bound = density_estimates(values, sorted_values, grid, h)
+    return _order_by_density(values, grid, h, estimate, bound)
+
+
+@numba.njit(cache=True, nogil=True)  # apart from density_estimates: ken_cpu.warm_up compiles them side by side
+def _order_by_density(values, grid, h, f, bound):
     """The grid points in the greedy's visit order: by the spec's rounded (half to even) float64
-    density, highest first, ties in ascending index.
+    density, highest first, ties in ascending index; f, bound: density_estimates'.
 
     Only that order matters, not the roundings themselves. Where the estimate's bound decides a
     rounding, it is used. Elsewhere the rounding lies in a small interval of integers, and it
@@ -372,7 +379,6 @@ def _visit_order_of(values, sorted_values, grid, h):
     tie, is then open): only those points pay the literal O(n) sum. So rows whose densities are
     huge integers (tiny bandwidths: bounds wider than a unit) pay it only at near-equal densities.
     Returns (order, how many literal sums were paid: benchmarks/kernel_stages.py reports it)."""
-    f, bound = density_estimates(values, sorted_values, grid, h)
     k = grid.size
     lo = np.empty(k, dtype=np.float64)  # every rounding still possible at each point
     hi = np.empty(k, dtype=np.float64)
@@ -711,7 +717,8 @@ def select_block(rows, sort_order, grids, h, k):
         for p in range(n):  # a loop, not values[order]: numba's fancy indexing costs compile time
             sorted_values[p] = values[order[p]]
             sorted64[p] = sorted_values[p]
-        picked = greedy_match(sorted_values, order, grids[i], _visit_order_of(values, sorted64, grids[i], h[i])[0])
+        estimate, bound = density_estimates(values, sorted64, grids[i], h[i])
+        picked = greedy_match(sorted_values, order, grids[i], _order_by_density(values, grids[i], h[i], estimate, bound)[0])
         for t in range(k):
             mask[i, picked[t]] = True
     return mask

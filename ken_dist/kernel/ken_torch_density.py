@@ -174,7 +174,7 @@ def visit_order(x: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.Tens
 
     Only that order matters. Where the bound leaves a rounding undecided, the rounding lies in a
     small interval of integers; the literal sum is paid only where another point's interval meets
-    it (ken_numba._visit_order_of: the same rule), so rows with huge-integer densities (tiny
+    it (ken_numba._order_by_density: the same rule), so rows with huge-integer densities (tiny
     bandwidths) stay fast."""
     r, n = x.shape
     k = g.shape[1]

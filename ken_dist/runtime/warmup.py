@@ -44,14 +44,15 @@ def machine_lock():
         yield
 
 
-def load_kernel(on_compile=None) -> bool:
+def load_kernel(on_compile=None, side_by_side: bool = False) -> bool:
     """Load the compiled kernel into this process, compiling it if no process on this machine
     has (on_compile() is called then, once); waits while another process compiles it. Returns
-    whether this process compiled."""
+    whether this process compiled. side_by_side: compile on two cores (ken_cpu.warm_up; it
+    forks, so only for a process of its own: the compile child)."""
     from ken_dist.kernel.ken_cpu import warm_up
 
     with machine_lock():
-        return warm_up(on_compile)
+        return warm_up(on_compile, side_by_side)
 
 
 class KernelCompile:
@@ -143,7 +144,7 @@ def start_compile() -> KernelCompile:
 
 def main() -> int:
     """The child of KernelCompile: says COMPILING on stdout when numba really compiles."""
-    load_kernel(lambda: print(COMPILING, flush=True))
+    load_kernel(lambda: print(COMPILING, flush=True), side_by_side=True)
     return 0
 
 
