@@ -2,9 +2,6 @@
 compiled per-row work (ken_numba), with the spec's edge cases decided here once for every path."""
 from __future__ import annotations
 
-import os
-import traceback
-
 import numpy as np
 
 from ken_dist.kernel import ken_numba
@@ -61,17 +58,40 @@ def ken_masks(rows: np.ndarray, k: int, reference: bool) -> np.ndarray:
     return mask
 
 
-def warm_up(on_compile=None, side_by_side: bool = False) -> bool:
+def _warm_up_block():
+    """Two tiny rows with the argument types of real blocks (and long enough for every density
+    branch), k, and their bandwidths, grids and sort orders."""
+    rows = np.stack([np.linspace(-1.0, 1.0, 512, dtype=np.float32) ** 3,
+                     np.linspace(0.0, 1.0, 512, dtype=np.float32)])
+    k = 200
+    return rows, k, bandwidths(rows), grids(rows, k), sort_order(rows)
+
+
+def compile_density() -> None:
+    """Compile (or load) ken_numba.density_estimates alone, with select_block's argument types:
+    one half of a compilation on two cores (runtime/warmup.py forks for it)."""
+    rows, _, h, grid, order = _warm_up_block()
+    ken_numba.density_estimates(rows[0], rows[0][order[0]].astype(np.float64), grid[0], h[0])
+
+
+def compile_all_but_density() -> None:
+    """Compile (or load) select_block's other callees: the other half (compile_density)."""
+    rows, k, h, grid, order = _warm_up_block()
+    ken_numba.greedy_match(rows[0][order[0]], order[0], grid[0], np.arange(k))
+    ken_numba._merge_sort_descending(np.zeros(4))
+    ken_numba._order_by_density(rows[0], grid[0], h[0], np.zeros(k), np.zeros(k))
+
+
+def warm_up(on_compile=None, first=None) -> bool:
     """Compile the CPU path's numba code, or load it from numba's on-disk cache, by selecting on
     two tiny rows (the same argument types as real blocks, and rows long enough for every density
     branch). on_compile() is called once, just before the first real compilation: not at all when
-    the cache serves everything. Returns whether anything was compiled.
+    the cache serves everything. first(), if given, runs before that selection, its compilations
+    heard too (runtime/warmup.py: half of them, while a fork compiles the other half). Returns
+    whether anything was compiled.
 
     Why: a job's actors would otherwise each compile the same code at once on a new machine;
-    run first (the driver does), the others load what this one cached. side_by_side (for a
-    process of its own, such as the driver's compile child; it forks): a forked child compiles
-    the density while this process compiles the rest, then select_block finds both cached, so a
-    first run's compilation takes two cores where it has them."""
+    run first (the driver does), the others load what this one cached."""
     from numba.core import event
 
     compiled = []
@@ -85,29 +105,10 @@ def warm_up(on_compile=None, side_by_side: bool = False) -> bool:
         def on_end(self, ev):
             pass
 
-    rows = np.stack([np.linspace(-1.0, 1.0, 512, dtype=np.float32) ** 3,
-                     np.linspace(0.0, 1.0, 512, dtype=np.float32)])
-    k = 200
-    h, grid, order = bandwidths(rows), grids(rows, k), sort_order(rows)
-    values, sorted64 = rows[0], rows[0][order[0]].astype(np.float64)
-    helper = None
-    if side_by_side and hasattr(os, "fork"):
-        helper = os.fork()  # before the listener: the child says nothing
-        if helper == 0:  # the child must never return into the caller's code: it leaves by _exit
-            code = 1
-            try:
-                ken_numba.density_estimates(values, sorted64, grid[0], h[0])
-                code = 0
-            except BaseException:  # noqa: BLE001 - said on stderr; the parent compiles what is not cached
-                traceback.print_exc()
-            finally:
-                os._exit(code)
+    rows, k, _, _, _ = _warm_up_block()
     with event.install_listener("numba:compile", FirstCompile()):
-        if helper is not None:
-            ken_numba.greedy_match(rows[0][order[0]], order[0], grid[0], np.arange(k))
-            ken_numba._merge_sort_descending(np.zeros(4))
-            ken_numba._order_by_density(values, grid[0], h[0], np.zeros(k), np.zeros(k))
-            os.waitpid(helper, 0)  # however it ended: select_block compiles what is not cached
+        if first is not None:
+            first()
         ken_masks(rows, k, False)
     return bool(compiled)
 

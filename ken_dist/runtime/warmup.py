@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 
 try:
     import fcntl
@@ -47,12 +48,39 @@ def machine_lock():
 def load_kernel(on_compile=None, side_by_side: bool = False) -> bool:
     """Load the compiled kernel into this process, compiling it if no process on this machine
     has (on_compile() is called then, once); waits while another process compiles it. Returns
-    whether this process compiled. side_by_side: compile on two cores (ken_cpu.warm_up; it
-    forks, so only for a process of its own: the compile child)."""
-    from ken_dist.kernel.ken_cpu import warm_up
+    whether this process compiled.
+
+    side_by_side (it forks, so only for a process of its own: the compile child): a fork
+    compiles the density while this process compiles the rest, then select_block finds both in
+    numba's cache. Once Ray is up the driver leaves a core idle, which the fork takes."""
+    from ken_dist.kernel import ken_cpu
 
     with machine_lock():
-        return warm_up(on_compile, side_by_side)
+        helper = _fork(ken_cpu.compile_density) if side_by_side and hasattr(os, "fork") else None
+        if helper is None:
+            return ken_cpu.warm_up(on_compile)
+
+        def first():
+            ken_cpu.compile_all_but_density()
+            os.waitpid(helper, 0)  # however it ended: select_block compiles what is not cached
+
+        return ken_cpu.warm_up(on_compile, first)
+
+
+def _fork(work) -> int:
+    """Run work() in a forked child that leaves by os._exit (never into the caller's code); its
+    pid. Forked before any listener is installed: the child says nothing on stdout."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            work()
+            code = 0
+        except BaseException:  # noqa: BLE001 - said on stderr; the parent compiles what is not cached
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
 
 
 class KernelCompile:
