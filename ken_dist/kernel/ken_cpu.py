@@ -60,23 +60,25 @@ def ken_masks(rows: np.ndarray, k: int, reference: bool) -> np.ndarray:
 
 def _warm_up_block():
     """Two tiny rows with the argument types of real blocks (and long enough for every density
-    branch), k, and their bandwidths, grids and sort orders."""
+    branch), k, and their bandwidths and grids (numpy alone: nothing compiled)."""
     rows = np.stack([np.linspace(-1.0, 1.0, 512, dtype=np.float32) ** 3,
                      np.linspace(0.0, 1.0, 512, dtype=np.float32)])
     k = 200
-    return rows, k, bandwidths(rows), grids(rows, k), sort_order(rows)
+    return rows, k, bandwidths(rows), grids(rows, k)
 
 
 def compile_density() -> None:
     """Compile (or load) ken_numba.density_estimates alone, with select_block's argument types:
-    one half of a compilation on two cores (runtime/warmup.py forks for it)."""
-    rows, _, h, grid, order = _warm_up_block()
-    ken_numba.density_estimates(rows[0], rows[0][order[0]].astype(np.float64), grid[0], h[0])
+    one half of a compilation on two cores (runtime/warmup.py forks for it). The row is sorted by
+    numpy: the radix sort is the other half's."""
+    rows, _, h, grid = _warm_up_block()
+    ken_numba.density_estimates(rows[0], np.sort(rows[0]).astype(np.float64), grid[0], h[0])
 
 
 def compile_all_but_density() -> None:
     """Compile (or load) select_block's other callees: the other half (compile_density)."""
-    rows, k, h, grid, order = _warm_up_block()
+    rows, k, h, grid = _warm_up_block()
+    order = sort_order(rows)
     ken_numba.greedy_match(rows[0][order[0]], order[0], grid[0], np.arange(k))
     ken_numba._merge_sort_descending(np.zeros(4))
     ken_numba._order_by_density(rows[0], grid[0], h[0], np.zeros(k), np.zeros(k))
@@ -105,7 +107,7 @@ def warm_up(on_compile=None, first=None) -> bool:
         def on_end(self, ev):
             pass
 
-    rows, k, _, _, _ = _warm_up_block()
+    rows, k, _, _ = _warm_up_block()
     with event.install_listener("numba:compile", FirstCompile()):
         if first is not None:
             first()

@@ -553,8 +553,9 @@ def _visit_order(density):
     does it. Where they are huge (rows of tiny magnitude), the keys from 2k up share at most 4k
     buckets: their float64 bit patterns (in the order of the values, for values >= 0) shifted
     right, so a bucket never breaks the order and buckets are finer where keys are smaller; each
-    bucket is then put in order by insertion (keys along a grid come nearly in order), and a bucket
-    of more than 256 points (a pathological row) falls back to the merge sort. (Highest first: shared buckets come before exact ones.)"""
+    bucket is then put in order by insertion (keys along a grid come nearly in order), and a
+    bucket of more than 256 points (a pathological row) falls back to the merge sort. (Highest
+    first: shared buckets come before exact ones.)"""
     k = density.size
     top = 0.0
     highest = 0
