@@ -43,6 +43,9 @@ CRAMER = 1.086436
 SLACK = 1e-13
 # Below this many kernel evaluations per row the literal sum is as cheap as the expansion.
 BRUTE_FORCE_WORK = 32768
+# Up to this many open roundings, each asks the sorted order (two binary searches and a look at
+# the other open ones) whether another rounding meets it; beyond, one sweep over the order.
+FEW_OPEN = 48
 
 
 @numba.njit(cache=True, nogil=True)
@@ -409,19 +412,39 @@ def _settle_open(values, grid, h, lo, hi, order, open_points):
     by its lo as by its true rounding: no other possible value lies in its interval. Grid points
     equal in float32 (a step below the values' spacing) have the same density: they tie, in
     index order, whatever it is, so only the first of each such run takes part ("twins" follow
-    it). Many open points are first narrowed by one sweep over `order` (the points by lo,
-    highest first, equal lo in ascending index) from its end; each candidate is then compared
-    with every interval just before its literal sum, so that a pair parted by its first
-    member's sum (mirror points of a symmetric row) pays one sum, not two."""
+    it). Candidates are found in `order` (the points by lo, highest first, equal lo in ascending
+    index): up to FEW_OPEN open points each by two binary searches (is another lo in its
+    interval?) and a look at the other open intervals (does one reach it from below?), so a tiny
+    row's few open roundings cost O(log k) each, not passes over the grid; more by one sweep over
+    `order` from its end. Each candidate is then compared with every interval just before its
+    literal sum, so that a pair parted by its first member's sum (mirror points of a symmetric
+    row) pays one sum, not two."""
     k = lo.size
+    meets = np.zeros(k, dtype=np.bool_)
+    if open_points <= FEW_OPEN:  # each open point asks the sorted order, not a sweep over it
+        opens = np.empty(open_points, dtype=np.int64)
+        m = 0
+        for j in range(k):
+            if lo[j] < hi[j] and not (j > 0 and grid[j] == grid[j - 1]):
+                opens[m] = j
+                m += 1
+        candidates = 0
+        for a in range(m):
+            j = opens[a]
+            run = 1  # j and its twins: their roundings lie in j's interval too
+            while j + run < k and grid[j + run] == grid[j]:
+                run += 1
+            meets[j] = _rounded_within(lo, order, lo[j], hi[j]) > run
+            for b in range(m):  # an open interval reaching j's from below
+                i = opens[b]
+                meets[j] = meets[j] or (lo[i] < lo[j] <= hi[i])
+            candidates += meets[j]
+        if not candidates:
+            return 0
     twin = np.zeros(k, dtype=np.bool_)
     for j in range(1, k):
         twin[j] = grid[j] == grid[j - 1]
-    meets = np.zeros(k, dtype=np.bool_)
-    if open_points <= 8:
-        for j in range(k):
-            meets[j] = lo[j] < hi[j] and not twin[j]  # checked in the loop below
-    else:
+    if open_points > FEW_OPEN:
         seq = np.empty(k, dtype=np.int64)  # order without the twins
         m = 0
         for t in range(k):
@@ -438,11 +461,33 @@ def _settle_open(values, grid, h, lo, hi, order, open_points):
         if meets[j] and lo[j] < hi[j] and _meets_another(lo, hi, twin, j):  # again: a settled
             lo[j] = hi[j] = np.rint(exact_density(values, np.float64(grid[j]), h))  # one may part them
             literal += 1
-    for j in range(1, k):
+    for j in range(1, k if literal else 0):
         if twin[j]:
             lo[j] = lo[j - 1]
             hi[j] = hi[j - 1]
     return literal
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rounded_within(lo, order, a, b):
+    """How many points have lo in [a, b]: two binary searches in `order` (by lo, highest first)."""
+    first = 0  # the first position whose lo <= b
+    last = lo.size
+    while first < last:
+        mid = (first + last) // 2
+        if lo[order[mid]] <= b:
+            last = mid
+        else:
+            first = mid + 1
+    end = first  # the first position whose lo < a
+    last = lo.size
+    while end < last:
+        mid = (end + last) // 2
+        if lo[order[mid]] < a:
+            last = mid
+        else:
+            end = mid + 1
+    return end - first
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
