@@ -95,6 +95,9 @@ DIAGNOSTICS = {
     "ffn-0.75-raw": Candidate(0.48, "raw", fixed={FFN: 0.75}),
     "dense-sign-g64": Candidate(1.0, "sign-g64", note="every delta, 1-bit"),
     "dense-int2-g64": Candidate(1.0, "int2-g64"),
+    # fit_scales.py's points of the curve beside the recipe: the stretch budget and BitDelta's own
+    "k0.1-sign": Candidate(0.1, "sign", note="~0.5 bit/param"),
+    "bitdelta": Candidate(1.0, "sign", note="BitDelta's representation: every delta's sign, one scale per row"),
 }
 
 
