@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--calib-draw", type=int, default=0, help="another draw of the calibration texts (0: the default draw)")
     args = ap.parse_args(argv)
     common.set_task(args.task)
     c = CANDIDATES.get(args.candidate) or DIAGNOSTICS[args.candidate]
@@ -132,7 +133,8 @@ def main(argv=None) -> int:
         codec = parse_codec(c.values)
         tables, state, nbytes = encode(prep, prep.masks(c), codec)
         before = ev.score(state)["accuracy"]
-        calib = [train_x[i] for i in np.random.default_rng(1000 + seed).choice(len(train_x), args.calib, replace=False)]
+        draw = 1000 + seed + 7919 * args.calib_draw  # 0: the draw of every recorded run before this option
+        calib = [train_x[i] for i in np.random.default_rng(draw).choice(len(train_x), args.calib, replace=False)]
         t1 = time.time()
         fitted, losses, alpha = fit(ev, prep, state, calib, args.steps, args.lr, args.batch, seed)
         after = ev.score(fitted)["accuracy"]
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
                 stored[name] = fitted[name]
         after_stored = ev.score(stored)["accuracy"]
         a_all = np.concatenate(list(alpha.values()))
-        line = {"task": args.task, "seed": seed, "candidate": args.candidate, "calib": args.calib, "steps": args.steps,
+        line = {"task": args.task, "seed": seed, "candidate": args.candidate, "calib": args.calib, "calib_draw": args.calib_draw, "steps": args.steps,
                 "lr": args.lr, "bits_per_param": round(8 * (nbytes + OVERHEAD_BYTES) / (prep.entries + 770), 4),
                 "full": full, "gap_before": round(100 * (before - full), 2), "gap_after": round(100 * (after - full), 2),
                 "gap_stored": round(100 * (after_stored - full), 2),
