@@ -32,32 +32,9 @@ import common  # noqa: E402
 from recipes import CANDIDATES, DIAGNOSTICS, OVERHEAD_BYTES, Prepared  # noqa: E402
 from run import Evaluator  # noqa: E402
 
-from ken_dist.store.codecs import bf16_scale_bits, parse_codec, scale_values  # noqa: E402
-from ken_dist.store.parts import block_rows, encode_block, part_bytes  # noqa: E402
+from ken_dist.store.codecs import bf16_scale_bits, scale_values  # noqa: E402
 
 OUT = common.RESULTS / "fit_scales.jsonl"
-
-
-def encode(prep: Prepared, masks: dict, codec) -> tuple[dict, dict, int]:
-    """({tensor: (part table, stats)}, the state dict the store rebuilds, part bytes)."""
-    tables, state, nbytes = {}, dict(prep.state), 0
-    for name, m in masks.items():
-        f2, b2, _, _ = prep.tensors[name]
-        table, stats = encode_block(0, m, f2, codec=codec, base=b2, dtype="F32")
-        tables[name] = (table, stats)
-        nbytes += len(part_bytes(table))
-        state[name] = decode(prep, name, table, stats)
-    return tables, state, nbytes
-
-
-def decode(prep: Prepared, name: str, table, stats) -> torch.Tensor:
-    f2, b2, _, _ = prep.tensors[name]
-    out = b2.copy()
-    for a, keep, vals in block_rows(table, f2.shape[1], "F32", 0, f2.shape[0], codec=stats.get("values", "raw"),
-                                    index=stats.get("index", "mask"), base_rows=lambda i, j: b2[i:j]):
-        rows = out[a:a + keep.shape[0]]
-        rows[keep] = vals.view(np.float32)
-    return torch.from_numpy(out).reshape(prep.state[name].shape)
 
 
 def rescaled(table, alpha: np.ndarray):
@@ -73,7 +50,7 @@ def rescaled(table, alpha: np.ndarray):
 
 
 def fit(ev: Evaluator, prep: Prepared, state: dict, texts: list[str], steps: int, lr: float, batch: int,
-        seed: int) -> tuple[dict, list[float]]:
+        seed: int) -> tuple[dict, list[float], dict]:
     """(the state dict with fitted row multipliers on the kept deltas, the loss per step, the
     multipliers per tensor)."""
     from torch.func import functional_call
@@ -130,8 +107,8 @@ def main(argv=None) -> int:
         prep = Prepared(seed)
         ev = Evaluator(common.finetune_dir(seed))
         full = ev.score(None)["accuracy"]
-        codec = parse_codec(c.values)
-        tables, state, nbytes = encode(prep, prep.masks(c), codec)
+        tables, nbytes, _ = prep.parts(c)
+        state = {**prep.state, **{name: prep.rebuilt(name, *part) for name, part in tables.items()}}
         before = ev.score(state)["accuracy"]
         draw = 1000 + seed + 7919 * args.calib_draw  # 0: the draw of every recorded run before this option
         calib = [train_x[i] for i in np.random.default_rng(draw).choice(len(train_x), args.calib, replace=False)]
@@ -141,7 +118,7 @@ def main(argv=None) -> int:
         stored = dict(state)
         for name, (table, stats) in tables.items():
             if "values" in stats:  # a lossy part: its scales carry the multipliers
-                stored[name] = decode(prep, name, rescaled(table, alpha[name]), stats)
+                stored[name] = prep.rebuilt(name, rescaled(table, alpha[name]), stats)
             else:
                 stored[name] = fitted[name]
         after_stored = ev.score(stored)["accuracy"]

@@ -141,23 +141,37 @@ class Prepared:
         masks.update(_top(scores, rest, total))
         return masks
 
-    def apply(self, c: Candidate) -> tuple[dict, int, dict]:
-        """(state dict as the store would rebuild it, part bytes, kept fraction per group)."""
+    def parts(self, c: Candidate) -> tuple[dict, int, dict]:
+        """({tensor: (part table, stats)} as the store's encoder writes them, part bytes, kept
+        fraction per group)."""
         codec = parse_codec(c.values)
-        state, nbytes, kept, size = dict(self.state), 0, {}, {}
+        tables, nbytes, kept, size = {}, 0, {}, {}
         for name, m in self.masks(c).items():
             f2, b2, _, grp = self.tensors[name]
             table, stats = encode_block(0, m, f2, codec=codec, base=b2, dtype="F32")
+            tables[name] = (table, stats)
             nbytes += len(part_bytes(table))
-            out = b2.copy()
-            for a, keep, vals in block_rows(table, f2.shape[1], "F32", 0, f2.shape[0], codec=stats.get("values", "raw"),
-                                            index=stats.get("index", "mask"), base_rows=lambda i, j: b2[i:j]):
-                rows = out[a:a + keep.shape[0]]
-                rows[keep] = vals.view(np.float32)
-            state[name] = torch.from_numpy(out).reshape(self.state[name].shape)
             kept[grp] = kept.get(grp, 0) + int(m.sum())
             size[grp] = size.get(grp, 0) + m.size
-        return state, nbytes, {g: kept[g] / size[g] for g in kept}
+        return tables, nbytes, {g: kept[g] / size[g] for g in kept}
+
+    def rebuilt(self, name: str, table, stats: dict) -> torch.Tensor:
+        """Tensor `name` as the store's decoder rebuilds it from its part."""
+        f2, b2, _, _ = self.tensors[name]
+        out = b2.copy()
+        for a, keep, vals in block_rows(table, f2.shape[1], "F32", 0, f2.shape[0], codec=stats.get("values", "raw"),
+                                        index=stats.get("index", "mask"), base_rows=lambda i, j: b2[i:j]):
+            rows = out[a:a + keep.shape[0]]
+            rows[keep] = vals.view(np.float32)
+        return torch.from_numpy(out).reshape(self.state[name].shape)
+
+    def apply(self, c: Candidate) -> tuple[dict, int, dict]:
+        """(state dict as the store would rebuild it, part bytes, kept fraction per group)."""
+        tables, nbytes, shares = self.parts(c)
+        state = dict(self.state)
+        for name, (table, stats) in tables.items():
+            state[name] = self.rebuilt(name, table, stats)
+        return state, nbytes, shares
 
 
 def _top(scores: dict, names: list, want: int) -> dict:
