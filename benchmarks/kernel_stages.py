@@ -1,6 +1,6 @@
 """Where a KEN row's time goes, per row family: the CPU path's stages and its literal fix-ups.
 
-    python benchmarks/kernel_stages.py [--rows 16] [--shapes 4096x2048] [--baseline REV]
+    python benchmarks/kernel_stages.py [--rows 16] [--shapes 4096x2048] [--baseline REV] [--unlisted] [--families A,B]
 
 For each family of benchmarks/kernel_speed.py: ms/row (this thread's CPU time, median of 3) of
 the density with the visit order (`_visit_order_of`; revisions before it: `_rounded_density`,
@@ -94,7 +94,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--shapes", default="4096x2048")
     parser.add_argument("--baseline", default=None, help="git revision whose ken_numba.py is profiled too")
+    parser.add_argument("--families", default=None, help="comma list of family names (default: all listed)")
+    parser.add_argument("--unlisted", action="store_true", help="also kernel_speed.py's unlisted families")
     args = parser.parse_args()
+    wanted = None if args.families is None else set(args.families.split(","))
     kernels = {"today": (ken_numba, todays_fixups)}
     if args.baseline:
         counting = load_revision(args.baseline, count_fixups=True)
@@ -107,7 +110,9 @@ def main() -> None:
     print(f"{'n':>6} {'k':>5} {'code':>8} {'family':>15} {'density':>8} {'visit':>6} {'greedy':>7} "
           f"{'fix-ups/row':>11} {'h/step':>6} {'max density':>11}")
     for n, k in [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]:
-        for name, rows in family_rows(args.rows, n, seed=n + k).items():
+        for name, rows in family_rows(args.rows, n, seed=n + k, unlisted=args.unlisted).items():
+            if wanted is not None and name not in wanted:
+                continue
             if isinstance(rows, str):
                 print(f"{n:>6} {k:>5} {name}: {rows}")
                 continue
