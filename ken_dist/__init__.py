@@ -10,7 +10,7 @@ _LAZY = {
     "STRATEGIES": "ken_dist.kernel", "apply": "ken_dist.subnetwork.inject", "swap": "ken_dist.subnetwork.inject",
     "inspect_store": "ken_dist.subnetwork.inspect", "materialize": "ken_dist.subnetwork.materialize",
     "open_subnetwork": "ken_dist.subnetwork.view", "load_model": "ken_dist.subnetwork.load_model",
-    "Switcher": "ken_dist.subnetwork.switcher",
+    "Switcher": "ken_dist.subnetwork.switcher", "fit_scales": "ken_dist.subnetwork.fit_scales",
 }
 __all__ = ["KenError", "__version__", *_LAZY]
 

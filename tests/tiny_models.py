@@ -15,6 +15,9 @@ one-time transformers import. Nothing is downloaded: configs are built in code, 
         head_class=True instead saves a real XForSequenceClassification built from the base:
         llama -> model.* + score.weight, lm_head.weight absent (a "missing" case);
         bert  -> bert.* + classifier.* (a prefix case: --map-prefix 'bert.=').
+    save_tiny_tokenizer(dir) -> list[str]
+        A WordPiece (BertTokenizer) vocabulary of 121 words within the tiny models' 128 ids,
+        saved into dir; returns the words, for texts it tokenizes without [UNK].
     make_hf_cache(cache_dir, repo_id, src_dir, commit=None, ref="main") -> str
         Lays src_dir out as the HF hub cache does (blobs + snapshots/<commit> symlinks +
         refs/<ref>) and returns the snapshot path; resolve with HF_HUB_CACHE=cache_dir.
@@ -139,6 +142,18 @@ def _finetune_head_class(base_dir, out_dir, gen, model, scale, big_frac, big_sca
         for p in m.parameters():
             p.copy_(_perturb(p.data, gen, scale, big_frac, big_scale))
     return _save(m, out_dir, dtype, shard_bytes)
+
+
+def save_tiny_tokenizer(dir) -> list[str]:
+    """A BertTokenizer over a fixed 126-entry vocabulary (ids < 128), saved into dir."""
+    from transformers import BertTokenizer
+
+    words = [chr(c) for c in range(97, 123)] + [f"w{i}" for i in range(95)]
+    vocab = os.path.join(os.fspath(dir), "vocab.txt")
+    with open(vocab, "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizer(vocab).save_pretrained(os.fspath(dir))
+    return words
 
 
 def make_hf_cache(cache_dir, repo_id: str, src_dir, commit: str | None = None,

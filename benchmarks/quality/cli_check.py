@@ -2,6 +2,11 @@
 
     python benchmarks/quality/cli_check.py --task reviews --seeds 0 1 2
     python benchmarks/quality/cli_check.py --strategy lowrank-delta-model --keep 0.25 --values sign
+    python benchmarks/quality/cli_check.py --task reviews --seeds 0 1 2 --fit-texts 512
+
+--fit-texts N adds `ken-dist fit-scales` between prune and materialize, on N training texts of the
+task without their labels (the draw benchmarks/quality/fit_scales.py uses), the full fine-tune as
+the teacher.
 
 run.py measures every cell through the library (run_job, open_subnetwork); this check takes the
 other road, independently of it: the CLI in a subprocess writes a fresh store, the CLI rebuilds a
@@ -60,7 +65,7 @@ def score_dir(model_dir: Path) -> float:
     return common.scores(common.predict(model, test_x, tok), test_y)["accuracy"]
 
 
-def check(seed: int, strategy: str, keep: float, values: str) -> dict:
+def check(seed: int, strategy: str, keep: float, values: str, fit_texts: int = 0) -> dict:
     base = common.base_model_dir()
     ft = common.finetune(seed)
     work = CACHE / f"cli-check{common.task_suffix()}-s{seed}"
@@ -72,12 +77,26 @@ def check(seed: int, strategy: str, keep: float, values: str) -> dict:
     subprocess.run(cli + ["prune", str(base), str(ft), "--store", str(store), "--name", name, "--strategy", strategy,
                           "--keep", str(keep), "--values", values, "--map-prefix", "bert.=",
                           "--ignore-missing", r"^embeddings\.position_ids$", "--quiet"], check=True, env=env)
+    if fit_texts:
+        import numpy as np
+        train_x = common.load_split()[0]
+        pick = np.random.default_rng(1000 + seed).choice(len(train_x), fit_texts, replace=False)
+        texts = work / "calib.txt"
+        texts.write_text("".join(" ".join(train_x[i].split()) + "\n" for i in pick))
+        t1 = time.time()
+        subprocess.run(cli + ["fit-scales", str(store), "--finetune", name, "--texts", str(texts),
+                              "--calib", str(fit_texts), "--seed", str(seed), "--quiet"], check=True, env=env)
+        fit_seconds = round(time.time() - t1, 1)
+        name_out = name + "-fit"
+    else:
+        name_out, fit_seconds = name, None
     subprocess.run(cli + ["materialize", str(store), "--finetune", name, "--out", str(out)], check=True, env=env)
     seconds = time.time() - t0
     full, pruned = score_dir(ft), score_dir(out)
     bits = 8 * stored_bytes(store, name) / parameters(ft)
-    return {"task": common.TASK, "seed": seed, "recipe": name, "bits_per_param": bits, "accuracy": pruned,
-            "full_accuracy": full, "gap_points": 100 * (pruned - full), "prune_materialize_seconds": round(seconds, 1)}
+    return {"task": common.TASK, "seed": seed, "recipe": name_out, "bits_per_param": bits, "accuracy": pruned,
+            "full_accuracy": full, "gap_points": 100 * (pruned - full), "prune_materialize_seconds": round(seconds, 1),
+            **({"fit_seconds": fit_seconds} if fit_texts else {})}
 
 
 def main(argv=None) -> int:
@@ -87,11 +106,12 @@ def main(argv=None) -> int:
     ap.add_argument("--strategy", default="lowrank-delta-model")
     ap.add_argument("--keep", type=float, default=0.25)
     ap.add_argument("--values", default="sign-g64")
+    ap.add_argument("--fit-texts", type=int, default=0, help="run ken-dist fit-scales on this many unlabeled training texts")
     args = ap.parse_args(argv)
     common.set_task(args.task)
     rows = []
     for seed in args.seeds:
-        row = check(seed, args.strategy, args.keep, args.values)
+        row = check(seed, args.strategy, args.keep, args.values, args.fit_texts)
         log(json.dumps(row))
         rows.append(row)
         with open(RESULTS / "cli_check.jsonl", "a") as f:

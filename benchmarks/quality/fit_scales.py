@@ -6,13 +6,18 @@
 For each fine-tune: the recipe's state dict exactly as a store rebuilds it (recipes.Prepared,
 the store's own encoder and decoder), then one multiplier per row of every pruned tensor on its
 kept deltas (w = base + a_row * (kept value - base)), fitted by Adam to the full fine-tune's
-logits (mean squared error) on --calib training texts, no labels. A per-row multiplier only
+logits (mean squared error) on --calib training texts, no labels: the fit of `ken-dist
+fit-scales` (ken_dist.subnetwork.fit_scales.fit_multipliers), run here on state dicts so that
+recipes and calibration draws can be compared without writing a store for each. A per-row multiplier only
 rescales the row's stored scales (sign / int codes times a bf16 scale per row or group), so a
 store holds the fitted recipe at the same size: "stored" scores exactly that, each part's scales
 column replaced by bf16(max(a_row, 0) x scale) and decoded by the store's own decoder
 (parts.block_rows); "fitted" scores the float32 multipliers before that rounding. Scores the test
 split before and after the fit; the full fine-tune is the reference. Appends to
-results/fit_scales.jsonl. An experiment, not yet a product path.
+results/fit_scales.jsonl (lines before 2026-11-29 18:00 UTC came from this script's own copy of
+the fit, which precomputed the teacher's logits and wrote w = base + a * delta; loss_first and
+loss_last there were the first and the last 10 batches' errors, now loss_before and loss_after
+are over all calibration texts). The product path: benchmarks/quality/cli_check.py --fit-texts.
 """
 from __future__ import annotations
 
@@ -23,7 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -32,60 +36,37 @@ import common  # noqa: E402
 from recipes import CANDIDATES, DIAGNOSTICS, OVERHEAD_BYTES, Prepared  # noqa: E402
 from run import Evaluator  # noqa: E402
 
-from ken_dist.store.codecs import bf16_scale_bits, scale_values  # noqa: E402
+from ken_dist.store.parts import rescale_scales  # noqa: E402
+from ken_dist.subnetwork.fit_scales import fit_multipliers, output_error  # noqa: E402
 
 OUT = common.RESULTS / "fit_scales.jsonl"
 
 
-def rescaled(table, alpha: np.ndarray):
-    """The part with each row's bf16 scales times that row's multiplier (clipped at 0), rounded to bf16."""
-    col = table.column("scales").combine_chunks()
-    offsets = np.frombuffer(col.buffers()[1], np.int32, len(col) + 1, col.offset * 4)
-    bits = np.frombuffer(col.buffers()[2], np.uint16, (offsets[-1] - offsets[0]) // 2, offsets[0]).copy()
-    per_row = np.diff(offsets) // 2
-    new = bf16_scale_bits(scale_values(bits).astype(np.float64) * np.repeat(np.maximum(alpha, 0.0), per_row))
-    arr = pa.Array.from_buffers(pa.binary(), len(col), [None, pa.py_buffer((offsets - offsets[0]).astype(np.int32)),
-                                                        pa.py_buffer(new.astype("<u2").view(np.uint8))])
-    return table.set_column(table.schema.get_field_index("scales"), "scales", arr)
-
-
 def fit(ev: Evaluator, prep: Prepared, state: dict, texts: list[str], steps: int, lr: float, batch: int,
-        seed: int) -> tuple[dict, list[float], dict]:
-    """(the state dict with fitted row multipliers on the kept deltas, the loss per step, the
-    multipliers per tensor)."""
-    from torch.func import functional_call
+        seed: int) -> tuple[dict, dict, tuple[float, float]]:
+    """(the state dict with fitted row multipliers on the kept deltas, the multipliers per tensor,
+    the output error before and after):
+    the product's own fit (ken_dist.subnetwork.fit_scales.fit_multipliers) on the recipe's state."""
+    import copy
 
-    model = ev.model
-    model.load_state_dict(ev.full, strict=True)
-    model.eval()
-    enc = ev.tok(texts, truncation=True, max_length=common.MAX_LENGTH, padding=True, return_tensors="pt")
-    with torch.inference_mode():
-        teacher = torch.cat([model(**{k: v[b:b + 64] for k, v in enc.items()}).logits for b in range(0, len(texts), 64)])
-    base, delta, alpha = {}, {}, {}
-    for name, (f2, b2, _, _) in prep.tensors.items():
-        shape = prep.state[name].shape
-        b = torch.from_numpy(b2)
-        base[name] = (b, shape)
-        delta[name] = state[name].reshape(b.shape).float() - b
-        alpha[name] = torch.ones(b.shape[0], 1, requires_grad=True)
-    fixed = {k: v for k, v in state.items() if k not in prep.tensors}
-    opt = torch.optim.Adam(alpha.values(), lr=lr)
-    rng = np.random.default_rng(seed)
-    losses = []
-    for _ in range(steps):
-        pick = torch.from_numpy(rng.choice(len(texts), size=min(batch, len(texts)), replace=False))
-        params = {**fixed, **{n: (base[n][0] + alpha[n] * delta[n]).reshape(base[n][1]) for n in alpha}}
-        logits = functional_call(model, params, kwargs={k: v[pick] for k, v in enc.items()})
-        loss = torch.mean((logits.logits - teacher[pick]) ** 2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    with torch.no_grad():
-        out = dict(state)
-        for n in alpha:
-            out[n] = (base[n][0] + alpha[n] * delta[n]).reshape(base[n][1]).to(state[n].dtype)
-    return out, losses, {n: a.detach().numpy().reshape(-1).astype(np.float64) for n, a in alpha.items()}
+    teacher = copy.deepcopy(ev.model)
+    teacher.load_state_dict(ev.full, strict=True)
+    student = ev.model
+    student.load_state_dict(state, strict=True)
+    for m in (teacher.eval(), student.eval()):
+        for p in m.parameters():
+            p.requires_grad_(False)
+    enc = dict(ev.tok(texts, truncation=True, max_length=common.MAX_LENGTH, padding=True, return_tensors="pt"))
+    deltas = {name: state[name].reshape(b2.shape).float() - torch.from_numpy(b2)
+              for name, (_, b2, _, _) in prep.tensors.items()}
+    alpha = fit_multipliers(student, teacher, enc, deltas, steps=steps, lr=lr, batch=batch, seed=seed)
+    loss_first = output_error(student, teacher, enc, batch)
+    out = dict(state)
+    for n, d in deltas.items():
+        out[n] = (state[n].reshape(d.shape) + (alpha[n] - 1) * d).reshape(state[n].shape).to(state[n].dtype)
+    student.load_state_dict(out, strict=True)
+    loss_last = output_error(student, teacher, enc, batch)
+    return out, {n: a.numpy().reshape(-1).astype(np.float64) for n, a in alpha.items()}, (loss_first, loss_last)
 
 
 def main(argv=None) -> int:
@@ -113,12 +94,12 @@ def main(argv=None) -> int:
         draw = 1000 + seed + 7919 * args.calib_draw  # 0: the draw of every recorded run before this option
         calib = [train_x[i] for i in np.random.default_rng(draw).choice(len(train_x), args.calib, replace=False)]
         t1 = time.time()
-        fitted, losses, alpha = fit(ev, prep, state, calib, args.steps, args.lr, args.batch, seed)
+        fitted, alpha, losses = fit(ev, prep, state, calib, args.steps, args.lr, args.batch, seed)
         after = ev.score(fitted)["accuracy"]
         stored = dict(state)
         for name, (table, stats) in tables.items():
             if "values" in stats:  # a lossy part: its scales carry the multipliers
-                stored[name] = prep.rebuilt(name, rescaled(table, alpha[name]), stats)
+                stored[name] = prep.rebuilt(name, rescale_scales(table, np.maximum(alpha[name], 0.0)), stats)
             else:
                 stored[name] = fitted[name]
         after_stored = ev.score(stored)["accuracy"]
@@ -129,7 +110,7 @@ def main(argv=None) -> int:
                 "gap_stored": round(100 * (after_stored - full), 2),
                 "alpha_min": round(float(a_all.min()), 3), "alpha_median": round(float(np.median(a_all)), 3),
                 "alpha_max": round(float(a_all.max()), 3),
-                "loss_first": round(losses[0], 4), "loss_last": round(float(np.mean(losses[-10:])), 4),
+                "loss_before": round(losses[0], 4), "loss_after": round(losses[1], 4),
                 "fit_seconds": round(time.time() - t1, 1), "seconds": round(time.time() - t0, 1)}
         print(json.dumps(line), flush=True)
         with open(OUT, "a") as f:

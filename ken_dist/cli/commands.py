@@ -18,6 +18,7 @@ EPILOG = """examples:
   ken-dist submit jobs/example_job.yaml --address http://HEAD:8265 --wait
   ken-dist inspect ./subnets
   ken-dist materialize ./subnets --finetune llama-sft --out ./llama-sft-pruned
+  ken-dist fit-scales ./subnets --finetune llama-sft --texts calib.txt
   ken-dist viz ./subnets --finetune llama-sft --tensor 'layers[.]0[.]' --out ./viz
 
 Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 to keep a private local Ray on 127.0.0.1."""
@@ -129,6 +130,10 @@ def cmd_inspect(args) -> int:
               f" = {ft['stored_bytes'] / max(1, ft['dense_bytes']):.3f} x dense fine-tune ({human_bytes(ft['dense_bytes'])});"
               f" {ratio_text(ft['bound_ratio'])} x information bound; {ft['bits_per_param']:.3f} bits per parameter"
               " (parts and manifest)")
+        for fit in ft.get("scale_fits", []):
+            print(f"  scales fitted (fit {fit.get('fit')}, {fit.get('created')}): {fit.get('texts')} text(s), "
+                  f"{fit.get('steps')} steps, output error against {fit.get('teacher')} "
+                  f"{fit.get('loss_before', float('nan')):.4g} -> {fit.get('loss_after', float('nan')):.4g}")
         if args.tensor or args.finetune:
             print(f"  {'tensor':<48} {'action':>6} {'kept/row min/mean/max':>24} {'kept %':>7} {'bytes':>10} "
                   f"{'x bound':>8}")
@@ -175,6 +180,37 @@ def cmd_viz(args) -> int:
                     max_pixels=args.max_pixels, layers=not args.no_layers, single=not args.no_single,
                     progress=None if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
     print(f"wrote {len(result['figures'])} figure(s) and {result['index']} in {result['seconds']:.1f} s")
+    return 0
+
+
+def read_texts(path: str, limit: int, seed: int) -> list[str]:
+    """The calibration texts of `fit-scales --texts`: one per line, blank lines skipped; more than
+    `limit` are sampled (seeded) down to it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            texts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--texts {path}: cannot read it ({exc}); give a UTF-8 text file, one text per line") from None
+    if not texts:
+        raise InputError(f"--texts {path} holds no text; give a UTF-8 file with one calibration text per line "
+                         "(unlabeled text of the fine-tune's task)")
+    if len(texts) > limit:
+        import random
+        texts = random.Random(seed).sample(texts, limit)
+    return texts
+
+
+def cmd_fit_scales(args) -> int:
+    from ken_dist.subnetwork.fit_scales import fit_scales
+
+    texts = read_texts(args.texts, args.calib, args.seed)
+    result = fit_scales(args.store, args.finetune, texts, teacher=args.teacher, tokenizer=args.tokenizer,
+                        base=args.base, steps=args.steps, lr=args.lr, batch=args.batch, max_length=args.max_length,
+                        seed=args.seed, device=args.device,
+                        progress=None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)))
+    print(f"fine-tune {args.finetune!r}: fitted {result['rows']:,} row multipliers of {result['tensors']} tensor(s) on "
+          f"{result['texts']} text(s); output error against the teacher {result['loss_before']:.4g} -> "
+          f"{result['loss_after']:.4g}; rewrote {result['parts']} part(s), same size, in {result['seconds']:.1f} s")
     return 0
 
 
@@ -236,6 +272,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-bytes", type=byte_size, default=5 * 10**9, help="max safetensors shard size (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     p.set_defaults(func=cmd_materialize)
+
+    p = sub.add_parser("fit-scales", help="fit a lossy fine-tune's stored scales to its dense fine-tune on unlabeled text",
+                       description="Fit one multiplier per row of the stored scales of a fine-tune pruned with a lossy "
+                       "--values codec, so that the model as stored matches the dense fine-tune's outputs on "
+                       "calibration texts (BitDelta's distillation step; no labels). Rewrites the fine-tune's lossy "
+                       "parts in place, atomically, at the same size. docs/quality.md says what it recovers.")
+    p.add_argument("store")
+    p.add_argument("--finetune", required=True, help="name of the fine-tune in the store")
+    p.add_argument("--texts", required=True, metavar="FILE", help="calibration texts, one per line (unlabeled)")
+    p.add_argument("--teacher", metavar="DIR", help="the dense fine-tune (default: the one the store was pruned from)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the teacher's)")
+    p.add_argument("--base", help="where the base checkpoint is now, if it moved since pruning")
+    p.add_argument("--calib", type=int, default=512, help="texts used; more are sampled down to this (default 512)")
+    p.add_argument("--steps", type=int, default=40, help="Adam steps (default 40)")
+    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
+    p.add_argument("--batch", type=int, default=32, help="texts per step (default 32)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the text sample and the batches")
+    p.add_argument("--device", help="where the fit runs (default cuda when available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_fit_scales)
 
     p = sub.add_parser("inspect", help="fine-tunes, tensors, kept weights, bytes and ratios of a store")
     p.add_argument("store")

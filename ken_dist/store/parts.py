@@ -33,6 +33,7 @@ from ken_dist.store.codecs import (
     RAW,
     RAW_CODEC,
     Codec,
+    bf16_scale_bits,
     dequantize,
     fits,
     group_sizes,
@@ -195,6 +196,30 @@ def encode_block(row_start: int, mask, values, *, codec: Codec = RAW_CODEC, base
     if index != "mask":
         stats["index"] = index
     return pa.table(columns), stats
+
+
+def rescale_scales(table: pa.Table, multipliers) -> pa.Table:
+    """The lossy part `table` with every scale of its row i multiplied by multipliers[i] (>= 0) and
+    rounded to bfloat16; codes and index unchanged, so the part keeps its size and every reader
+    rebuilds base + m * (the new scale). ValueError when the table has no scales, the count
+    differs from its rows, or a product is negative, NaN or past bfloat16's range."""
+    if "scales" not in table.column_names:
+        raise ValueError("the part stores raw values; only a lossy codec's scales can be rescaled")
+    mult = np.asarray(multipliers, np.float64).reshape(-1)
+    if mult.size != table.num_rows:
+        raise ValueError(f"{mult.size} multipliers for a part of {table.num_rows} rows")
+    if not np.all(mult >= 0):  # also refuses NaN
+        raise ValueError("a multiplier is negative or NaN")
+    col = table.column("scales").combine_chunks()
+    offsets, data = _binary_parts(col)
+    bits = data.view("<u2")
+    per_row = np.diff(offsets) // 2
+    with np.errstate(over="ignore"):
+        new = bf16_scale_bits(scale_values(bits).astype(np.float64) * np.repeat(mult, per_row))
+    if np.any(new >= 0x7F80):
+        raise ValueError("a rescaled scale overflows bfloat16")
+    arr = _binary(offsets.astype(np.int64), new.astype("<u2").view(np.uint8))
+    return table.set_column(table.schema.get_field_index("scales"), "scales", arr)
 
 
 def _check_types(table: pa.Table, columns: tuple[str, ...]) -> None:

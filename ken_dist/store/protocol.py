@@ -48,7 +48,7 @@ from ken_dist.store.fs import (
     unescape_name,
 )
 from ken_dist.store.manifest_check import bad_record_field, check_manifest
-from ken_dist.store.parts import encode_block, part_bytes, write_whole_parquet
+from ken_dist.store.parts import block_columns, encode_block, part_bytes, write_whole_parquet
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +374,9 @@ class Store:
             manifest = dict(old, base_identity=base_identity, finetune_identity=finetune_identity, updated=stamp)
             if old.get("complete"):
                 self._journal_from_manifest(finetune, old)
+                if manifest.pop("scale_fits", None):  # its fitted parts are not this plan's; they are pruned again
+                    log.warning("fine-tune %r: its fitted scales are discarded, because its lossy blocks are "
+                                "pruned again; run `ken-dist fit-scales` again when the prune run is done", finetune)
             if not same_plan or old.get("complete"):  # a part of a complete fine-tune went missing
                 manifest.update(tensors=plan if not same_plan else old["tensors"], complete=False)
             if not same_plan:
@@ -616,6 +619,36 @@ class Store:
             if dirpath != tdir and not os.listdir(dirpath):
                 os.rmdir(dirpath)
 
+    # ---- rewriting the scales of a complete fine-tune ------------------------------------------
+    @contextlib.contextmanager
+    def rescaling(self, finetune: str):
+        """Replace lossy parts of a complete fine-tune with rescaled ones (subnetwork/fit_scales.py):
+        `with store.rescaling(ft) as rw: rw.write(tensor, block, table) ...; rw.commit(fit)`.
+
+        The new parts get new file names (`part-<S>-<E>-fit<N>.parquet`, N the fit's number), so the
+        current manifest's parts are never touched until `commit` swaps the manifest atomically;
+        a run killed or failing before that leaves the fine-tune as it was, and its new files are
+        garbage that this and the next rewrite or prune remove."""
+        self.acquire(finetune)
+        try:
+            manifest = self.manifest(finetune)
+            if not manifest.get("complete"):
+                raise KenError(f"store {self.root}: fine-tune {finetune!r} is incomplete; finish its prune run "
+                               f"(rerun the same prune command) before fitting its scales")
+            self._collect_garbage(finetune, self._manifest_files(manifest))  # a killed rewrite's files
+            rw = _Rescale(self, finetune, manifest)
+            try:
+                yield rw
+            finally:
+                if not rw.committed:
+                    self._collect_garbage(finetune, self._manifest_files(manifest))
+        finally:
+            if finetune not in self._scoped:
+                self.release(finetune)
+
+    def _manifest_files(self, manifest: dict) -> set[str]:
+        return {self.resolve(b["file"]) for t in manifest["tensors"].values() for b in t["blocks"] if "file" in b}
+
     # ---- reading -----------------------------------------------------------------------------
     def read_part(self, block: dict, tensor: str, *, verify: bool = True, threads: bool = True,
                   path: str | None = None) -> pa.Table:
@@ -637,3 +670,53 @@ class Store:
         except (pa.ArrowException, OSError) as e:
             raise StoreError(f"part file {path} of tensor {tensor!r} is not readable Parquet ({e}); "
                            f"delete it and {fix}") from None
+
+
+class _Rescale:
+    """One rewrite of a complete fine-tune's lossy parts (Store.rescaling)."""
+
+    def __init__(self, store: Store, finetune: str, manifest: dict):
+        self.store, self.finetune, self.committed = store, finetune, False
+        self.manifest = json.loads(json.dumps(manifest))  # a copy: the stored one stays as it is until commit
+        self.generation = len(manifest.get("scale_fits", [])) + 1
+        self.written = 0
+
+    def block(self, tensor: str, row_start: int, row_end: int) -> dict:
+        """The manifest's record of a lossy block, as this rewrite will commit it."""
+        t = self.manifest["tensors"].get(tensor)
+        for b in t["blocks"] if t is not None else ():
+            if (b["row_start"], b["row_end"]) == (row_start, row_end):
+                if "values" not in b:
+                    raise KenError(f"tensor {tensor!r} rows [{row_start}, {row_end}) of fine-tune {self.finetune!r} "
+                                   f"stores raw values, which have no scales to rescale")
+                return b
+        raise KenError(f"fine-tune {self.finetune!r} has no block {tensor!r} rows [{row_start}, {row_end})")
+
+    def write(self, tensor: str, row_start: int, row_end: int, table: pa.Table) -> None:
+        """Write the new part of a lossy block (same columns and rows as the stored one)."""
+        b = self.block(tensor, row_start, row_end)
+        expected = block_columns(b.get("index", "mask"), parse_codec(b["values"]))
+        if tuple(table.column_names) != expected or table.num_rows != row_end - row_start:
+            raise KenError(f"tensor {tensor!r} rows [{row_start}, {row_end}): a rescaled part needs columns "
+                           f"{list(expected)} and {row_end - row_start} rows, got {table.column_names}, {table.num_rows}")
+        data = part_bytes(table)
+        rel = self.store._part_rel(self.finetune, tensor, _block_leaf(row_start, row_end).replace(
+            ".parquet", f"-fit{self.generation}.parquet"))
+        atomic_write(self.store.resolve(rel), data)
+        b.update(file=rel, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        self.written += 1
+
+    def commit(self, fit: dict) -> dict:
+        """Swap in the new manifest (byte totals updated, `fit` appended to `scale_fits`), then
+        delete the replaced parts. Returns the new manifest."""
+        m = self.manifest
+        for t in m["tensors"].values():
+            t["bytes"] = sum(b["bytes"] for b in t["blocks"])
+        m["totals"]["bytes"] = sum(t["bytes"] for t in m["tensors"].values())
+        m["scale_fits"] = [*m.get("scale_fits", []), {"fit": self.generation, "created": now(), **fit}]
+        m["updated"] = now()
+        atomic_json(self.store._manifest_path(self.finetune), m)
+        self.committed = True
+        self.store._drop_journal(self.finetune)
+        self.store._collect_garbage(self.finetune, self.store._manifest_files(m))
+        return m

@@ -71,6 +71,7 @@ def _inspect_finetune(store: Store, ft: str) -> dict:
             "manifest_bytes": manifest_bytes,
             "bits_per_param": 8 * (tot["bytes"] + manifest_bytes) / tot["params"] if tot["params"] else None,
             "created": m.get("created"), "updated": m.get("updated"),
+            "scale_fits": m.get("scale_fits", []),
             "totals": tot, "tensors": tensors,
             # flat summary fields (the CLI prints these)
             "tensors_pruned": len(pruned), "tensors_whole": len(tensors) - len(pruned),
