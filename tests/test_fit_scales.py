@@ -245,3 +245,19 @@ def test_bad_input_gets_a_clear_error(pruned, tmp_path, capsys):
     err = fails("--finetune", "q", "--texts", str(texts), "--teacher", teacher)
     assert f"teacher {teacher}" in err and "pass --teacher DIR" in err
     assert (tmp_path / "store" / "finetunes" / "q" / "manifest.json").read_bytes() == manifest
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.is_available() is false)")
+def test_fit_on_cuda_lowers_the_error_of_the_model_as_stored(pruned, tmp_path):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from ken_dist import fit_scales
+    from ken_dist.subnetwork.load_model import load_model
+    store = _copy(pruned, tmp_path)
+    result = fit_scales(store, "q", pruned["texts"], steps=30, lr=0.05, batch=16, device="cuda")
+    assert result["loss_after"] < 0.5 * result["loss_before"]
+    tok = AutoTokenizer.from_pretrained(pruned["ft"])
+    teacher = BertForSequenceClassification.from_pretrained(pruned["ft"]).eval()
+    err = _output_error(load_model(store, "q").eval(), teacher, tok, pruned["texts"])
+    assert abs(err - result["loss_after"]) <= 1e-5 + 1e-2 * err  # what the store rebuilds, on the CPU
