@@ -112,7 +112,7 @@ def _loss(model, teacher, enc: dict, pick: torch.Tensor, state: dict | None = No
         if state is None:
             out = _outputs(model(**inputs))
     if state is not None:
-        out = _outputs(torch.func.functional_call(model, state, args=(), kwargs=inputs))
+        out = _outputs(torch.func.functional_call(model, state, args=(), kwargs=inputs) if state else model(**inputs))
     attention = inputs.get("attention_mask")
     return _mse(out, target, attention if attention is not None else torch.ones(out.shape[:2], device=out.device))
 
@@ -128,30 +128,65 @@ def output_error(model, teacher, enc: dict, batch: int) -> float:
     return total / n
 
 
+def _row_scaled(module, d: torch.Tensor, a: torch.Tensor):
+    """A forward hook adding (a - 1) * (what `module` computes with weight d) to its output, so that
+    the module acts as with weight p + (a - 1) * d without that weight being built: for a Linear,
+    row j of the weight is output feature j; for an Embedding, row i is token i's vector."""
+    if isinstance(module, torch.nn.Linear):
+        def hook(mod, inputs, output):
+            return output + torch.nn.functional.linear(inputs[0], d) * (a.view(-1) - 1).to(output.dtype)
+    else:
+        def hook(mod, inputs, output):
+            ids = inputs[0]
+            return output + torch.nn.functional.embedding(ids, d) * (a.view(-1)[ids] - 1).unsqueeze(-1).to(output.dtype)
+    return hook
+
+
 def fit_multipliers(model, teacher, enc: dict, deltas: dict[str, torch.Tensor], *, steps: int, lr: float,
                     batch: int, seed: int, say=None) -> dict[str, torch.Tensor]:
     """{parameter name: multiplier per row [rows, 1]} fitted by Adam so that `model`, its parameter
     p (holding the stored weights) replaced by p + (a - 1) * delta (delta: [rows, row_len], the
     kept deltas, zero elsewhere), matches `teacher`'s outputs on batches of the tokenized texts
-    `enc` (seeded draws without replacement). The model's own parameters are not changed."""
+    `enc` (seeded draws without replacement). The model's own parameters are not changed.
+
+    Memory: a weight used only by Linear and Embedding modules (nearly all of a transformer's) is
+    never rebuilt: a hook adds (a - 1) * (the module's output with weight delta), one more matmul
+    instead of a weight-sized tensor per step and its gradient. Other tensors (norms, biases,
+    convolutions) are rebuilt per step and passed by torch.func.functional_call."""
     params = dict(model.named_parameters(remove_duplicate=False))
     device = next(iter(enc.values())).device
     n = len(next(iter(enc.values())))
     alphas = {m: torch.ones(d.shape[0], 1, device=d.device, dtype=torch.float32, requires_grad=True)
               for m, d in deltas.items()}
+    users: dict[int, list] = {}
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor):
+            users.setdefault(id(w), []).append(mod)
+    hooked, rebuilt = [], {}
+    for m, d in deltas.items():
+        mods = users.get(id(params[m]), [])
+        if mods and all(type(u) in (torch.nn.Linear, torch.nn.Embedding) for u in mods):
+            hooked += [u.register_forward_hook(_row_scaled(u, d.view(params[m].shape), alphas[m])) for u in mods]
+        else:
+            rebuilt[m] = d
     opt = torch.optim.Adam(alphas.values(), lr=lr)
     rng = np.random.default_rng(seed)
     every = max(1, steps // 4)
-    for step in range(1, steps + 1):
-        pick = torch.from_numpy(rng.choice(n, size=min(batch, n), replace=False)).to(device)
-        state = {m: (params[m].detach().view_as(d) + (alphas[m] - 1).to(d.dtype) * d).view(params[m].shape)
-                 for m, d in deltas.items()}
-        loss = _loss(model, teacher, enc, pick, state)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if say is not None and (step % every == 0 or step == steps):
-            say(f"step {step}/{steps}, batch error {float(loss.detach()):.4g}")
+    try:
+        for step in range(1, steps + 1):
+            pick = torch.from_numpy(rng.choice(n, size=min(batch, n), replace=False)).to(device)
+            state = {m: (params[m].detach().view_as(d) + (alphas[m] - 1).to(d.dtype) * d).view(params[m].shape)
+                     for m, d in rebuilt.items()}
+            loss = _loss(model, teacher, enc, pick, state)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if say is not None and (step % every == 0 or step == steps):
+                say(f"step {step}/{steps}, batch error {float(loss.detach()):.4g}")
+    finally:
+        for h in hooked:
+            h.remove()
     return {m: a.detach() for m, a in alphas.items()}
 
 
@@ -168,7 +203,8 @@ def fit_scales(store, finetune: str, texts, *, teacher=None, tokenizer=None, bas
     {"finetune", "tensors", "rows", "parts", "texts", "loss_before", "loss_after",
     "multipliers": {min, median, max}, "seconds"}; the same, without seconds, is appended to the
     manifest's `scale_fits`. Memory: the model as stored, the teacher, and the kept deltas of the
-    lossy tensors, each in the model's dtype (about 3x the model), plus one batch's activations.
+    lossy tensors, each in the model's dtype (about 3x the model), plus one batch's activations
+    (fit_multipliers never builds the fitted weights of Linear and Embedding modules).
     Holds the fine-tune's writer lock throughout."""
     t0 = time.perf_counter()
     say = progress or log.info
