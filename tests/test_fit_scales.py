@@ -261,3 +261,39 @@ def test_fit_on_cuda_lowers_the_error_of_the_model_as_stored(pruned, tmp_path):
     teacher = BertForSequenceClassification.from_pretrained(pruned["ft"]).eval()
     err = _output_error(load_model(store, "q").eval(), teacher, tok, pruned["texts"])
     assert abs(err - result["loss_after"]) <= 1e-5 + 1e-2 * err  # what the store rebuilds, on the CPU
+
+
+def test_the_hooked_fit_equals_rebuilding_every_weight(tmp_path):
+    """fit_multipliers never builds a Linear's or an Embedding's fitted weight; the oracle here
+    builds every weight p + (a - 1) * delta and runs the model on them (functional_call): the
+    same multipliers after a few Adam steps (tied input and output embeddings included)."""
+    from tiny_models import LLAMA
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ken_dist.subnetwork.fit_scales import _loss, fit_multipliers
+    torch.manual_seed(0)
+    student = LlamaForCausalLM(LlamaConfig(**{**LLAMA, "tie_word_embeddings": True})).eval()
+    teacher = LlamaForCausalLM(LlamaConfig(**{**LLAMA, "tie_word_embeddings": True})).eval()
+    for p in [*student.parameters(), *teacher.parameters()]:
+        p.requires_grad_(False)
+    names = dict(student.named_parameters())
+    deltas = {n: torch.randn(p.shape[0], p[0].numel()) * 0.05 * (torch.rand(p.shape[0], p[0].numel()) < 0.3)
+              for n, p in names.items()}
+    enc = {"input_ids": torch.randint(5, 120, (12, 9)), "attention_mask": torch.ones(12, 9, dtype=torch.long)}
+    enc["attention_mask"][3:, 6:] = 0
+    got = fit_multipliers(student, teacher, enc, deltas, steps=4, lr=0.05, batch=5, seed=3)
+
+    alphas = {n: torch.ones(d.shape[0], 1, requires_grad=True) for n, d in deltas.items()}
+    opt = torch.optim.Adam(alphas.values(), lr=0.05)
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        pick = torch.from_numpy(rng.choice(12, size=5, replace=False))
+        state = {n: (names[n].view_as(d) + (alphas[n] - 1) * d).view(names[n].shape) for n, d in deltas.items()}
+        loss = _loss(student, teacher, enc, pick, state)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert set(got) == set(alphas)
+    for n, a in alphas.items():
+        assert torch.allclose(got[n], a.detach(), atol=1e-5), n
+    assert any(not torch.equal(a.detach(), torch.ones_like(a)) for a in alphas.values())
