@@ -156,11 +156,34 @@ def _points(cells, groups, strategies, keeps):
     return out
 
 
+FITTED = {"current": ("lowrank-delta-model +sign-g64 +fit-scales", 0.25),
+          "k0.1-sign": ("lowrank-delta-model +sign +fit-scales", 0.1), "bitdelta": ("bitdelta +fit-scales", 1.0)}
+
+
+def _fitted_points() -> list[tuple]:
+    """(recipe, None, keep, bits, measured, {seed: accuracy}) of each recipe of results/fit_scales.jsonl
+    (fit_scales.py: the scales fitted, scored as stored) on this task, first calibration draw, the
+    latest line per seed."""
+    path = RESULTS / "fit_scales.jsonl"
+    latest = {}
+    for line in path.read_text().splitlines() if path.exists() else ():
+        r = json.loads(line)
+        if r.get("task") == common.TASK and not r.get("calib_draw") and r.get("candidate") in FITTED:
+            latest[(r["candidate"], r["seed"])] = r
+    out = []
+    for cand, (name, keep) in FITTED.items():
+        rs = [r for (c, _), r in sorted(latest.items()) if c == cand]
+        if rs:
+            out.append((name, None, keep, float(np.mean([r["bits_per_param"] for r in rs])), True,
+                        {r["seed"]: r["full"] + r["gap_stored"] / 100 for r in rs}))
+    return out
+
+
 def _pareto(cells, groups, strategies, keeps, seeds) -> list[str]:
     """Accuracy against bits per parameter: every cell, the Pareto front marked, gaps per seed."""
     full = {c["seed"]: c["accuracy"] for c in cells if c["strategy"] == "full fine-tune"}
     pts = _points(cells, groups, strategies, keeps)
-    flat = [(s, p, k, b, m, acc) for (s, p), ps in pts.items() for k, b, m, acc in ps]
+    flat = [(s, p, k, b, m, acc) for (s, p), ps in pts.items() for k, b, m, acc in ps] + _fitted_points()
     mean_acc = {id(t): float(np.mean(list(t[5].values()))) for t in flat}
     front = {id(t) for t in flat if not any(
         o[3] <= t[3] and mean_acc[id(o)] >= mean_acc[id(t)] and (o[3] < t[3] or mean_acc[id(o)] > mean_acc[id(t)])
@@ -169,6 +192,8 @@ def _pareto(cells, groups, strategies, keeps, seeds) -> list[str]:
              "bits/param = 8 x (part files + manifest) / the fine-tune's parameters (every tensor, the new "
              "classifier included); `*`: a cell from before the bits axis, part files only (its manifest, "
              "~0.01 bits/param, not counted). Gap: accuracy points to the seed's own full fine-tune. "
+             "`+fit-scales`: the recipe with its scales fitted on 512 unlabeled texts, scored as stored "
+             "(results/fit_scales.jsonl, fit_scales.py). "
              "**front**: no other cell has fewer bits and a higher mean accuracy.", "",
              "| recipe | keep | bits/param | accuracy % | " + " | ".join(f"gap s{sd}" for sd in seeds)
              + " | worst gap | front |", "|---|---|---|---|" + "---|" * (len(seeds) + 2)]
@@ -241,6 +266,9 @@ def _plot_bits(cells, groups, strategies, keeps, seeds) -> None:
         for k, b, _, a in ps:
             ax.annotate(f"{k:g}", (b, 100 * np.mean(list(a.values()))), fontsize=6, xytext=(2, 2),
                         textcoords="offset points")
+    for j, (s, _, k, b, _, a) in enumerate(_fitted_points()):
+        ax.plot([b], [100 * np.mean(list(a.values()))], marker="*", ms=11, ls="none", color=f"C{(j + 7) % 10}",
+                label=s)
     ax.axvline(1.0, color="r", lw=0.8, alpha=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("bits per fine-tuned parameter (everything stored; labels: keep)")
