@@ -297,3 +297,45 @@ def test_the_hooked_fit_equals_rebuilding_every_weight(tmp_path):
     for n, a in alphas.items():
         assert torch.allclose(got[n], a.detach(), atol=1e-5), n
     assert any(not torch.equal(a.detach(), torch.ones_like(a)) for a in alphas.values())
+
+
+def test_tied_weights_stored_twice_get_the_same_multipliers(tmp_path):
+    """A tied embedding / LM head stored under both names: the model holds one tensor, and both
+    stored copies are rescaled alike, so a dense export rebuilds equal copies."""
+    from safetensors.torch import load_file, save_file
+    from tiny_models import LLAMA, _build, _save, save_tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ken_dist.subnetwork.load_model import load_model
+    config = LlamaConfig(**{**LLAMA, "tie_word_embeddings": True})
+    base = _save(_build(LlamaForCausalLM, config, 1), tmp_path / "base", torch.float32, None)
+    ft = _save(_build(LlamaForCausalLM, config, 1), tmp_path / "ft", torch.float32, None)
+    gen = torch.Generator().manual_seed(5)
+    for d in (base, ft):
+        path = os.path.join(d, "model.safetensors")
+        state = load_file(path)
+        if d == ft:
+            state = {k: v + torch.randn(v.shape, generator=gen) * 0.05 for k, v in state.items()}
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+        save_file(state, path, metadata={"format": "pt"})
+    words = save_tiny_tokenizer(ft)
+    store = str(tmp_path / "store")
+    assert cli_main(["prune", base, ft, "--store", store, "--keep", "0.25", "--values", "sign-g8", "--quiet",
+                     "--block-bytes", "1000", "--name", "q"]) == 0
+    m0 = Store(store).manifest("q")
+    before = _tensors(store)
+    assert same_bits(before["lm_head.weight"], before["model.embed_tokens.weight"])
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= {n for n, t in m0["tensors"].items() if t["action"] == "prune"}
+    rng = np.random.default_rng(1)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(" ".join(rng.choice(words, size=12)) for _ in range(32)))
+    assert cli_main(["fit-scales", store, "--finetune", "q", "--texts", str(texts), "--steps", "10", "--lr", "0.05",
+                     "--quiet"]) == 0
+    m1 = Store(store).manifest("q")
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        assert all(b["file"].endswith("-fit1.parquet") for b in m1["tensors"][name]["blocks"]), name
+    after = _tensors(store)
+    assert same_bits(after["lm_head.weight"], after["model.embed_tokens.weight"])
+    assert not same_bits(after["lm_head.weight"], before["lm_head.weight"])  # the fit moved them, alike
+    model = load_model(store, "q")
+    assert same_bits(model.lm_head.weight.detach(), after["lm_head.weight"])

@@ -31,7 +31,7 @@ from ken_dist.store.codecs import parse_codec
 from ken_dist.store.parts import block_rows, put_kept, rescale_scales
 from ken_dist.store.protocol import Store
 from ken_dist.subnetwork.load_model import finetune_root, load_model, quiet_transformers
-from ken_dist.subnetwork.targets import flat_target, model_tensors, resolve_names
+from ken_dist.subnetwork.targets import candidate_names, flat_target, model_tensors, resolve_names
 from ken_dist.subnetwork.view import Subnetwork, open_subnetwork
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,22 @@ def _tokenizer(tokenizer, teacher_dir: str):
                              "tokenizer.pad_token and pass tokenizer=")
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _tied_copies(model, sub: Subnetwork, names: dict[str, str], others: list[str]) -> dict[str, str]:
+    """{stored name: model name} for stored tensors that are another name of a tensor the model
+    holds once (tied weights stored twice, e.g. an input embedding and an LM head): they get the
+    multipliers fitted for it, so that every stored copy rebuilds the same tensor."""
+    tensors, canonical = model_tensors(model)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    fitted = {canonical.get(id(tensors[m]), m): m for m in names.values()}
+    out = {}
+    for s in others:
+        target = next((c for c in candidate_names(s, sub.entry(s), prefix) if c in tensors), None)
+        key = canonical.get(id(tensors[target]), target) if target is not None else None
+        if key in fitted and sub.entry(s)["shape"] == list(tensors[target].shape):
+            out[s] = fitted[key]
+    return out
 
 
 def _outputs(out) -> torch.Tensor:
@@ -241,6 +257,11 @@ def _fit(st: Store, finetune: str, texts: list[str], *, teacher, tokenizer, base
     names = {s: m for s, m in resolve_names(student, sub, warn=False).items() if s in lossy}
     if not names:
         raise KenError(f"{type(student).__name__} has none of the lossy tensors of fine-tune {finetune!r}")
+    ties = _tied_copies(student, sub, names, [s for s in lossy if s not in names])
+    left = [s for s in lossy if s not in names and s not in ties]
+    if left:
+        say(f"fit-scales {finetune!r}: {len(left)} lossy tensor(s) the model does not read keep their scales: "
+            + ", ".join(map(repr, left[:5])) + (" ..." if len(left) > 5 else ""))
     tok = _tokenizer(tokenizer, teacher_dir)
     teach = _teacher(student, teacher_dir, finetune, names).to(device)
     student.to(device)
@@ -267,8 +288,10 @@ def _fit(st: Store, finetune: str, texts: list[str], *, teacher, tokenizer, base
     deltas.clear()  # free the deltas before the rewrite
 
     parts = 0
+    todo = sum("values" in b for s in [*names, *ties] for b in sub.entry(s)["blocks"])
+    say(f"fit-scales {finetune!r}: writing {todo} rescaled part(s)")
     with st.rescaling(finetune) as rw:
-        for s, m in names.items():
+        for s, m in [*names.items(), *ties.items()]:
             e = sub.entry(s)
             rows = flat_target(m, params[m], e, s, finetune).view(e["rows"], e["row_len"])
             base_info = sub.base_checkpoint.tensors[e["base_name"]]
@@ -286,6 +309,9 @@ def _fit(st: Store, finetune: str, texts: list[str], *, teacher, tokenizer, base
                     raise StoreError(f"tensor {s!r} rows [{a}, {z}) of fine-tune {finetune!r}: {exc}; the fit "
                                      f"diverged: rerun with a smaller lr") from None
                 rw.write(s, a, z, new)
+                if s in ties:  # a second stored copy of a tensor the model holds once: its parts only
+                    parts += 1
+                    continue
                 with torch.no_grad():
                     for first, keep, values in decoded:
                         chunk = rows[first: first + keep.shape[0]]

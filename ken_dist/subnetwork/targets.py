@@ -20,7 +20,7 @@ import torch
 from ken_dist.errors import InputError, KenError, StoreError
 from ken_dist.subnetwork.view import Subnetwork
 
-__all__ = ["ATTR", "resolve_names", "model_tensors", "flat_target", "expect_holds", "same_base"]
+__all__ = ["ATTR", "resolve_names", "candidate_names", "model_tensors", "flat_target", "expect_holds", "same_base"]
 
 ATTR = "ken_subnetwork"  # set on the model: {"store", "finetune"} of the fine-tune it now holds
 
@@ -39,7 +39,8 @@ def model_tensors(model) -> tuple[dict[str, torch.Tensor], dict[int, str]]:
     return tensors, canonical
 
 
-def _candidates(name: str, entry: dict, prefix: str):
+def candidate_names(name: str, entry: dict, prefix: str):
+    """The model names a stored tensor may have, in the order resolve_names tries them."""
     yield name
     if prefix:
         p = prefix + "."
@@ -66,7 +67,7 @@ def resolve_names(model, sub: Subnetwork, *, name_map=None, strict: bool = False
                 continue
             cands = [mapped]
         else:
-            cands = _candidates(name, entry, prefix)
+            cands = candidate_names(name, entry, prefix)
         target = next((c for c in cands if c in tensors), None)
         if target is None:
             if not any(p.search(name) for p in ignore):
