@@ -3,6 +3,7 @@ the model as stored, the rewrite is atomic (a killed fit leaves the fine-tune as
 input gets a clear error."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -339,3 +340,33 @@ def test_tied_weights_stored_twice_get_the_same_multipliers(tmp_path):
     assert not same_bits(after["lm_head.weight"], before["lm_head.weight"])  # the fit moved them, alike
     model = load_model(store, "q")
     assert same_bits(model.lm_head.weight.detach(), after["lm_head.weight"])
+
+
+def test_a_job_files_fit_texts_fit_after_pruning_once(pruned, tmp_path, capsys):
+    """`fit_texts` per fine-tune in a job file: pruned, then fitted; the same job again fits nothing
+    more; a raw fine-tune with fit_texts and a missing texts file are refused before any pruning."""
+    texts = tmp_path / "texts.txt"
+    shutil.copy(pruned["root"] / "texts.txt", texts)
+    store = tmp_path / "store"
+
+    def job(values: str, fit_texts) -> str:
+        path = tmp_path / f"job-{values}.yaml"
+        path.write_text(json.dumps({
+            "base": pruned["base"], "store": str(store), "keep": 0.25, "prefix_map": {"bert.": ""},
+            "block_bytes": 1000, "finetunes": [{"source": pruned["ft"], "name": "q", "values": values,
+                                                "fit_texts": str(fit_texts)}]}))
+        return str(path)
+
+    assert cli_main(["prune", "--job", job("sign", texts), "--quiet"]) == 0
+    fits = Store(store).manifest("q")["scale_fits"]
+    assert len(fits) == 1 and fits[0]["texts"] == 48
+    capsys.readouterr()
+    assert cli_main(["prune", "--job", job("sign", texts), "--quiet"]) == 0
+    assert "scales already fitted on" in capsys.readouterr().out
+    assert len(Store(store).manifest("q")["scale_fits"]) == 1
+    assert cli_main(["prune", "--job", job("raw", texts), "--quiet"]) == 2
+    assert "`fit_texts` fits the scales of a lossy value codec" in capsys.readouterr().err
+    missing = tmp_path / "nope.txt"
+    assert cli_main(["prune", "--job", job("int4", missing), "--quiet"]) == 2
+    assert f"`fit_texts` {str(missing)!r} is not a file here" in capsys.readouterr().err
+    assert "q" in Store(store).finetunes() and Store(store).manifest("q")["params"]["values"] == "sign"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -76,6 +77,11 @@ def cmd_prune(args) -> int:
     from ken_dist.runtime import run_job
 
     job = _job_from_args(args)
+    for ft in job.finetunes:  # before hours of pruning, not after
+        if ft.fit_texts and not os.path.isfile(ft.fit_texts):
+            raise InputError(f"fine-tune {ft.name!r}: `fit_texts` {ft.fit_texts!r} is not a file here; give the "
+                             f"calibration texts, one per line (relative paths are relative to the directory "
+                             f"ken-dist runs in)")
     t0 = time.time()
     result = run_job(job, address=args.address or job.address, workers=args.workers or job.workers,
                      overwrite=args.overwrite, quiet=args.quiet, placement=args.placement)
@@ -86,7 +92,25 @@ def cmd_prune(args) -> int:
             print(f"fine-tune {name!r}: ran {result.blocks_run[name]} block(s), "
                   f"reused {result.blocks_reused[name]} block(s) from an earlier run")
     print_summary(job.store, [ft.name for ft in job.finetunes], time.time() - t0)
+    for ft in job.finetunes:
+        if ft.fit_texts:
+            _fit_after_prune(job.store, ft.name, ft.fit_texts, args.quiet)
     return 0
+
+
+def _fit_after_prune(store: str, finetune: str, path: str, quiet: bool) -> None:
+    """A job's `fit_texts`: fit-scales with its defaults, unless the last fit used the same texts."""
+    from ken_dist.store.protocol import Store
+    from ken_dist.subnetwork.fit_scales import fit_scales, texts_digest
+
+    texts = read_texts(path, FIT_CALIB, 0)
+    fits = Store(store).manifest(finetune).get("scale_fits") or []
+    if fits and fits[-1].get("texts_sha256") == texts_digest(texts):
+        print(f"fine-tune {finetune!r}: scales already fitted on {path}, nothing to do")
+        return
+    result = fit_scales(store, finetune, texts,
+                        progress=None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)))
+    _print_fit(finetune, result)
 
 
 def cmd_materialize(args) -> int:
@@ -183,6 +207,9 @@ def cmd_viz(args) -> int:
     return 0
 
 
+FIT_CALIB = 512  # calibration texts a fit uses by default (fit-scales --calib, a job's fit_texts)
+
+
 def read_texts(path: str, limit: int, seed: int) -> list[str]:
     """The calibration texts of `fit-scales --texts`: one per line, blank lines skipped; more than
     `limit` are sampled (seeded) down to it."""
@@ -208,10 +235,14 @@ def cmd_fit_scales(args) -> int:
                         base=args.base, steps=args.steps, lr=args.lr, batch=args.batch, max_length=args.max_length,
                         seed=args.seed, device=args.device,
                         progress=None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)))
-    print(f"fine-tune {args.finetune!r}: fitted {result['rows']:,} row multipliers of {result['tensors']} tensor(s) on "
+    _print_fit(args.finetune, result)
+    return 0
+
+
+def _print_fit(finetune: str, result: dict) -> None:
+    print(f"fine-tune {finetune!r}: fitted {result['rows']:,} row multipliers of {result['tensors']} tensor(s) on "
           f"{result['texts']} text(s); output error against the teacher {result['loss_before']:.4g} -> "
           f"{result['loss_after']:.4g}; rewrote {result['parts']} part(s), same size, in {result['seconds']:.1f} s")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", metavar="DIR", help="the dense fine-tune (default: the one the store was pruned from)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the teacher's)")
     p.add_argument("--base", help="where the base checkpoint is now, if it moved since pruning")
-    p.add_argument("--calib", type=int, default=512, help="texts used; more are sampled down to this (default 512)")
+    p.add_argument("--calib", type=int, default=FIT_CALIB, help="texts used; more are sampled down to this (default 512)")
     p.add_argument("--steps", type=int, default=40, help="Adam steps (default 40)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
     p.add_argument("--batch", type=int, default=32, help="texts per step (default 32)")

@@ -15,6 +15,7 @@ from ken_dist.checkpoints.inventory import Checkpoint, open_checkpoint
 from ken_dist.errors import InputError
 from ken_dist.job.match import PRESETS
 from ken_dist.job.plan import DEFAULT_BLOCK_BYTES, FineTuneSpec, PruneParams
+from ken_dist.store.codecs import parse_codec
 
 PLACEMENTS = ("mixed", "gpu", "cpu")  # actor placement policies, see ken_dist.runtime.pool
 
@@ -34,6 +35,7 @@ class FineTuneEntry:
     source: str
     revision: str | None = None
     params: PruneParams = field(default_factory=PruneParams)
+    fit_texts: str | None = None  # after pruning: `ken-dist fit-scales` on these texts (a lossy `values` only)
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def default_name(source: str) -> str:
 
 
 _JOB_FIELDS = {f.name for f in fields(JobSpec)} | {"cluster", "k", "keep", "strategy", "compat", "seed", "values"}
-_FT_FIELDS = {"name", "source", "path", "revision", "k", "keep", "strategy", "compat", "seed", "values"}
+_FT_FIELDS = {"name", "source", "path", "revision", "k", "keep", "strategy", "compat", "seed", "values", "fit_texts"}
 _CLUSTER_FIELDS = {"address", "workers", "placement"}
 _PARAM_FIELDS = ("strategy", "k", "keep", "compat", "seed", "values")
 _PARAM_TYPES = {"strategy": (str,), "compat": (str,), "seed": (int,), "k": (int,), "keep": (int, float),
@@ -207,8 +209,13 @@ def _finetune(path: Path, i: int, item, defaults: dict) -> FineTuneEntry:
         params = _params(where, item, defaults)
     except TypeError as exc:
         raise InputError(f"{where}: {exc}") from None
+    fit_texts = _optional_str(where, item, "fit_texts")
+    if fit_texts is not None:
+        if not parse_codec(params.values).lossy:
+            raise InputError(f"{where}: `fit_texts` fits the scales of a lossy value codec, and `values` is "
+                             f"{params.values!r}; set `values` (e.g. sign-g64) or drop `fit_texts`")
     return FineTuneEntry(str(name or default_name(source)), str(source), _optional_str(where, item, "revision"),
-                         params)
+                         params, fit_texts)
 
 
 def load_job_file(path: str | Path) -> JobSpec:

@@ -36,7 +36,12 @@ from ken_dist.subnetwork.view import Subnetwork, open_subnetwork
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fit_scales"]
+__all__ = ["fit_scales", "texts_digest"]
+
+
+def texts_digest(texts: list[str]) -> str:
+    """sha256 of the calibration texts as a fit records them (`scale_fits[].texts_sha256`)."""
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()
 
 
 def _lossy_tensors(sub: Subnetwork) -> list[str]:
@@ -323,7 +328,7 @@ def _fit(st: Store, finetune: str, texts: list[str], *, teacher, tokenizer, base
         after = output_error(student, teach, enc, batch)
         all_m = np.concatenate(list(mults.values()))
         record = {"teacher": teacher_dir, "texts": len(texts),
-                  "texts_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest(),
+                  "texts_sha256": texts_digest(texts),
                   "steps": steps, "lr": lr, "batch": batch, "max_length": max_length, "seed": seed,
                   "tensors": len(names), "rows": int(all_m.size), "parts": parts,
                   "loss_before": before, "loss_after": after,
