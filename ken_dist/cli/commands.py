@@ -35,6 +35,11 @@ def byte_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def stderr_progress(quiet: bool):
+    """The progress callback of a verb: each line to stderr as it comes, or none with --quiet."""
+    return None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
 def parse_prefix(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--map-prefix takes FINETUNE_PREFIX=BASE_PREFIX, got {text!r} "
@@ -109,7 +114,7 @@ def _fit_after_prune(store: str, finetune: str, path: str, quiet: bool) -> None:
         print(f"fine-tune {finetune!r}: scales already fitted on {path}, nothing to do")
         return
     result = fit_scales(store, finetune, texts,
-                        progress=None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)))
+                        progress=stderr_progress(quiet))
     _print_fit(finetune, result)
 
 
@@ -202,7 +207,7 @@ def cmd_viz(args) -> int:
 
     result = render(args.store, args.finetune, args.tensor, args.out, base=args.base, delta=args.delta,
                     max_pixels=args.max_pixels, layers=not args.no_layers, single=not args.no_single,
-                    progress=None if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
+                    progress=stderr_progress(args.quiet))
     print(f"wrote {len(result['figures'])} figure(s) and {result['index']} in {result['seconds']:.1f} s")
     return 0
 
@@ -234,7 +239,7 @@ def cmd_fit_scales(args) -> int:
     result = fit_scales(args.store, args.finetune, texts, teacher=args.teacher, tokenizer=args.tokenizer,
                         base=args.base, steps=args.steps, lr=args.lr, batch=args.batch, max_length=args.max_length,
                         seed=args.seed, device=args.device,
-                        progress=None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)))
+                        progress=stderr_progress(args.quiet))
     _print_fit(args.finetune, result)
     return 0
 

@@ -679,7 +679,6 @@ class _Rescale:
         self.store, self.finetune, self.committed = store, finetune, False
         self.manifest = json.loads(json.dumps(manifest))  # a copy: the stored one stays as it is until commit
         self.generation = len(manifest.get("scale_fits", [])) + 1
-        self.written = 0
 
     def block(self, tensor: str, row_start: int, row_end: int) -> dict:
         """The manifest's record of a lossy block, as this rewrite will commit it."""
@@ -704,7 +703,6 @@ class _Rescale:
             ".parquet", f"-fit{self.generation}.parquet"))
         atomic_write(self.store.resolve(rel), data)
         b.update(file=rel, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-        self.written += 1
 
     def commit(self, fit: dict) -> dict:
         """Swap in the new manifest (byte totals updated, `fit` appended to `scale_fits`), then

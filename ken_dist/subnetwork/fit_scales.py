@@ -25,12 +25,10 @@ import numpy as np
 import torch
 
 from ken_dist.checkpoints.dtypes import torch_dtype
-from ken_dist.checkpoints.reads import read_rows_array
 from ken_dist.errors import InputError, KenError, StoreError
-from ken_dist.store.codecs import parse_codec
-from ken_dist.store.parts import block_rows, put_kept, rescale_scales
+from ken_dist.store.parts import put_kept, rescale_scales
 from ken_dist.store.protocol import Store
-from ken_dist.subnetwork.load_model import finetune_root, load_model, quiet_transformers
+from ken_dist.subnetwork.load_model import dtype_keyword, finetune_root, load_model, quiet_transformers
 from ken_dist.subnetwork.targets import candidate_names, flat_target, model_tensors, resolve_names
 from ken_dist.subnetwork.view import Subnetwork, open_subnetwork
 
@@ -51,12 +49,10 @@ def _lossy_tensors(sub: Subnetwork) -> list[str]:
 
 def _teacher(student, teacher_dir: str, finetune: str, names: dict[str, str]):
     """The dense fine-tune as the student's class, its tensors checked against the student's."""
-    import transformers
     cls = type(student)
-    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     try:
         with quiet_transformers():
-            teacher = cls.from_pretrained(teacher_dir, **{dtype_kw: student.dtype})
+            teacher = cls.from_pretrained(teacher_dir, **{dtype_keyword(): student.dtype})
     except (OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"cannot load the teacher {teacher_dir} as {cls.__name__} ({str(exc).splitlines()[0]}); "
                          f"pass --teacher DIR, the dense fine-tune {finetune!r} was pruned from") from None
@@ -130,9 +126,7 @@ def _loss(model, teacher, enc: dict, pick: torch.Tensor, state: dict | None = No
     inputs = {k: v[pick] for k, v in enc.items()}
     with torch.no_grad():
         target = _outputs(teacher(**inputs))
-        if state is None:
-            out = _outputs(model(**inputs))
-    if state is not None:
+    with torch.set_grad_enabled(state is not None):
         out = _outputs(torch.func.functional_call(model, state, args=(), kwargs=inputs) if state else model(**inputs))
     attention = inputs.get("attention_mask")
     return _mse(out, target, attention if attention is not None else torch.ones(out.shape[:2], device=out.device))
@@ -299,32 +293,26 @@ def _fit(st: Store, finetune: str, texts: list[str], *, teacher, tokenizer, base
         for s, m in [*names.items(), *ties.items()]:
             e = sub.entry(s)
             rows = flat_target(m, params[m], e, s, finetune).view(e["rows"], e["row_len"])
-            base_info = sub.base_checkpoint.tensors[e["base_name"]]
             for block in e["blocks"]:
                 if "values" not in block:
                     continue
                 a, z = block["row_start"], block["row_end"]
-                table = st.read_part(block, s)
                 try:
-                    new = rescale_scales(table, mults[m][a:z])
-                    decoded = list(block_rows(new, e["row_len"], e["dtype"], a, z, codec=parse_codec(block["values"]),
-                                              index=block.get("index", "mask"),
-                                              base_rows=lambda lo, hi, info=base_info: read_rows_array(info, lo, hi)))
+                    new = rescale_scales(st.read_part(block, s), mults[m][a:z])
                 except ValueError as exc:
                     raise StoreError(f"tensor {s!r} rows [{a}, {z}) of fine-tune {finetune!r}: {exc}; the fit "
                                      f"diverged: rerun with a smaller lr") from None
                 rw.write(s, a, z, new)
+                parts += 1
                 if s in ties:  # a second stored copy of a tensor the model holds once: its parts only
-                    parts += 1
                     continue
                 with torch.no_grad():
-                    for first, keep, values in decoded:
+                    for first, keep, values in sub.kept_in_table(s, block, new):
                         chunk = rows[first: first + keep.shape[0]]
                         put_kept(chunk, keep, values, torch_dtype(e["dtype"]))
                         if not torch.isfinite(chunk).all():
                             raise StoreError(f"tensor {s!r} rows [{a}, {z}) of fine-tune {finetune!r}: a rescaled "
                                              f"value overflows {e['dtype']}; the fit diverged: rerun with a smaller lr")
-                parts += 1
         after = output_error(student, teach, enc, batch)
         all_m = np.concatenate(list(mults.values()))
         record = {"teacher": teacher_dir, "texts": len(texts),

@@ -23,7 +23,7 @@ from ken_dist.subnetwork.view import Subnetwork, open_subnetwork
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_model", "finetune_root"]
+__all__ = ["load_model", "finetune_root", "dtype_keyword"]
 
 
 @contextlib.contextmanager
@@ -40,6 +40,12 @@ def quiet_transformers():
         tlog.set_verbosity(level)
         if bars:
             tlog.enable_progress_bar()
+
+
+def dtype_keyword() -> str:
+    """from_pretrained's name for the dtype argument: `dtype` from transformers 5, `torch_dtype` before."""
+    import transformers
+    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 
 def finetune_root(sub: Subnetwork, override=None) -> str:
@@ -102,8 +108,6 @@ def load_model(store, finetune: str, model_class=None, device_map=None, *, base=
     holds (they keep transformers' random init). Other keyword arguments (dtype,
     attn_implementation, max_memory, ...) go to from_pretrained. The returned model records
     the fine-tune it holds (`model.ken_subnetwork`) for swap()."""
-    import transformers
-
     sub = open_subnetwork(store, finetune, base, verify=verify)
     if config is None:
         from transformers import AutoConfig
@@ -113,7 +117,7 @@ def load_model(store, finetune: str, model_class=None, device_map=None, *, base=
     cls = model_class or _model_class(config, sub)
     kwargs = dict(from_pretrained_kwargs)
     kwargs.pop("output_loading_info", None)
-    if "dtype" not in kwargs and "torch_dtype" not in kwargs and int(transformers.__version__.split(".")[0]) < 5:
+    if "dtype" not in kwargs and "torch_dtype" not in kwargs and dtype_keyword() == "torch_dtype":
         kwargs["torch_dtype"] = "auto"  # v5's default; v4 would load float32
     if device_map is not None:
         kwargs["device_map"] = device_map

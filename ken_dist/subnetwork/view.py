@@ -145,13 +145,15 @@ class Subnetwork:
         t = self.entry(name)
         return read_rows(self.base_checkpoint.tensors[t["base_name"]], a, b)
 
-    def _decode_part(self, name: str, block: dict, decoder, *ranges, threads: bool = True, path: str | None = None):
+    def _decode_part(self, name: str, block: dict, decoder, *ranges, threads: bool = True, path: str | None = None,
+                     table=None):
         """decoder(table, ...) over one part of pruned tensor `name` (parts.block_rows or
         block_bitmasks), its codec's base rows at hand, a ValueError named as a StoreError.
-        threads, path: as for Store.read_part."""
+        threads, path: as for Store.read_part; table: the part's table when the caller holds it."""
         t = self.entry(name)
         path = path or self.store.resolve(block["file"])
-        table = self.store.read_part(block, name, verify=self.verify, threads=threads, path=path)
+        if table is None:
+            table = self.store.read_part(block, name, verify=self.verify, threads=threads, path=path)
         base_info = self.base_checkpoint.tensors[t["base_name"]] if "values" in block else None
         try:
             yield from decoder(table, t["row_len"], t["dtype"], block["row_start"], block["row_end"], *ranges,
@@ -171,6 +173,11 @@ class Subnetwork:
         for block in t["blocks"]:
             if block["row_end"] > a and block["row_start"] < b:
                 yield from self._decode_part(name, block, block_rows, a, b)
+
+    def kept_in_table(self, name: str, block: dict, table):
+        """kept()'s output for every row of `table`, a part of pruned tensor `name` standing in for
+        `block`'s file (fit_scales decodes a rescaled part before it replaces the stored one)."""
+        yield from self._decode_part(name, block, block_rows, table=table)
 
     def bitmasks(self, name: str, block: dict, path: str | None = None):
         """Yield (first_row, packed [m, ceil(row_len/8)] uint8 bitmask, values uint8 numpy) for every
