@@ -348,3 +348,43 @@ def test_cold_switches_of_a_version_1_store(tmp_path):
     model, names = plain_model(base)
     quiet(Switcher(model, str(root / "store"), name_map=names, base=str(root / "base")).use, "tiny")
     assert holds_bits(model, names, load_file(str(root / "expected.safetensors"))) == []
+
+
+def test_a_cold_switch_asks_the_kernel_for_its_parts_ahead_in_decode_order(heads, monkeypatch):
+    """The disk and the decoding overlap: before the parts are decoded, a background thread asks
+    for each of the fine-tune's part files once (posix_fadvise WILLNEED), in the order the
+    decoding threads take them; a file that cannot be opened is left to the reader's own error."""
+    import ken_dist.store.fs as fs
+    asked, advised = [], threading.Event()
+
+    def fadvise(fd, offset, length, advice):
+        assert (offset, length, advice) == (0, 0, os.POSIX_FADV_WILLNEED)
+        asked.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(fs.os, "posix_fadvise", fadvise)
+    model = quiet(load_model, heads["store"], "a")
+    switcher = Switcher(model, heads["store"], budget_bytes=0)
+    asked.clear()  # the Switcher decoded "a" (the task the model holds) for its base values
+    done = threading.Thread.start
+
+    def start(thread):
+        done(thread)
+        if thread.name == "ken-prefetch":
+            thread.join()
+            advised.set()
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    quiet(switcher.use, "b")
+    assert advised.is_set()
+    manifest = json.load(open(f"{heads['store']}/finetunes/b/manifest.json"))
+    parts = [os.path.realpath(os.path.join(heads["store"], b["file"]))
+             for name, t in manifest["tensors"].items() if t["action"] == "prune" and name in model.state_dict()
+             for b in sorted(t["blocks"], key=lambda b: b["row_start"])]
+    assert sorted(asked) == sorted(parts) and len(parts) > 1  # each once
+    for t in manifest["tensors"].values():  # a tensor's parts in row order, as the threads take them
+        mine = [os.path.realpath(os.path.join(heads["store"], b["file"])) for b in t["blocks"]]
+        assert [p for p in asked if p in mine] == [p for p in parts if p in mine]
+    assert differs(model, heads["want"]["b"]) == []
+    asked.clear()
+    fs.prefetch([parts[0] + ".gone", parts[1]])  # a missing file: skipped, the next one still asked
+    assert asked == [parts[1]]

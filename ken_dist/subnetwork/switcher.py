@@ -20,7 +20,8 @@ handled the same way with "every entry" as positions: the model's value is saved
 Least recently used fine-tunes are dropped beyond `budget_bytes` (the active one never: its
 positions are needed to put the base back). The cold path (a fine-tune not resident) reads only
 the fine-tune's part files, each checked once against the manifest's sha256, in parallel
-threads, and decodes them through store/parts.block_bitmasks (so every store version and value
+threads, while a background thread asks the kernel to read the next ones ahead (store/fs.prefetch:
+a fine-tune on disk is read while the parts already read are decoded), and decodes them through store/parts.block_bitmasks (so every store version and value
 codec works here): a stored bitmask is copied as it is, never unpacked, and the switch that
 follows turns it into gaps (when smaller) in the same walk that writes it. Decoding finishes
 before the first write, so a corrupt part fails `use` with a StoreError and leaves the model in
@@ -43,6 +44,7 @@ import torch
 from ken_dist.checkpoints.dtypes import itemsize, torch_dtype
 from ken_dist.checkpoints.reads import read_tensor
 from ken_dist.errors import InputError, KenError, StoreError
+from ken_dist.store.fs import prefetch
 from ken_dist.store.protocol import Store
 from ken_dist.subnetwork.entries import PUT, SWAP, TAKE, Entries, compact_positions, walk, walk_compacting
 from ken_dist.subnetwork.targets import ATTR, expect_holds, flat_target, model_tensors, resolve_names, same_base
@@ -171,6 +173,8 @@ def decode_finetune(sub: Subnetwork, names: dict[str, str], model, *, workers: i
             jobs.append((stored, block, start))
             start += block["kept"]
     workers = _workers(workers)
+    threading.Thread(target=prefetch, args=([paths[j[1]["file"]] for j in jobs],), daemon=True,
+                     name="ken-prefetch").start()
     _in_threads(lambda j: _decode_block(sub, j[0], j[1], paths[j[1]["file"]], *arrays[j[0]][:2], j[2]), jobs, workers)
 
     def finish(stored: str):
