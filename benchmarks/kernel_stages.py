@@ -3,8 +3,10 @@
     python benchmarks/kernel_stages.py [--rows 16] [--shapes 4096x2048] [--baseline REV] [--unlisted] [--families A,B]
 
 For each family of benchmarks/kernel_speed.py: ms/row (this thread's CPU time, median of 3) of
-the density with the visit order (`_visit_order_of`; revisions before it: `_rounded_density`,
-then `_visit_order`), the greedy match, the literal O(n) fix-ups per row (grid points whose
+the row's sort (radix), the density estimates (`density_estimates`), the visit order from them
+(`_order_by_density`: roundings, open intervals, literal sums, the sort by rounded density;
+revisions with `_visit_order_of` but without that split: both in the density column; before it:
+`_rounded_density`, then `_visit_order`), the greedy match, the literal O(n) fix-ups per row (grid points whose
 rounding, or since `_visit_order_of` whose order, the estimate's bound left open), the grid
 points per bandwidth (h / grid step) and the largest possible density 1/(h sqrt(2 pi)).
 --baseline REV does the same for git revision REV's ken_numba.py; its fix-ups are counted by a
@@ -75,7 +77,13 @@ def profile(module, fixups, rows: np.ndarray, k: int) -> list[str]:
     order = ken_cpu.sort_order(rows)
     ordered = [rows[i][order[i]] for i in range(r)]
     sorted64 = [v.astype(np.float64) for v in ordered]
-    if hasattr(module, "_visit_order_of"):
+    if hasattr(module, "_order_by_density"):
+        estimates = [module.density_estimates(rows[i], sorted64[i], grids[i], h[i]) for i in range(r)]
+        visits = [module._order_by_density(rows[i], grids[i], h[i], *estimates[i])[0] for i in range(r)]
+        out = [stage_ms(lambda: [module.density_estimates(rows[i], sorted64[i], grids[i], h[i]) for i in range(r)], r),
+               stage_ms(lambda: [module._order_by_density(rows[i], grids[i], h[i], *estimates[i]) for i in range(r)],
+                        r)]
+    elif hasattr(module, "_visit_order_of"):
         visits = [module._visit_order_of(rows[i], sorted64[i], grids[i], h[i])[0] for i in range(r)]
         out = [stage_ms(lambda: [module._visit_order_of(rows[i], sorted64[i], grids[i], h[i]) for i in range(r)], r),
                None]  # in the density column
@@ -84,6 +92,7 @@ def profile(module, fixups, rows: np.ndarray, k: int) -> list[str]:
         visits = [module._visit_order(d) for d in density]
         out = [stage_ms(lambda: [module._rounded_density(rows[i], sorted64[i], grids[i], h[i]) for i in range(r)], r),
                stage_ms(lambda: [module._visit_order(d) for d in density], r)]
+    out.insert(0, stage_ms(lambda: ken_cpu.sort_order(rows), r))  # today's sort, for every revision
     out.append(stage_ms(lambda: [module.greedy_match(ordered[i], order[i], grids[i], visits[i]) for i in range(r)], r))
     fix = fixups(rows, sorted64, grids, h) if fixups else None
     return ["-" if x is None else f"{x:.3f}" for x in out] + ["-" if fix is None else f"{fix:.1f}"]
@@ -107,7 +116,7 @@ def main() -> None:
                                   for i in range(rows.shape[0])]))
         kernels[args.baseline] = (load_revision(args.baseline, count_fixups=False),
                                   baseline_fixups if counting is not None else None)
-    print(f"{'n':>6} {'k':>5} {'code':>8} {'family':>15} {'density':>8} {'visit':>6} {'greedy':>7} "
+    print(f"{'n':>6} {'k':>5} {'code':>8} {'family':>15} {'sort':>6} {'density':>8} {'visit':>6} {'greedy':>7} "
           f"{'fix-ups/row':>11} {'h/step':>6} {'max density':>11}")
     for n, k in [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]:
         for name, rows in family_rows(args.rows, n, seed=n + k, unlisted=args.unlisted).items():
@@ -119,8 +128,8 @@ def main() -> None:
             h = float(np.median(ken_cpu.bandwidths(rows)))
             step = float(np.median((rows.max(axis=1) - rows.min(axis=1)) / (k - 1)))
             for label, (module, fixups) in kernels.items():
-                density, visit, greedy, fix = profile(module, fixups, rows, k)
-                print(f"{n:>6} {k:>5} {label:>8} {name:>15} {density:>8} {visit:>6} {greedy:>7} {fix:>11} "
+                sort, density, visit, greedy, fix = profile(module, fixups, rows, k)
+                print(f"{n:>6} {k:>5} {label:>8} {name:>15} {sort:>6} {density:>8} {visit:>6} {greedy:>7} {fix:>11} "
                       f"{h / step:>6.0f} {1 / (h * math.sqrt(2 * math.pi)):>11.3g}")
 
 
