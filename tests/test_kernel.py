@@ -276,13 +276,13 @@ def test_sort_order_is_value_then_index(n, rows, seed, pool):
 
 
 @settings(max_examples=60, deadline=None)
-@given(k=st.integers(1, 3000), top=st.sampled_from([2.0, 50.0, 1e5, 1e30]), seed=st.integers(0, 2**31),
-       shape=st.sampled_from(["random", "bumps", "steps", "tails", "crowded"]))
+@given(k=st.integers(1, 3000), top=st.sampled_from([0.0, 2.0, 50.0, 1e5, 1e12, 2.0**51, 1e30]),
+       seed=st.integers(0, 2**31), shape=st.sampled_from(["random", "bumps", "steps", "tails", "crowded"]))
 def test_visit_order_is_numpy_stable_argsort(k, top, seed, shape):
-    """Every branch (plain counting sort for small density ranges; for large ones shared
-    buckets sorted by insertion, or the merge sort where a bucket is crowded), on random keys,
-    on the monotone runs of real densities along a grid with plateaus of ties, on many small
-    tied keys beside huge ones (a tiny row's tails), and on keys crowding one bucket."""
+    """Every branch (one radix pass for small density ranges, up to three with the histograms
+    unrolled, more for wider keys, the merge sort for keys too wide to pack beside the index),
+    on random keys, on the monotone runs of real densities along a grid with plateaus of ties,
+    on many small tied keys beside huge ones (a tiny row's tails), and on keys crowding the top."""
     rng = np.random.default_rng(seed)
     if shape == "random":
         density = np.rint(rng.uniform(0, top, k))

@@ -594,66 +594,72 @@ def greedy_match(sorted_values, order, grid, visit):
 def _visit_order(density):
     """Grid indices by rounded density, highest first; ties keep ascending index.
 
-    Rounded densities are non-negative integers, so a counting sort (stable by construction)
-    does it. Where they are huge (rows of tiny magnitude), the keys from 2k up share at most 4k
-    buckets: their float64 bit patterns (in the order of the values, for values >= 0) shifted
-    right, so a bucket never breaks the order and buckets are finer where keys are smaller; each
-    bucket is then put in order by insertion (keys along a grid come nearly in order), and a
-    bucket of more than 256 points (a pathological row) falls back to the merge sort. (Highest
-    first: shared buckets come before exact ones.)"""
+    Rounded densities are non-negative integers: a stable LSD radix sort of (top - key), packed
+    with the grid index into one uint64 (index in the low bits: one word moves per point, and
+    the index comes back out of it), in as few passes as digits of up to 11 bits allow (fewer
+    bits for a small grid; one pass is the counting sort), the digits balanced between them, a
+    pass skipped when every key shares its digit. Why not buckets plus insertion: a tiny row's densities are huge and nearly all
+    distinct, and where they are flat (a uniform row's top) they crowd a few buckets. Keys too
+    wide to pack beside the index (densities of 2^52 and more at 4096 points: rows of std
+    below ~1e-16) take the merge sort."""
     k = density.size
     top = 0.0
-    highest = 0
     for j in range(k):
-        if density[j] > top:
-            top = density[j]
-            highest = j
-    exact = 2 * k  # keys below are their own bucket
-    shared = top > 4 * k + 1024
-    levels = int(top) + 1
-    bits = density.view(np.uint64)
-    least = bits[highest]  # then the smallest shared key's bits
-    shift = np.uint64(0)
-    if shared:
+        top = max(top, density[j])
+    ib = 0  # bits of the grid index
+    while (1 << ib) < k:
+        ib += 1
+    if not top < 2.0 ** (64 - ib):
+        return _merge_sort_descending(density)
+    t = np.uint64(top)
+    width = 0
+    while width < 64 and (t >> np.uint64(width)) != np.uint64(0):
+        width += 1
+    digit = min(11, max(4, ib), max(width, 1))
+    passes = (width + digit - 1) // digit
+    if passes > 1:  # the same passes with smaller digits: shorter histograms to sum
+        digit = (width + passes - 1) // passes
+    size = 1 << digit
+    m = np.uint64(size - 1)
+    packed = np.empty(k, np.uint64)
+    spare = np.empty(k, np.uint64)
+    counts = np.zeros((max(passes, 3), size), np.int64)
+    low = np.uint64(ib)
+    d1, d2 = np.uint64(digit), np.uint64(2 * digit)
+    if passes <= 3:
         for j in range(k):
-            if density[j] >= exact:
-                least = min(least, bits[j])
-        span = bits[highest] - least
-        while span >> shift >= np.uint64(4 * k):
-            shift += np.uint64(1)
-        levels = exact + int(span >> shift) + 1
-    bucket = np.empty(k, dtype=np.int64)
-    count = np.zeros(levels + 1, dtype=np.int64)
+            key = t - np.uint64(density[j])
+            packed[j] = (key << low) | np.uint64(j)
+            counts[0, key & m] += 1
+            counts[1, (key >> d1) & m] += 1
+            counts[2, (key >> d2) & m] += 1
+    else:
+        for j in range(k):
+            key = t - np.uint64(density[j])
+            packed[j] = (key << low) | np.uint64(j)
+            for p in range(passes):
+                counts[p, (key >> np.uint64(digit * p)) & m] += 1
+    for p in range(passes):
+        c = counts[p]
+        shift = np.uint64(ib + digit * p)
+        if c[(packed[0] >> shift) & m] == k:
+            continue
+        total = 0
+        for d in range(size):
+            x = c[d]
+            c[d] = total
+            total += x
+        for j in range(k):
+            v = packed[j]
+            d = (v >> shift) & m
+            q = c[d]
+            spare[q] = v
+            c[d] = q + 1
+        packed, spare = spare, packed
+    order = np.empty(k, np.int64)
+    index = np.uint64((1 << ib) - 1)
     for j in range(k):
-        if shared and density[j] >= exact:
-            bucket[j] = exact + int((bits[j] - least) >> shift)
-        else:
-            bucket[j] = int(density[j])
-        count[levels - bucket[j]] += 1  # slot 1 = highest density
-    for v in range(1, levels + 1):
-        count[v] += count[v - 1]
-    order = np.empty(k, dtype=np.int64)
-    for j in range(k):
-        slot = levels - bucket[j] - 1
-        order[count[slot]] = j
-        count[slot] += 1
-    if not shared:
-        return order
-    a = 0
-    while a < k and bucket[order[a]] >= exact:  # below, a bucket holds equal keys only
-        b = a + 1
-        while b < k and bucket[order[b]] == bucket[order[a]]:
-            b += 1
-        if b - a > 256:
-            return _merge_sort_descending(density)
-        for t in range(a + 1, b):  # insertion: stable, few points
-            cur = order[t]
-            q = t
-            while q > a and density[order[q - 1]] < density[cur]:
-                order[q] = order[q - 1]
-                q -= 1
-            order[q] = cur
-        a = b
+        order[j] = np.int64(packed[j] & index)
     return order
 
 
