@@ -598,8 +598,9 @@ def _visit_order(density):
     with the grid index into one uint64 (index in the low bits: one word moves per point, and
     the index comes back out of it), in as few passes as digits of up to 11 bits allow (fewer
     bits for a small grid; one pass is the counting sort), the digits balanced between them, a
-    pass skipped when every key shares its digit. Why not buckets plus insertion: a tiny row's densities are huge and nearly all
-    distinct, and where they are flat (a uniform row's top) they crowd a few buckets. Keys too
+    pass skipped when every key shares its digit. Why not buckets plus insertion: a tiny row's
+    densities are huge and nearly all distinct, and where they are flat (a uniform row's top)
+    they crowd a few buckets. Keys too
     wide to pack beside the index (densities of 2^52 and more at 4096 points: rows of std
     below ~1e-16) take the merge sort."""
     k = density.size
