@@ -600,9 +600,8 @@ def _visit_order(density):
     bits for a small grid; one pass is the counting sort), the digits balanced between them, a
     pass skipped when every key shares its digit. Why not buckets plus insertion: a tiny row's
     densities are huge and nearly all distinct, and where they are flat (a uniform row's top)
-    they crowd a few buckets. Keys too
-    wide to pack beside the index (densities of 2^52 and more at 4096 points: rows of std
-    below ~1e-16) take the merge sort."""
+    they crowd a few buckets. Keys too wide to pack beside the index (densities of 2^52 and more
+    at 4096 points: rows of std below ~1e-16) take the merge sort."""
     k = density.size
     top = 0.0
     for j in range(k):
