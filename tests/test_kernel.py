@@ -1,4 +1,6 @@
 """The CPU selection path against the golden rows, the literal oracle, and the spec's properties."""
+import math
+
 import numpy as np
 import oracle
 import pytest
@@ -154,6 +156,31 @@ def test_density_bound_holds_and_rarely_needs_the_literal_sum(kind, seed, shape,
     assert bound.max() <= (own + 1e-14 * np.abs(v).max() / h) * d0
     undecided = (bound >= 0.25) | (np.abs(estimate - np.floor(estimate) - 0.5) <= bound)
     assert undecided.sum() <= 2 + 4 * k * bound.max(), (undecided.sum(), bound.max())
+
+
+@settings(max_examples=25, deadline=None)
+@given(kind=st.sampled_from(["gauss", "outliers", "laplace", "uniform", "clustered", "bimodal"]),
+       scale=st.sampled_from([1.0, 1e-7, 1e-9, 1e3]), n=st.integers(2, 1500), seed=st.integers(0, 2**31))
+def test_literal_sum_skipping_negligible_terms_equals_every_term_summed(kind, scale, n, seed):
+    """exact_density skips terms too small to change its running sum; the sum of every term in
+    row order, in its own arithmetic (d * d / (2 h^2), Python's math.exp), must be bit for bit
+    the same, at grid points in the bulk, in the tails and far outside the row."""
+    rng = np.random.default_rng(seed)
+    v = (_row(kind, n, rng) * scale).astype(np.float32)
+    h = ken_cpu.bandwidths(v[None, :])[0]
+    if not (h > 0 and 2 * h * h > 0):
+        return
+    lo, hi = float(v.min()), float(v.max())
+    points = np.concatenate([np.linspace(lo, hi, 40), [lo - 50 * h, hi + 9 * h, hi + 40 * h]])
+    two_h2 = 2.0 * float(h) * float(h)
+    for x in points.astype(np.float32).astype(np.float64).tolist():
+        total = 0.0
+        for vi in v.astype(np.float64).tolist():
+            d = x - vi
+            total += math.exp(-((d * d) / two_h2))
+        want = total / (n * float(h) * math.sqrt(2.0 * math.pi))
+        got = ken_numba.exact_density(v, x, h)
+        assert got == want or (got != got and want != want), (x, got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

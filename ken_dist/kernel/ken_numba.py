@@ -43,6 +43,9 @@ CRAMER = 1.086436
 SLACK = 1e-13
 # Below this many kernel evaluations per row the literal sum is as cheap as the expansion.
 BRUTE_FORCE_WORK = 32768
+# exp(-q) for q >= NEGLIGIBLE_Q - log(S) is below S * 2^-56 (56 ln 2 = 38.8, rounded up): too
+# small to change a float64 running sum S (exact_density).
+NEGLIGIBLE_Q = 39.0
 # Up to this many open roundings, each asks the sorted order (two binary searches and a look at
 # the other open ones) whether another rounding meets it; beyond, one sweep over the order.
 FEW_OPEN = 48
@@ -50,16 +53,28 @@ FEW_OPEN = 48
 
 @numba.njit(cache=True, nogil=True)
 def exact_density(values: np.ndarray, x: float, h: float) -> float:
-    """The literal spec formula at one point: float64, sources in row order. A term whose
-    exponent is below -746 is exactly +0.0 (exp underflows) and adding it changes nothing, so it
-    is skipped without calling exp: points far from most of the row cost a pass, not n exps."""
+    """The literal spec formula at one point: float64, sources in row order. A term adding
+    nothing to the running sum is skipped without calling exp: exp(-q) below a quarter of the
+    sum's last place leaves the float64 sum exactly as it is (round to nearest), and so does a
+    term that underflows (q >= 746). Since the sum only grows, a bound on q taken from an
+    earlier, smaller sum stays valid; it is refreshed each time the sum doubles. So a point
+    pays exp only for the sources within ~9 bandwidths of it once the first of them is summed."""
     total = 0.0
     two_h2 = 2.0 * h * h
+    cut = 746.0  # skip q >= cut
+    limit = cut * two_h2 * (1.0 + 1e-12)  # d * d beyond it: q >= cut whatever the division's rounding
+    refresh = 0.0
     for i in range(values.size):
         d = x - np.float64(values[i])
-        q = (d * d) / two_h2
-        if q < 746.0:
-            total += math.exp(-q)
+        dd = d * d
+        if dd < limit:
+            q = dd / two_h2
+            if q < cut:
+                total += math.exp(-q)
+                if total > refresh:  # exp(-q) <= total * 2^-56 < a quarter ulp of total for q >= cut
+                    cut = min(746.0, NEGLIGIBLE_Q - math.log(total))
+                    limit = cut * two_h2 * (1.0 + 1e-12)
+                    refresh = 2.0 * total
     return total / (values.size * h * SQRT_2PI)
 
 
