@@ -718,15 +718,18 @@ def radix_sort_order(bits):
     bits as uint32 (numpy's view: numba's own view costs compile time): a stable LSD radix sort
     of the order-preserving uint32 keys of the float32 bits (negatives: all bits flipped;
     positives: sign bit set), 3 passes of 11 bits, a pass skipped when every key shares its
-    digit. Stability keeps equal values in index order; cheaper than numpy sorting
-    (value << 32 | index) uint64 keys (docs/performance.md)."""
+    digit. Each key travels packed with its index in one uint64 (key above, index below: rows
+    narrower than 2^32), one word moved per entry instead of a key and an index. Stability
+    keeps equal values in index order; cheaper than numpy sorting (value << 32 | index) uint64
+    keys (docs/performance.md)."""
     r, n = bits.shape
     out = np.empty((r, n), np.int64)
-    keys = np.empty(n, np.uint32)
-    keys2 = np.empty(n, np.uint32)
-    idx = np.empty(n, np.int64)
-    idx2 = np.empty(n, np.int64)
+    packed = np.empty(n, np.uint64)
+    spare = np.empty(n, np.uint64)
     counts = np.zeros((3, 2048), np.int64)
+    high = np.uint64(32)
+    digit = np.uint64(0x7FF)
+    index = np.uint64(0xFFFFFFFF)
     for i in range(r):
         counts[:] = 0
         for j in range(n):
@@ -737,15 +740,15 @@ def radix_sort_order(bits):
                 b = ~b
             else:
                 b = b | np.uint32(0x80000000)
-            keys[j] = b
-            idx[j] = j
             counts[0, b & 0x7FF] += 1
             counts[1, (b >> 11) & 0x7FF] += 1
             counts[2, b >> 22] += 1
+            packed[j] = (np.uint64(b) << high) | np.uint64(j)
+        src, dst = packed, spare
         for p in range(3):
-            shift = 11 * p
+            shift = np.uint64(32 + 11 * p)
             c = counts[p]
-            if c[(keys[0] >> shift) & 0x7FF] == n:
+            if c[(src[0] >> shift) & digit] == n:
                 continue
             total = 0
             for d in range(2048):
@@ -753,16 +756,14 @@ def radix_sort_order(bits):
                 c[d] = total
                 total += t
             for j in range(n):
-                key = keys[j]
-                d = (key >> shift) & 0x7FF
+                v = src[j]
+                d = (v >> shift) & digit
                 q = c[d]
-                keys2[q] = key
-                idx2[q] = idx[j]
+                dst[q] = v
                 c[d] = q + 1
-            keys, keys2 = keys2, keys
-            idx, idx2 = idx2, idx
+            src, dst = dst, src
         for j in range(n):  # element by element: a slice copy compiles numba's shape-mismatch message
-            out[i, j] = idx[j]
+            out[i, j] = np.int64(src[j] & index)
     return out
 
 
