@@ -654,28 +654,41 @@ def _visit_order(density):
             packed[j] = (key << low) | np.uint64(j)
             for p in range(passes):
                 counts[p, (key >> np.uint64(digit * p)) & m] += 1
+    packed = _lsd_passes(packed, spare, counts, ib, digit, passes)
+    order = np.empty(k, np.int64)
+    index = np.uint64((1 << ib) - 1)
+    for j in range(k):
+        order[j] = np.int64(packed[j] & index)
+    return order
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _lsd_passes(packed, spare, counts, low, digit, passes):
+    """The passes of a stable LSD radix sort of uint64 words whose key lies above bit `low`,
+    `digit` bits a pass (the visit order's and the row sort's): counts[p] holds pass p's digit
+    histogram (filled by the caller while packing, turned into offsets here), a pass is skipped
+    when every word shares its digit. Returns the sorted words (packed or spare)."""
+    n = packed.size
+    size = 1 << digit
+    m = np.uint64(size - 1)
     for p in range(passes):
         c = counts[p]
-        shift = np.uint64(ib + digit * p)
-        if c[(packed[0] >> shift) & m] == k:
+        shift = np.uint64(low + digit * p)
+        if c[(packed[0] >> shift) & m] == n:
             continue
         total = 0
         for d in range(size):
             x = c[d]
             c[d] = total
             total += x
-        for j in range(k):
+        for j in range(n):
             v = packed[j]
             d = (v >> shift) & m
             q = c[d]
             spare[q] = v
             c[d] = q + 1
         packed, spare = spare, packed
-    order = np.empty(k, np.int64)
-    index = np.uint64((1 << ib) - 1)
-    for j in range(k):
-        order[j] = np.int64(packed[j] & index)
-    return order
+    return packed
 
 
 @numba.njit(cache=True, nogil=True)
@@ -728,7 +741,6 @@ def radix_sort_order(bits):
     spare = np.empty(n, np.uint64)
     counts = np.zeros((3, 2048), np.int64)
     high = np.uint64(32)
-    digit = np.uint64(0x7FF)
     index = np.uint64(0xFFFFFFFF)
     for i in range(r):
         counts[:] = 0
@@ -744,24 +756,7 @@ def radix_sort_order(bits):
             counts[1, (b >> 11) & 0x7FF] += 1
             counts[2, b >> 22] += 1
             packed[j] = (np.uint64(b) << high) | np.uint64(j)
-        src, dst = packed, spare
-        for p in range(3):
-            shift = np.uint64(32 + 11 * p)
-            c = counts[p]
-            if c[(src[0] >> shift) & digit] == n:
-                continue
-            total = 0
-            for d in range(2048):
-                t = c[d]
-                c[d] = total
-                total += t
-            for j in range(n):
-                v = src[j]
-                d = (v >> shift) & digit
-                q = c[d]
-                dst[q] = v
-                c[d] = q + 1
-            src, dst = dst, src
+        src = _lsd_passes(packed, spare, counts, 32, 11, 3)
         for j in range(n):  # element by element: a slice copy compiles numba's shape-mismatch message
             out[i, j] = np.int64(src[j] & index)
     return out
