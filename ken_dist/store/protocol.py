@@ -570,7 +570,6 @@ class Store:
             raise KenError(f"store {self.root} fine-tune {finetune!r} is not complete; {len(missing)} "
                            f"block(s) missing:\n  - {shown}\nrerun the same command to resume")
         totals = {"kept": 0, "bytes": 0, "bound_bytes": 0.0, "dense_bytes": 0}
-        keep_files = set()
         for name, t in manifest["tensors"].items():
             blocks = []
             for b in t["blocks"]:
@@ -579,7 +578,6 @@ class Store:
                                                    "kept_row_min", "kept_row_max", "bound_bytes", "budget",
                                                    *_V2_BLOCK_KEYS)
                                if k in rec})
-                keep_files.add(self.resolve(rec["file"]))
             t["blocks"] = blocks
             t["kept"] = sum(b["kept"] for b in blocks)
             t["bytes"] = sum(b["bytes"] for b in blocks)
@@ -594,7 +592,7 @@ class Store:
         self.drop_spills(finetune)  # before `complete`: a complete fine-tune never runs again to drop them
         atomic_json(self._manifest_path(finetune), manifest)
         self._drop_journal(finetune)
-        self._collect_garbage(finetune, keep_files)
+        self._collect_garbage(finetune, self._manifest_files(manifest))
         if finetune not in self._scoped:
             self.release(finetune)
         return manifest
