@@ -325,3 +325,40 @@ def test_visit_order_is_numpy_stable_argsort(k, top, seed, shape):
         if shape == "steps":
             density = np.floor(density / max(1.0, top / 20)) * max(1.0, top / 20)
     assert np.array_equal(ken_numba._visit_order(density), np.argsort(-density, kind="stable"))
+
+
+def _merged_grid_positions(sorted_values, grid):
+    """The first sorted position whose value is >= each grid point, by one merge (the spec's
+    nearest-value search starts there)."""
+    out, p = [], 0
+    for g in grid:
+        while p < sorted_values.size and sorted_values[p] < g:
+            p += 1
+        out.append(p)
+    return np.array(out)
+
+
+@settings(max_examples=80, deadline=None)
+@given(kind=st.sampled_from(KINDS), n=st.integers(2, 3000), kfrac=st.floats(0.0, 1.0), seed=st.integers(0, 2**31),
+       scale=st.sampled_from([1.0, 1e-30, 1e30]), offset=st.sampled_from([0.0, 1.0, -3e4]),
+       grid=st.sampled_from(["linspace", "moved", "values", "swapped"]))
+def test_grid_positions_equal_a_merge(kind, n, kfrac, seed, scale, offset, grid):
+    """The arithmetic cell guess and its checks against a plain merge: linspace grids of any row
+    (points equal in float32 where the step is below the values' spacing, near-constant rows far
+    from 0), one grid point moved onto a value (a few guesses miss: the binary search, and its
+    <= edge), grid points all on values (guesses miss often: the merge takes over), and two
+    points out of order (the merge's guard)."""
+    rng = np.random.default_rng(seed)
+    v = (_row(kind, n, rng) * scale + offset).astype(np.float32)
+    k = max(4, round(kfrac * n))
+    g = ken_cpu.grids(v[None, :], k)[0]
+    if grid == "moved":
+        u = rng.choice(v)
+        g[np.argmin(np.abs(g - u))] = u  # its neighbours stay on either side: still ascending
+    elif grid == "values":
+        g = np.sort(rng.choice(v, k))
+    elif grid == "swapped":
+        j = rng.integers(1, k - 2)
+        g[[j, j + 1]] = g[[j + 1, j]]
+    sorted_values = np.sort(v)
+    assert np.array_equal(ken_numba._grid_positions(sorted_values, g), _merged_grid_positions(sorted_values, g))

@@ -533,6 +533,65 @@ def _find_prev(prv, p):
     return q - 1
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _grid_positions(sorted_values, grid):
+    """For each grid point, the first sorted position whose value is >= it (how many values lie
+    below it). Why not just merge the two sorted sequences: where values and grid points
+    interleave irregularly (most rows), the merge's branch is a coin toss at every step.
+    Instead each value guesses its grid cell from the linspace grid's own arithmetic and checks
+    it against the grid (a binary search where it misses: grid points equal in float32, a value
+    at a cell's edge); lower[j] is then how many values lie in the cells before j's. Where the
+    guesses would miss often (a step of a few float32 spacings: near-constant rows, whose values
+    sit on the grid's own lattice; or more than n/128 misses), and for a grid out of order
+    (linspace rounds monotonically, so only as a guard), the merge runs."""
+    n = sorted_values.size
+    k = grid.size
+    lower = np.empty(k, dtype=np.int64)
+    ascending = True
+    for j in range(1, k):
+        ascending &= grid[j - 1] <= grid[j]
+    g0 = np.float64(grid[0])
+    span = np.float64(grid[k - 1]) - g0
+    # a step of fewer than 64 float32 spacings of the values (2^-23 of the largest magnitude, or
+    # less): values sit on the grid's lattice, and the guesses miss as often as the merge's branch
+    fine = span > 0.0 and span >= (k - 1) * max(abs(g0), abs(np.float64(grid[k - 1]))) * 2.0 ** -17
+    if ascending and fine:
+        scale = (k - 1) / span
+        cell = np.empty(n, dtype=np.int64)  # the guess: how many grid points are <= the value
+        for p in range(n):
+            cell[p] = min(max(int((np.float64(sorted_values[p]) - g0) * scale) + 1, 0), k)
+        last = np.zeros(k + 1, dtype=np.int64)  # per cell: 1 + the last sorted position in it
+        misses = 0
+        for p in range(n):
+            v = sorted_values[p]
+            c = cell[p]
+            if not ((c == k or v < grid[c]) and (c == 0 or grid[c - 1] <= v)):
+                misses += 1
+                if misses > n // 128:
+                    break
+                a, b = 0, k
+                while a < b:
+                    mid = (a + b) // 2
+                    if grid[mid] <= v:
+                        a = mid + 1
+                    else:
+                        b = mid
+                c = a
+            last[c] = p + 1
+        if misses <= n // 128:
+            below = 0
+            for j in range(k):
+                below = max(below, last[j])
+                lower[j] = below
+            return lower
+    p = 0
+    for j in range(k):
+        while p < n and sorted_values[p] < grid[j]:
+            p += 1
+        lower[j] = p
+    return lower
+
+
 @numba.njit(cache=True, nogil=True)
 def greedy_match(sorted_values, order, grid, visit):
     """Greedy nearest match of grid points (in `visit` order) to distinct row entries.
@@ -543,24 +602,23 @@ def greedy_match(sorted_values, order, grid, visit):
     n = sorted_values.size
     k = visit.size
     # block_start/block_end: the run of equal values each sorted position belongs to (written
-    # with selects, not branches: run lengths are data, and mispredictions cost more than the work)
-    block_start = np.empty(n, dtype=np.int64)
-    block_end = np.empty(n, dtype=np.int64)
-    start = 0
-    for p in range(n):
-        start = p if p == 0 or sorted_values[p] != sorted_values[p - 1] else start
-        block_start[p] = start
-    end = n
-    for p in range(n - 1, -1, -1):
-        end = p + 1 if p == n - 1 or sorted_values[p] != sorted_values[p + 1] else end
-        block_end[p] = end
-    # first sorted position with value >= grid point (grid is ascending)
-    lower = np.empty(grid.size, dtype=np.int64)
-    p = 0
-    for j in range(grid.size):
-        while p < n and sorted_values[p] < grid[j]:
-            p += 1
-        lower[j] = p
+    # with selects, not branches: run lengths are data, and mispredictions cost more than the
+    # work); a row without equal values (most float32 rows) needs neither: its runs are single
+    ties = False
+    for p in range(1, n):
+        ties |= sorted_values[p] == sorted_values[p - 1]
+    block_start = np.empty(n if ties else 0, dtype=np.int64)
+    block_end = np.empty(n if ties else 0, dtype=np.int64)
+    if ties:
+        start = 0
+        for p in range(n):
+            start = p if p == 0 or sorted_values[p] != sorted_values[p - 1] else start
+            block_start[p] = start
+        end = n
+        for p in range(n - 1, -1, -1):
+            end = p + 1 if p == n - 1 or sorted_values[p] != sorted_values[p + 1] else end
+            block_end[p] = end
+    lower = _grid_positions(sorted_values, grid)
     nxt = np.arange(n + 1)
     prv = np.arange(n + 1)
     picked = np.empty(k, dtype=np.int64)
@@ -585,13 +643,13 @@ def greedy_match(sorted_values, order, grid, visit):
             if order[q] < best_idx:
                 best_idx = order[q]
                 best_pos = q
-            e = block_end[q]
+            e = block_end[q] if ties else q + 1
             if e >= n or abs(sorted_values[e] - g) != d_min:
                 break
             q = _find_next(nxt, e)
         q = left
         while q >= 0 and abs(sorted_values[q] - g) == d_min:
-            s = block_start[q]
+            s = block_start[q] if ties else q
             first = _find_next(nxt, s)
             if order[first] < best_idx:
                 best_idx = order[first]
