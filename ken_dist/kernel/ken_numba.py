@@ -168,15 +168,19 @@ def _envelope(population, n, margin, window):
         near[d] = math.exp(-0.25 * gap * gap)
         gap = max(window, gap)
         far[d] = math.exp(-0.5 * gap * gap)
+    # each occupied box adds to the boxes within reach (in ascending b at every c, as a sum over
+    # b per c would add them): a sparse row's empty boxes (outliers far apart) cost nothing
+    total = np.zeros(nbox, dtype=np.float64)
+    outside = np.zeros(nbox, dtype=np.float64)
+    for b in range(nbox):
+        if population[b]:
+            for c in range(max(0, b - reach), min(nbox, b + reach + 1)):
+                total[c] += population[b] * near[abs(b - c)]
+                outside[c] += population[b] * far[abs(b - c)]
     out = np.empty((2, nbox), dtype=np.float64)
     for c in range(nbox):
-        total = 0.0
-        outside = 0.0
-        for b in range(max(0, c - reach), min(nbox, c + reach + 1)):
-            total += population[b] * near[abs(b - c)]
-            outside += population[b] * far[abs(b - c)]
-        out[0, c] = min(1.0, total / n * (1.0 + 1e-12) + 1e-18)
-        out[1, c] = outside / n * (1.0 + 1e-12) + 1e-36
+        out[0, c] = min(1.0, total[c] / n * (1.0 + 1e-12) + 1e-18)
+        out[1, c] = outside[c] / n * (1.0 + 1e-12) + 1e-36
     return out
 
 
@@ -354,10 +358,12 @@ def _interpolate(nodes, z, coef, out, lebesgue, omega):
     for i in range(m):
         _scaled_shift(prefix[i], y, float(i), prefix[i + 1])
     suffix = np.ones(k, dtype=np.float64)
+    value = np.empty(k, dtype=np.float64)
     out[:] = 0.0
     lebesgue[:] = 0.0
     for i in range(m - 1, -1, -1):
-        _lagrange_term(coef[i], prefix[i], suffix, y, float(i), nodes, first, i, out, lebesgue)
+        _gather(nodes, first, i, value)
+        _lagrange_term(coef[i], prefix[i], suffix, y, float(i), value, out, lebesgue)
     for j in range(k):
         omega[j] = abs(prefix[m, j])
 
@@ -370,11 +376,19 @@ def _scaled_shift(a, y, c, out):
 
 
 @numba.njit(cache=True, nogil=True)
-def _lagrange_term(c, prefix, suffix, y, shift, nodes, first, i, out, lebesgue):
-    """Adds node i's term c * prefix * suffix * node value and its |basis|; suffix *= y - i."""
+def _gather(nodes, first, i, value):
+    """value[j] = nodes[first[j] + i]: apart, so that _lagrange_term's loop has no gather and
+    vectorizes."""
+    for j in range(value.size):
+        value[j] = nodes[first[j] + i]
+
+
+@numba.njit(cache=True, nogil=True)
+def _lagrange_term(c, prefix, suffix, y, shift, value, out, lebesgue):
+    """Adds node i's term c * prefix * suffix * its node's value and its |basis|; suffix *= y - i."""
     for j in range(out.size):
         basis = c * prefix[j] * suffix[j]
-        out[j] += basis * nodes[first[j] + i]
+        out[j] += basis * value[j]
         lebesgue[j] += abs(basis)
         suffix[j] *= y[j] - shift
 
@@ -456,21 +470,24 @@ def _settle_open(values, grid, h, lo, hi, order, open_points):
             candidates += meets[j]
         if not candidates:
             return 0
+    if open_points > FEW_OPEN:  # up `order` (its twins skipped), each point against those below it
+        reach = -1.0  # the largest hi among the intervals of lower (or equal, earlier) lo
+        below = -1  # the point just below, whose interval this one's lo may fall in
+        met = False
+        for t in range(k - 1, -1, -1):
+            j = order[t]
+            if j > 0 and grid[j] == grid[j - 1]:
+                continue
+            meets[j] = lo[j] <= reach
+            if below >= 0 and lo[j] <= hi[below]:  # (an interval that reaches a point further up
+                meets[below] = met = True  # reaches its own neighbour first: met covers both)
+            reach = max(reach, hi[j])
+            below = j
+        if not met:
+            return 0
     twin = np.zeros(k, dtype=np.bool_)
     for j in range(1, k):
         twin[j] = grid[j] == grid[j - 1]
-    if open_points > FEW_OPEN:
-        seq = np.empty(k, dtype=np.int64)  # order without the twins
-        m = 0
-        for t in range(k):
-            if not twin[order[t]]:
-                seq[m] = order[t]
-                m += 1
-        reach = -1.0  # the largest hi among the intervals of lower (or equal, earlier) lo
-        for t in range(m - 1, -1, -1):
-            j = seq[t]
-            meets[j] = lo[j] <= reach or (t > 0 and lo[seq[t - 1]] <= hi[j])
-            reach = max(reach, hi[j])
     literal = 0
     for j in range(k):
         if meets[j] and lo[j] < hi[j] and _meets_another(lo, hi, twin, j):  # again: a settled
