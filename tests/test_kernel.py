@@ -284,13 +284,18 @@ def test_baseline_strategies():
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 600), rows=st.integers(1, 4), seed=st.integers(0, 2**31),
-       pool=st.sampled_from(["normal", "few", "specials"]))
+       pool=st.sampled_from(["normal", "few", "specials", "one bit"]))
 def test_sort_order_is_value_then_index(n, rows, seed, pool):
     """The radix sort against np.lexsort: ties in index order, -0.0 with 0.0, infinities and
-    subnormals in place, constant and one-entry rows."""
+    subnormals in place, constant and one-entry rows, and values that differ in single bits at
+    the digits' edges (a digit every key shares is skipped: one that varies in one bit is not)."""
     rng = np.random.default_rng(seed)
     if pool == "normal":
         v = rng.standard_normal((rows, n)).astype(np.float32) * np.float32(0.02)
+    elif pool == "one bit":
+        edges = rng.choice(np.array([0, 10, 11, 21, 22], np.uint32), 2, replace=False)  # digit edges
+        flip = rng.choice(edges, (rows, n))
+        v = (np.uint32(rng.integers(0x3F000000, 0x40000000)) ^ (np.uint32(1) << flip)).view(np.float32)
     elif pool == "few":
         v = rng.choice(np.array([-1.5, -0.0, 0.0, 2.0, 1e-3], np.float32), (rows, n))
     else:

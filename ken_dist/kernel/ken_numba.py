@@ -800,6 +800,14 @@ def _merge_sort_descending(keys):
     return order
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _count_digit(packed, counts, shift):
+    """The histogram of one 11-bit digit of the packed words."""
+    m = np.uint64(0x7FF)
+    for j in range(packed.size):
+        counts[(packed[j] >> shift) & m] += 1
+
+
 @numba.njit(cache=True, nogil=True)
 def radix_sort_order(bits):
     """Each row's indices sorted by (value, index), -0.0 equal to 0.0, given the rows' float32
@@ -819,6 +827,8 @@ def radix_sort_order(bits):
     index = np.uint64(0xFFFFFFFF)
     for i in range(r):
         counts[:] = 0
+        every = np.uint32(0xFFFFFFFF)  # the key bits set in every entry, and in any
+        some = np.uint32(0)
         for j in range(n):
             b = bits[i, j]
             if b == np.uint32(0x80000000):
@@ -827,10 +837,15 @@ def radix_sort_order(bits):
                 b = ~b
             else:
                 b = b | np.uint32(0x80000000)
-            counts[0, b & 0x7FF] += 1
-            counts[1, (b >> 11) & 0x7FF] += 1
-            counts[2, b >> 22] += 1
+            every &= b
+            some |= b
             packed[j] = (np.uint64(b) << high) | np.uint64(j)
+        for p in range(3):  # a digit every key shares is not counted, its pass skipped
+            shift = np.uint64(32 + 11 * p)
+            if ((every ^ some) >> np.uint32(11 * p)) & np.uint32(0x7FF):
+                _count_digit(packed, counts[p], shift)
+            else:
+                counts[p, (packed[0] >> shift) & np.uint64(0x7FF)] = n
         src = _lsd_passes(packed, spare, counts, 32, 11, 3)
         for j in range(n):  # element by element: a slice copy compiles numba's shape-mismatch message
             out[i, j] = np.int64(src[j] & index)
