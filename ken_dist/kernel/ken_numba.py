@@ -100,10 +100,13 @@ def _run_moments(u, centre, inv_h, moments, b, s, power):
 
 
 @numba.njit(cache=True, nogil=True)
-def _axpy(a, x, y):
-    """y += a * x (a separate function: its array arguments let the loop vectorize)."""
+def _axpy4(a0, a1, a2, a3, x0, x1, x2, x3, y):
+    """y += a0 x0 + a1 x1 + a2 x2 + a3 x3 (a separate function: its array arguments let the loop
+    vectorize). Four terms per load and store of y: adding them to y one at a time was bound by
+    those stores. Each y[i] then sums its terms in a shallower tree than one at a time: within
+    the same rounding bound."""
     for i in range(y.size):
-        y[i] += a * x[i]
+        y[i] += a0 * x0[i] + a1 * x1[i] + a2 * x2[i] + a3 * x3[i]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -286,6 +289,8 @@ def density_estimates(values, sorted_values, grid, h):
             he = he_next
             table[p + 1, d + half] = he * e
     nodes = np.zeros(n_nodes, dtype=np.float64)
+    a = np.zeros(4)  # four terms' coefficients; past the last term 0, on any row (exact zeros added)
+    last = terms - 1
     for b in range(nbox):
         if moments[b, 0] == 0.0:
             continue
@@ -293,8 +298,12 @@ def density_estimates(values, sorted_values, grid, h):
         ilo = max(0, centre - half)
         ihi = min(n_nodes - 1, centre + half)
         off = half - centre
-        for p in range(terms):
-            _axpy(moments[b, p], table[p, ilo + off:ihi + 1 + off], nodes[ilo:ihi + 1])
+        lo_t, hi_t = ilo + off, ihi + 1 + off
+        for p in range(0, terms, 4):  # four terms a pass: a quarter of the loads and stores of nodes
+            for q in range(4):
+                a[q] = moments[b, p + q] if p + q < terms else 0.0
+            _axpy4(a[0], a[1], a[2], a[3], table[p, lo_t:hi_t], table[min(p + 1, last), lo_t:hi_t],
+                   table[min(p + 2, last), lo_t:hi_t], table[min(p + 3, last), lo_t:hi_t], nodes[ilo:ihi + 1])
 
     # Lagrange form on M equispaced nodes 0..M-1: l_i(y) = c_i * prod_{j != i} (y - j), with
     # c_i = 1 / prod_{j != i} (i - j) = (-1)^(M-1-i) / (i! (M-1-i)!).
@@ -615,68 +624,73 @@ def greedy_match(sorted_values, order, grid, visit):
 
     sorted_values/order: the row sorted by (value, index). Returns the picked original indices in
     pick order. Distances are float32; ties go to the smallest original index.
+
+    The match runs over the row's distinct values: entries of one value are alike but for their
+    index, and the smallest alive index is always the one taken, so each value hands out its
+    sorted run in order and dies when the run is spent. Rows with many equal values (bf16,
+    zeros) then walk and link their distinct values only.
     """
     n = sorted_values.size
     k = visit.size
-    # block_start/block_end: the run of equal values each sorted position belongs to (written
-    # with selects, not branches: run lengths are data, and mispredictions cost more than the
-    # work); a row without equal values (most float32 rows) needs neither: its runs are single
+    # distinct values u[d], their runs [start[d], start[d + 1]) of sorted positions (written with
+    # selects, not branches: run lengths are data, and mispredictions cost more than the work);
+    # a row without equal values (most float32 rows) is its own list of them
     ties = False
     for p in range(1, n):
         ties |= sorted_values[p] == sorted_values[p - 1]
-    block_start = np.empty(n if ties else 0, dtype=np.int64)
-    block_end = np.empty(n if ties else 0, dtype=np.int64)
+    u = sorted_values
+    start = np.arange(n + 1)
+    m = n
     if ties:
-        start = 0
+        u = np.empty(n, dtype=np.float32)
+        m = 0
         for p in range(n):
-            start = p if p == 0 or sorted_values[p] != sorted_values[p - 1] else start
-            block_start[p] = start
-        end = n
-        for p in range(n - 1, -1, -1):
-            end = p + 1 if p == n - 1 or sorted_values[p] != sorted_values[p + 1] else end
-            block_end[p] = end
-    lower = _grid_positions(sorted_values, grid)
-    nxt = np.arange(n + 1)
-    prv = np.arange(n + 1)
+            start[m] = p
+            u[m] = sorted_values[p]
+            m += p == 0 or sorted_values[p] != sorted_values[p - 1]
+        start[m] = n
+        u = u[:m]
+    taken = start.copy()  # the next sorted position each value hands out
+    lower = _grid_positions(u, grid)
+    nxt = np.arange(m + 1)
+    prv = np.arange(m + 1)
     picked = np.empty(k, dtype=np.int64)
+    inf = np.float32(np.inf)
     for t in range(k):
         j = visit[t]
         g = grid[j]
         pos = lower[j]
         right = _find_next(nxt, pos)
         left = _find_prev(prv, pos - 1)
-        inf = np.float32(np.inf)
-        d_right = abs(sorted_values[right] - g) if right < n else inf
-        d_left = abs(sorted_values[left] - g) if left >= 0 else inf
+        d_right = abs(u[right] - g) if right < m else inf
+        d_left = abs(u[left] - g) if left >= 0 else inf
         d_min = min(d_left, d_right)
-        best_pos = -1
+        best = -1
         best_idx = n
         # Distinct values on one side can tie in float32 distance, so each side is walked while
         # the distance stays d_min; float32 distances are monotone on each side, so the next
         # value (alive or not) tells whether any later one can still tie, without a find.
         q = right
-        while q < n and abs(sorted_values[q] - g) == d_min:
-            # q is the first alive entry of its block: the smallest index among equal values
-            if order[q] < best_idx:
-                best_idx = order[q]
-                best_pos = q
-            e = block_end[q] if ties else q + 1
-            if e >= n or abs(sorted_values[e] - g) != d_min:
+        while q < m and abs(u[q] - g) == d_min:
+            if order[taken[q]] < best_idx:
+                best_idx = order[taken[q]]
+                best = q
+            if q + 1 >= m or abs(u[q + 1] - g) != d_min:
                 break
-            q = _find_next(nxt, e)
+            q = _find_next(nxt, q + 1)
         q = left
-        while q >= 0 and abs(sorted_values[q] - g) == d_min:
-            s = block_start[q] if ties else q
-            first = _find_next(nxt, s)
-            if order[first] < best_idx:
-                best_idx = order[first]
-                best_pos = first
-            if s == 0 or abs(sorted_values[s - 1] - g) != d_min:
+        while q >= 0 and abs(u[q] - g) == d_min:
+            if order[taken[q]] < best_idx:
+                best_idx = order[taken[q]]
+                best = q
+            if q == 0 or abs(u[q - 1] - g) != d_min:
                 break
-            q = _find_prev(prv, s - 1)
+            q = _find_prev(prv, q - 1)
         picked[t] = best_idx
-        nxt[best_pos] = best_pos + 1
-        prv[best_pos + 1] = best_pos
+        taken[best] += 1
+        if taken[best] == start[best + 1]:
+            nxt[best] = best + 1
+            prv[best + 1] = best
     return picked
 
 
