@@ -45,6 +45,39 @@ def test_one_process_per_machine_compiles_the_others_load(fresh_machine):
     assert again[0].split() == ["0", "False"], again[1]
 
 
+def test_a_cached_kernel_loads_side_by_side_and_a_stale_stamp_waits(fresh_machine):
+    """Once a process has had the kernel cached (its stamp beside the lock), the next ones load
+    under a shared lock, side by side, while another holds it shared; a stamp that no longer
+    matches (another source, numba, cache directory) sends them to the exclusive lock, to wait."""
+    first = _load_in_child(dict(os.environ)).communicate(timeout=600)
+    assert first[0].split() == ["1", "True"], first[1]
+    with warmup.machine_lock(shared=True):  # another process loading
+        out, err = _load_in_child(dict(os.environ)).communicate(timeout=120)
+        assert out.split() == ["0", "False"], err
+    with open(warmup._stamp_file(), "a") as f:
+        f.write("another numba")
+    with warmup.machine_lock(shared=True):
+        child = _load_in_child(dict(os.environ))
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.communicate(timeout=5)  # waits for the exclusive lock
+    out, err = child.communicate(timeout=600)
+    assert child.returncode == 0 and out.split() == ["0", "False"], err
+    assert warmup.kernel_cached()  # stamped again
+
+
+def test_a_command_starts_no_compile_child_where_the_kernel_is_cached(fresh_machine):
+    """The driver's child only where the machine has not had the kernel cached; once it has, a
+    command's jobs get none (the actors load it themselves), unless the command started one."""
+    kernel = warmup.compile_if_needed()
+    assert kernel is not None and warmup.compile_if_needed() is kernel
+    kernel.proc.wait(timeout=600)
+    kernel._thread.join()
+    assert kernel.ready.is_set() and warmup.kernel_cached()
+    assert warmup.compile_if_needed() is kernel  # the job of the command that started it hears it
+    warmup._driver_compile = None  # the next command on this machine
+    assert warmup.compile_if_needed() is None
+
+
 def test_the_driver_compiles_in_a_child_and_tells_the_job_once(fresh_machine):
     """The driver's child compiles on a fresh cache; what it said before the job listened is told
     to the job when it does (the demo starts the child before the job), each event once, and a

@@ -193,10 +193,12 @@ def _regex(text: str, option: str):
 
 
 def cmd_demo(args) -> int:
-    from ken_dist.runtime.warmup import NOTE, start_compile
+    from ken_dist.runtime.warmup import NOTE, compile_if_needed
 
     # on a machine's first run the kernel compiles while the demo imports torch and starts Ray
-    start_compile().report_to(lambda: print(f"[ken-dist] {NOTE}", file=sys.stderr, flush=True))
+    kernel = compile_if_needed()
+    if kernel is not None:
+        kernel.report_to(lambda: print(f"[ken-dist] {NOTE}", file=sys.stderr, flush=True))
     from ken_dist.cli.demo import run_demo
 
     return run_demo(args.workdir, keep=args.keep, workers=args.workers)

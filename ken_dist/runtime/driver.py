@@ -28,7 +28,7 @@ from ken_dist.kernel import STRATEGIES
 from ken_dist.kernel.strategies.budget import allocate, total_budget
 from ken_dist.runtime.pool import WATCH_S, ActorPool, Slot, plan_slots
 from ken_dist.runtime.warmup import NOTE as COMPILE_NOTE
-from ken_dist.runtime.warmup import start_compile
+from ken_dist.runtime.warmup import compile_if_needed
 from ken_dist.store.protocol import Store
 
 IN_FLIGHT_PER_ACTOR = 2
@@ -305,7 +305,8 @@ def _run_units(store: Store, todo: list[WorkUnit], to_score: list[FineTunePlan],
     receives the _Dispatch of each pass (scoring first, if any; for the log and the timings)."""
     kernel = None  # the compiled CPU kernel, compiled (once per machine) while Ray starts: warmup.py
     if any(STRATEGIES[u.params.strategy].compiled_kernel for u in todo):
-        kernel = start_compile()
+        kernel = compile_if_needed()
+    if kernel is not None:
         kernel.report_to(lambda: progress.note(COMPILE_NOTE),
                          lambda s: progress.note(f"the selection kernel compiled in {s:.1f} s; cached for the next "
                                                  "runs on this machine"))

@@ -1,8 +1,12 @@
 """Compile the CPU selection kernel once per machine, as early as the command can.
 
-numba compiles KEN's CPU kernel the first time a machine runs it (about 8 CPU seconds) and
-caches the result on disk; loading the cache takes about half a second. A per-user lock file
-makes one process on the machine compile while the others wait for it and then load the cache.
+numba compiles KEN's CPU kernel the first time a machine runs it (about 10 CPU seconds) and
+caches the result on disk; loading the cache takes about a third of a second. A per-user lock
+file makes one process on the machine compile while the others wait for it and then load the
+cache; once a process has had the kernel cached it leaves a stamp (the source file's size and
+mtime, numba's and Python's versions, the cache directory) beside the lock, and later processes
+that find it load under a shared lock, side by side (three processes loading one after another
+made a 2-worker job's second actor start ~0.7 s late).
 
 The driver starts the compilation first, in a child process (`KernelCompile`, `python -m
 ken_dist.runtime.warmup`), so that it runs on another core while the command imports, plans and
@@ -37,12 +41,47 @@ NOTE = "compiling the selection kernel (first run on this machine; once: the blo
 
 
 @contextlib.contextmanager
-def machine_lock():
-    """The machine's kernel lock, held until the block ends (or the process dies)."""
+def machine_lock(shared: bool = False):
+    """The machine's kernel lock, held until the block ends (or the process dies): exclusive to
+    compile, shared to load a cache that a process already compiled or loaded."""
     with open(LOCK_FILE, "a") as lock:
         if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
+
+
+KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernel", "ken_numba.py")
+
+
+def _cache_stamp() -> str:
+    """What numba's cache of the kernel depends on (its source file, by path, size and mtime, as
+    numba keys it; numba's and Python's versions; the cache directory), read without importing
+    numba: a command asks before its own imports."""
+    from importlib.metadata import version
+
+    st = os.stat(KERNEL_SOURCE)
+    return "\n".join([KERNEL_SOURCE, str(st.st_size), str(st.st_mtime_ns), version("numba"), sys.version,
+                      os.environ.get("NUMBA_CACHE_DIR", "")])
+
+
+def _stamp_file() -> str:
+    return LOCK_FILE + ".cached"  # beside the lock: one per user and temporary directory
+
+
+def kernel_cached() -> bool:
+    """Whether a process on this machine has had this kernel in numba's cache (the stamp it left)."""
+    try:
+        with open(_stamp_file()) as f:
+            return f.read() == _cache_stamp()
+    except OSError:
+        return False
+
+
+def _mark_cached() -> None:
+    tmp = f"{_stamp_file()}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(_cache_stamp())
+    os.replace(tmp, _stamp_file())
 
 
 def load_kernel(on_compile=None, side_by_side: bool = False) -> bool:
@@ -55,16 +94,21 @@ def load_kernel(on_compile=None, side_by_side: bool = False) -> bool:
     numba's cache. Once Ray is up the driver leaves a core idle, which the fork takes."""
     from ken_dist.kernel import ken_cpu
 
+    if kernel_cached():  # loads side by side: the driver's child and a job's actors do not queue
+        with machine_lock(shared=True):
+            return ken_cpu.warm_up(on_compile)  # compiles only if the cache was deleted since
     with machine_lock():
         helper = _fork(ken_cpu.compile_density) if side_by_side and hasattr(os, "fork") else None
         if helper is None:
-            return ken_cpu.warm_up(on_compile)
+            compiled = ken_cpu.warm_up(on_compile)
+        else:
+            def first():
+                ken_cpu.compile_all_but_density()
+                os.waitpid(helper, 0)  # however it ended: select_block compiles what is not cached
 
-        def first():
-            ken_cpu.compile_all_but_density()
-            os.waitpid(helper, 0)  # however it ended: select_block compiles what is not cached
-
-        return ken_cpu.warm_up(on_compile, first)
+            compiled = ken_cpu.warm_up(on_compile, first)
+        _mark_cached()
+        return compiled
 
 
 def _fork(work) -> int:
@@ -168,6 +212,16 @@ def start_compile() -> KernelCompile:
         _driver_compile = KernelCompile()
         atexit.register(_driver_compile.stop)  # a command that ends first leaves no compiler running
     return _driver_compile
+
+
+def compile_if_needed() -> KernelCompile | None:
+    """start_compile() on a machine that has not had the kernel cached; None where it has (each
+    actor loads it in a third of a second: a child process loading it too only takes a core
+    from the actors starting beside it). Should the cache have been deleted since its stamp, the
+    actors compile it themselves, side by side."""
+    if _driver_compile is not None and _driver_compile.error is None:
+        return _driver_compile  # this command started one already: its job hears what it says
+    return None if kernel_cached() else start_compile()
 
 
 def main() -> int:
