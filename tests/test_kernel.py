@@ -311,8 +311,8 @@ def test_sort_order_is_value_then_index(n, rows, seed, pool):
 @given(k=st.integers(1, 3000), top=st.sampled_from([0.0, 2.0, 50.0, 1e5, 1e12, 2.0**51, 1e30]),
        seed=st.integers(0, 2**31), shape=st.sampled_from(["random", "bumps", "steps", "tails", "crowded"]))
 def test_visit_order_is_numpy_stable_argsort(k, top, seed, shape):
-    """Every branch (one radix pass for small density ranges, up to three with the histograms
-    unrolled, more for wider keys, the merge sort for keys too wide to pack beside the index),
+    """Every branch (one radix pass for small density ranges, more for wider keys, a pass
+    skipped where every key shares its digit, the merge sort for keys too wide to pack),
     on random keys, on the monotone runs of real densities along a grid with plateaus of ties,
     on many small tied keys beside huge ones (a tiny row's tails), and on keys crowding the top."""
     rng = np.random.default_rng(seed)

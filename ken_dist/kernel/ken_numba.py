@@ -723,27 +723,18 @@ def _visit_order(density):
     passes = (width + digit - 1) // digit
     if passes > 1:  # the same passes with smaller digits: shorter histograms to sum
         digit = (width + passes - 1) // passes
-    size = 1 << digit
-    m = np.uint64(size - 1)
     packed = np.empty(k, np.uint64)
     spare = np.empty(k, np.uint64)
-    counts = np.zeros((max(passes, 3), size), np.int64)
+    counts = np.zeros((passes, 1 << digit), np.int64)
     low = np.uint64(ib)
-    d1, d2 = np.uint64(digit), np.uint64(2 * digit)
-    if passes <= 3:
-        for j in range(k):
-            key = t - np.uint64(density[j])
-            packed[j] = (key << low) | np.uint64(j)
-            counts[0, key & m] += 1
-            counts[1, (key >> d1) & m] += 1
-            counts[2, (key >> d2) & m] += 1
-    else:
-        for j in range(k):
-            key = t - np.uint64(density[j])
-            packed[j] = (key << low) | np.uint64(j)
-            for p in range(passes):
-                counts[p, (key >> np.uint64(digit * p)) & m] += 1
-    packed = _lsd_passes(packed, spare, counts, ib, digit, passes)
+    every = np.uint64(0xFFFFFFFFFFFFFFFF)  # the key bits set in every key, and in any
+    some = np.uint64(0)
+    for j in range(k):
+        key = t - np.uint64(density[j])
+        every &= key
+        some |= key
+        packed[j] = (key << low) | np.uint64(j)
+    packed = _lsd_passes(packed, spare, counts, ib, digit, passes, every ^ some)
     order = np.empty(k, np.int64)
     index = np.uint64((1 << ib) - 1)
     for j in range(k):
@@ -752,19 +743,24 @@ def _visit_order(density):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _lsd_passes(packed, spare, counts, low, digit, passes):
+def _lsd_passes(packed, spare, counts, low, digit, passes, varying):
     """The passes of a stable LSD radix sort of uint64 words whose key lies above bit `low`,
-    `digit` bits a pass (the visit order's and the row sort's): counts[p] holds pass p's digit
-    histogram (filled by the caller while packing, turned into offsets here), a pass is skipped
-    when every word shares its digit. Returns the sorted words (packed or spare)."""
+    `digit` bits a pass (the visit order's and the row sort's). `varying`: the key bits that
+    differ between words (the OR of the keys ^ their AND). A digit without one is shared by every
+    word: neither counted nor passed. The others are counted each in a loop of its own: one loop
+    feeding every histogram waited on counters that neighbours share (a row's alike exponents,
+    a density's smooth top digits). counts: zeros, (passes, 2^digit). Returns the sorted words
+    (packed or spare)."""
     n = packed.size
     size = 1 << digit
     m = np.uint64(size - 1)
     for p in range(passes):
+        if not (varying >> np.uint64(digit * p)) & m:
+            continue
         c = counts[p]
         shift = np.uint64(low + digit * p)
-        if c[(packed[0] >> shift) & m] == n:
-            continue
+        for j in range(n):
+            c[(packed[j] >> shift) & m] += 1
         total = 0
         for d in range(size):
             x = c[d]
@@ -814,14 +810,6 @@ def _merge_sort_descending(keys):
     return order
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _count_digit(packed, counts, shift):
-    """The histogram of one 11-bit digit of the packed words."""
-    m = np.uint64(0x7FF)
-    for j in range(packed.size):
-        counts[(packed[j] >> shift) & m] += 1
-
-
 @numba.njit(cache=True, nogil=True)
 def radix_sort_order(bits):
     """Each row's indices sorted by (value, index), -0.0 equal to 0.0, given the rows' float32
@@ -854,13 +842,7 @@ def radix_sort_order(bits):
             every &= b
             some |= b
             packed[j] = (np.uint64(b) << high) | np.uint64(j)
-        for p in range(3):  # a digit every key shares is not counted, its pass skipped
-            shift = np.uint64(32 + 11 * p)
-            if ((every ^ some) >> np.uint32(11 * p)) & np.uint32(0x7FF):
-                _count_digit(packed, counts[p], shift)
-            else:
-                counts[p, (packed[0] >> shift) & np.uint64(0x7FF)] = n
-        src = _lsd_passes(packed, spare, counts, 32, 11, 3)
+        src = _lsd_passes(packed, spare, counts, 32, 11, 3, np.uint64(every ^ some))
         for j in range(n):  # element by element: a slice copy compiles numba's shape-mismatch message
             out[i, j] = np.int64(src[j] & index)
     return out
