@@ -7,11 +7,14 @@ the row's sort (radix), the density estimates (`density_estimates`), the visit o
 (`_order_by_density`: roundings, open intervals, literal sums, the sort by rounded density;
 revisions with `_visit_order_of` but without that split: both in the density column; before it:
 `_rounded_density`, then `_visit_order`), the greedy match, the literal O(n) fix-ups per row (grid points whose
-rounding, or since `_visit_order_of` whose order, the estimate's bound left open), the grid
-points per bandwidth (h / grid step) and the largest possible density 1/(h sqrt(2 pi)).
---baseline REV does the same for git revision REV's ken_numba.py; its fix-ups are counted by a
-copy of its `_rounded_density` whose literal-sum branch also counts (the text of commit 671fadb
-and its predecessors; other revisions print "-").
+rounding, or since `_visit_order_of` whose order, the estimate's bound left open; since
+2026-11-30 followed by the second looks per row in parentheses: points whose order the box
+expansions summed at the point alone were asked to settle first), the grid points per
+bandwidth (h / grid step) and the largest possible density 1/(h sqrt(2 pi)).
+--baseline REV does the same for git revision REV's ken_numba.py; its fix-ups are counted by
+its `_visit_order_of` where it has one, else by a copy of its `_rounded_density` whose
+literal-sum branch also counts (the text of commit 671fadb and its predecessors; other
+revisions print "-").
 """
 from __future__ import annotations
 
@@ -55,9 +58,14 @@ def load_revision(rev: str, count_fixups: bool):
     return importlib.import_module(path.stem)
 
 
-def todays_fixups(rows, sorted64, grids, h) -> float:
-    return float(np.mean([ken_numba._visit_order_of(rows[i], sorted64[i], grids[i], h[i])[1]
-                          for i in range(rows.shape[0])]))
+def visit_fixups(module):
+    """Literal sums per row of a revision with `_visit_order_of` (its second value), and since
+    2026-11-30 its second looks per row (its third) as "literal (looks)"."""
+    def count(rows, sorted64, grids, h) -> str:
+        runs = [module._visit_order_of(rows[i], sorted64[i], grids[i], h[i]) for i in range(rows.shape[0])]
+        literal = f"{np.mean([run[1] for run in runs]):.1f}"
+        return literal if len(runs[0]) < 3 else f"{literal} ({np.mean([run[2] for run in runs]):.1f})"
+    return count
 
 
 def stage_ms(fn, r: int) -> float:
@@ -95,7 +103,7 @@ def profile(module, fixups, rows: np.ndarray, k: int) -> list[str]:
     out.insert(0, stage_ms(lambda: ken_cpu.sort_order(rows), r))  # today's sort, for every revision
     out.append(stage_ms(lambda: [module.greedy_match(ordered[i], order[i], grids[i], visits[i]) for i in range(r)], r))
     fix = fixups(rows, sorted64, grids, h) if fixups else None
-    return ["-" if x is None else f"{x:.3f}" for x in out] + ["-" if fix is None else f"{fix:.1f}"]
+    return ["-" if x is None else f"{x:.3f}" for x in out] + ["-" if fix is None else fix]
 
 
 def main() -> None:
@@ -107,17 +115,17 @@ def main() -> None:
     parser.add_argument("--unlisted", action="store_true", help="also kernel_speed.py's unlisted families")
     args = parser.parse_args()
     wanted = None if args.families is None else set(args.families.split(","))
-    kernels = {"today": (ken_numba, todays_fixups)}
+    kernels = {"today": (ken_numba, visit_fixups(ken_numba))}
     if args.baseline:
         counting = load_revision(args.baseline, count_fixups=True)
 
         def baseline_fixups(rows, sorted64, grids, h):
-            return float(np.mean([counting._rounded_density(rows[i], sorted64[i], grids[i], h[i])[1]
-                                  for i in range(rows.shape[0])]))
-        kernels[args.baseline] = (load_revision(args.baseline, count_fixups=False),
-                                  baseline_fixups if counting is not None else None)
+            return f"{np.mean([counting._rounded_density(rows[i], sorted64[i], grids[i], h[i])[1] for i in range(rows.shape[0])]):.1f}"
+        module = load_revision(args.baseline, count_fixups=False)
+        kernels[args.baseline] = (module, baseline_fixups if counting is not None
+                                  else visit_fixups(module) if hasattr(module, "_visit_order_of") else None)
     print(f"{'n':>6} {'k':>5} {'code':>8} {'family':>15} {'sort':>6} {'density':>8} {'visit':>6} {'greedy':>7} "
-          f"{'fix-ups/row':>11} {'h/step':>6} {'max density':>11}")
+          f"{'fix-ups/row (looks)':>19} {'h/step':>6} {'max density':>11}")
     for n, k in [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]:
         for name, rows in family_rows(args.rows, n, seed=n + k, unlisted=args.unlisted).items():
             if wanted is not None and name not in wanted:
@@ -129,7 +137,7 @@ def main() -> None:
             step = float(np.median((rows.max(axis=1) - rows.min(axis=1)) / (k - 1)))
             for label, (module, fixups) in kernels.items():
                 sort, density, visit, greedy, fix = profile(module, fixups, rows, k)
-                print(f"{n:>6} {k:>5} {label:>8} {name:>15} {sort:>6} {density:>8} {visit:>6} {greedy:>7} {fix:>11} "
+                print(f"{n:>6} {k:>5} {label:>8} {name:>15} {sort:>6} {density:>8} {visit:>6} {greedy:>7} {fix:>19} "
                       f"{h / step:>6.0f} {1 / (h * math.sqrt(2 * math.pi)):>11.3g}")
 
 

@@ -20,6 +20,7 @@ Cost per row (n values, k grid points), all exact:
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 
 import numba
 import numpy as np
@@ -31,10 +32,12 @@ EPS = 2.0 ** -52
 # nodes around it (D nodes per bandwidth). Truncations and interpolation remainder stay below
 # ~5e-10 of the largest possible density d0, which decides the integer rounding almost
 # everywhere while d0 is moderate. Rows of tiny magnitude have huge integer densities (d0 above
-# PRECISE_ABOVE): there (P, T, M) are raised so that those terms fall to ~2e-11 of d0, for ~15%
-# more expansion work on those rows only (benchmarks/kernel_speed.py's "delta 1e-N" families).
+# PRECISE_ABOVE), and there the order of near-equal ones is often open: their boxes keep
+# LOOK_TERMS moments, so that a second look at such a point (the expansions summed there,
+# without interpolation, LOOK_WINDOW bandwidths around it) is good to ~1e-12 of d0; the nodes
+# still use P and T.
 P_TERMS, T_WINDOW, M_INTERP = 15, 7.2, 10
-PRECISE_TERMS, PRECISE_WINDOW, PRECISE_INTERP = 17, 7.5, 12
+LOOK_TERMS, LOOK_WINDOW = 17, 8.5
 PRECISE_ABOVE = 1e5
 NODES_PER_H = 8
 # Cramer's inequality: |He_n(x)| exp(-x^2/4) <= CRAMER * sqrt(n!) (constant rounded up).
@@ -49,6 +52,13 @@ NEGLIGIBLE_Q = 39.0
 # Up to this many open roundings, each asks the sorted order (two binary searches and a look at
 # the other open ones) whether another rounding meets it; beyond, one sweep over the order.
 FEW_OPEN = 48
+
+# What density_estimates leaves for a second look at one grid point (_direct_estimate): the box
+# expansions and their error terms. moments[b, p], the boxes' expansions; envelope, _envelope's
+# bounds around each box; start, width: box b's centre at start + b * width (width = h); reach:
+# the boxes a point sees, in bandwidths (LOOK_WINDOW + the largest |s|); shift: positions are taken from the row's least value;
+# norm = n h sqrt(2 pi); d0 = 1 / (h sqrt(2 pi)); local_err, position_err: in units of d0.
+Expansion = namedtuple("Expansion", "moments envelope start width h reach shift norm local_err position_err d0 n")
 
 
 @numba.njit(cache=True, nogil=True)
@@ -154,37 +164,48 @@ def _expansion_error(smax, most, terms):
 
 
 @numba.njit(cache=True, nogil=True)
-def _envelope(population, n, margin, window):
+def _envelope(population, n, margin, window, look_window):
     """Per box c, upper bounds of (1/n) sum_i exp(-t_i^2 / 4) over the sources i, and of
     (1/n) sum_i exp(-t_i^2 / 2) over the sources beyond `window` bandwidths (those the expansion
-    leaves out), t_i the distance in bandwidths from any position within `margin` bandwidths of
-    box c's centre, beyond half a box (boxes one bandwidth wide; a source lies within `margin` of
-    its own box's centre too: margin includes the largest |s|). Both far below their global
-    bounds (1 and exp(-window^2 / 2)) in a row's sparse regions, where the error bounds shrink
-    with them."""
+    leaves out), and beyond `look_window` (those a second look leaves out), t_i the distance in
+    bandwidths from any position within `margin` bandwidths of box c's centre, beyond half a box
+    (boxes one bandwidth wide; a source lies within `margin` of its own box's centre too: margin
+    includes the largest |s|). All far below their global bounds (1 and exp(-window^2 / 2)) in a
+    row's sparse regions, where the error bounds shrink with them."""
     nbox = population.size
     reach = int(math.ceil(margin + 13.0))  # beyond: exp(-13^2 / 4) < 5e-19 per source
     near = np.empty(reach + 1, dtype=np.float64)
     far = np.empty(reach + 1, dtype=np.float64)
+    farther = np.empty(reach + 1, dtype=np.float64)
     for d in range(reach + 1):
         gap = max(0.0, d - margin)
         near[d] = math.exp(-0.25 * gap * gap)
-        gap = max(window, gap)
-        far[d] = math.exp(-0.5 * gap * gap)
+        far[d] = math.exp(-0.5 * max(window, gap) ** 2)
+        farther[d] = math.exp(-0.5 * max(look_window, gap) ** 2)
     # each occupied box adds to the boxes within reach (in ascending b at every c, as a sum over
     # b per c would add them): a sparse row's empty boxes (outliers far apart) cost nothing
     total = np.zeros(nbox, dtype=np.float64)
     outside = np.zeros(nbox, dtype=np.float64)
+    beyond = np.zeros(nbox, dtype=np.float64)
     for b in range(nbox):
         if population[b]:
             for c in range(max(0, b - reach), min(nbox, b + reach + 1)):
                 total[c] += population[b] * near[abs(b - c)]
                 outside[c] += population[b] * far[abs(b - c)]
-    out = np.empty((2, nbox), dtype=np.float64)
+                beyond[c] += population[b] * farther[abs(b - c)]
+    out = np.empty((3, nbox), dtype=np.float64)
     for c in range(nbox):
         out[0, c] = min(1.0, total[c] / n * (1.0 + 1e-12) + 1e-18)
         out[1, c] = outside[c] / n * (1.0 + 1e-12) + 1e-36
+        out[2, c] = beyond[c] / n * (1.0 + 1e-12) + 1e-36
     return out
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _slope(w):
+    """Bound on |f'| in units of d0 / h where the envelope's (1/n) sum exp(-t^2/4) is w:
+    |t| exp(-t^2/2) <= min(exp(-1/2), sqrt(2/e) exp(-t^2/4)) for every t."""
+    return min(math.exp(-0.5), math.sqrt(2.0 / math.e) * w)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -213,10 +234,11 @@ def density_estimates(values, sorted_values, grid, h):
     point, the interpolation remainder (|w(x)| max|f^(M)| / M!), float64 rounding of positions,
     and the spec's own float64 sum's distance from the real-number one. Most terms are in units
     of the bandwidth and of the largest density d0 (the same at every row scale); since the
-    rounding is to integers, rows with a large d0 get more terms (PRECISE_ABOVE). With fewer
-    grid points than occupied boxes, each grid point sums the box expansions directly; on small
-    rows, and where h overflowed (the densities are then 0), the estimate is the literal sum
-    (bound 0).
+    rounding is to integers, rows with a large d0 keep more moments for second looks
+    (PRECISE_ABOVE). With fewer grid points than occupied boxes, each grid point sums the box
+    expansions directly; on small rows, and where h overflowed (the densities are then 0), the
+    estimate is the literal sum (bound 0). Returns (estimates, bounds, the Expansion a second
+    look needs: _direct_estimate).
     """
     n = values.size
     k = grid.size
@@ -225,12 +247,12 @@ def density_estimates(values, sorted_values, grid, h):
     if k < 2 or n * k <= BRUTE_FORCE_WORK or not h < math.inf:
         for j in range(k):
             out[j] = exact_density(values, np.float64(grid[j]), h)
-        return out, bound
+        none = np.zeros((1, 1), dtype=np.float64)  # bounds of 0: no second look is asked for
+        return out, bound, Expansion(none, none, 0.0, 1.0, h, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, n)
 
     d0 = 1.0 / (h * SQRT_2PI)  # the largest possible density
-    terms, window, m_interp = P_TERMS, T_WINDOW, M_INTERP
-    if d0 > PRECISE_ABOVE:
-        terms, window, m_interp = PRECISE_TERMS, PRECISE_WINDOW, PRECISE_INTERP
+    terms, window, m_interp = P_TERMS, T_WINDOW, M_INTERP  # the nodes'
+    kept = LOOK_TERMS if d0 > PRECISE_ABOVE else P_TERMS  # the moments' (second looks sum them all)
     norm = n * h * SQRT_2PI
     # positions are taken from the row's least value: the density only sees differences, and a
     # row far from 0 (near-constant, offset) keeps float64 positions as fine as its own spread
@@ -245,11 +267,14 @@ def density_estimates(values, sorted_values, grid, h):
     n_nodes = int(math.floor(span / delta)) + m_interp + 2
     width = NODES_PER_H * delta
     nbox = (n_nodes - 1) // NODES_PER_H + 1
-    moments, smax, population = _box_moments(shifted, start, width, h, nbox, terms)
+    moments, smax, population = _box_moments(shifted, start, width, h, nbox, kept)
     local_err = _expansion_error(smax, population.max(), terms)
+    look_err = _expansion_error(smax, population.max(), kept)
     # float64 positions (shifts, start, centres, nodes, grid offsets) are off by a few ulp of the
-    # row's spread; f moves by at most d0 * exp(-1/2) / h per unit of position.
-    position_err = 8.0 * EPS * (span + 2.0 * width) / h * math.exp(-0.5)
+    # row's spread; f moves by at most d0 / h per unit of position times (1/n) sum |t| exp(-t^2/2)
+    # over the sources, t in bandwidths: at most exp(-1/2), and at most sqrt(2/e) times the
+    # envelope's (1/n) sum exp(-t^2/4) (_slope: small in a row's sparse stretches).
+    position_err = 8.0 * EPS * (span + 2.0 * width) / h
 
     occupied = 0
     for b in range(nbox):
@@ -258,20 +283,11 @@ def density_estimates(values, sorted_values, grid, h):
     # exp and Hermite recurrences per grid point: the direct sum only pays with more boxes than
     # grid points.
     if occupied > k:
-        reach = window + smax  # in bandwidths: boxes beyond hold no source within the window
-        envelope = _envelope(population, n, smax + 0.5, window)
+        ex = Expansion(moments, _envelope(population, n, smax + 0.5, window, LOOK_WINDOW), start, width, h,
+                       LOOK_WINDOW + smax, lo, norm, look_err, position_err, d0, n)
         for j in range(k):
-            x = np.float64(grid[j]) - lo
-            z = (x - start) / width
-            total = 0.0
-            for b in range(max(0, int(math.ceil(z - reach))), min(nbox - 1, int(math.floor(z + reach))) + 1):
-                if moments[b, 0] != 0.0:
-                    total += _hermite_at(moments, b, (x - (start + b * width)) / h)
-            out[j] = total / norm
-            c = min(max(int(z + 0.5), 0), nbox - 1)
-            bound[j] = d0 * (envelope[0, c] * local_err + envelope[1, c] + SLACK + position_err)
-        _add_literal_error(out, bound, n, d0)
-        return out, bound
+            out[j], bound[j] = _direct_estimate(ex, np.float64(grid[j]))
+        return out, bound, ex
 
     # Table of He_p(t) exp(-t^2/2) at node offsets t = d / D, |d| <= half.
     half = int(math.ceil((window + smax) * NODES_PER_H))
@@ -327,25 +343,49 @@ def density_estimates(values, sorted_values, grid, h):
     _interpolate(nodes, z, coef, out, lebesgue, omega)
     # the nodes and positions a grid point's interpolation uses lie within (M/2 + 1) / D
     # bandwidths of it, and it within half a box of its box's centre
-    envelope = _envelope(population, n, smax + 0.5 + (m_interp // 2 + 1) / NODES_PER_H, window)
+    envelope = _envelope(population, n, smax + 0.5 + (m_interp // 2 + 1) / NODES_PER_H, window, LOOK_WINDOW)
     for j in range(k):
         out[j] /= norm
         c = min(max(int(z[j] / NODES_PER_H + 0.5), 0), nbox - 1)
         w = envelope[0, c]
-        bound[j] = d0 * (lebesgue[j] * (w * local_err + envelope[1, c] + SLACK + position_err + 8.0 * m_interp * EPS)
+        bound[j] = d0 * (lebesgue[j] * (w * local_err + envelope[1, c] + SLACK + position_err * _slope(w)
+                                        + 8.0 * m_interp * EPS)
                          + omega[j] * remainder_scale * w)
-    _add_literal_error(out, bound, n, d0)
-    return out, bound
+    for j in range(k):  # apart: this loop vectorizes
+        bound[j] += _literal_error(out[j], bound[j], n, d0)
+    # the envelope's margin covers the interpolation's nodes, a fortiori a point alone
+    return out, bound, Expansion(moments, envelope, start, width, h, LOOK_WINDOW + smax, lo, norm, look_err,
+                                 position_err, d0, n)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _add_literal_error(out, bound, n, d0):
-    """Widens each bound from the real-number sum to the spec's float64 one: n positive terms
+def _literal_error(estimate, bound, n, d0):
+    """What widens a bound from the real-number sum to the spec's float64 one: n positive terms
     summed left to right are within (n - 1) u of their sum, each term's argument and exp within
     (4a + 2) u of e^-a (a e^-a <= 1/e), and the division two more roundings: (n + 3) u of the
     density plus 1.5 u of d0. (EPS = 2u: a factor two to spare.)"""
-    for j in range(out.size):
-        bound[j] += (n + 8) * EPS * (abs(out[j]) + bound[j]) + 2.0 * EPS * d0
+    return (n + 8) * EPS * (abs(estimate) + bound) + 2.0 * EPS * d0
+
+
+@numba.njit(cache=True, nogil=True)
+def _direct_estimate(ex, x):
+    """(estimate, bound) of the density at float64 position x from the box expansions alone,
+    summed there: no interpolation, so the bound is the expansion's own (~1e-12 of d0 against
+    the interpolation's 2e-11 to 5e-10). A grid point's second look before the literal sum, and
+    each point's estimate on rows with more boxes than grid points."""
+    x = x - ex.shift
+    moments = ex.moments
+    nbox = moments.shape[0]
+    z = (x - ex.start) / ex.width
+    total = 0.0
+    for b in range(max(0, int(math.ceil(z - ex.reach))), min(nbox - 1, int(math.floor(z + ex.reach))) + 1):
+        if moments[b, 0] != 0.0:
+            total += _hermite_at(moments, b, (x - (ex.start + b * ex.width)) / ex.h)
+    estimate = total / ex.norm
+    c = min(max(int(z + 0.5), 0), nbox - 1)
+    w = ex.envelope[0, c]
+    bound = ex.d0 * (w * ex.local_err + ex.envelope[2, c] + SLACK + ex.position_err * _slope(w))
+    return estimate, bound + _literal_error(estimate, bound, ex.n, ex.d0)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -405,21 +445,22 @@ def _lagrange_term(c, prefix, suffix, y, shift, value, out, lebesgue):
 def _visit_order_of(values, sorted_values, grid, h):
     """density_estimates then _order_by_density, as select_block runs them (for tests and
     benchmarks: one call)."""
-    estimate, bound = density_estimates(values, sorted_values, grid, h)
-    return _order_by_density(values, grid, h, estimate, bound)
+    return _order_by_density(values, grid, h, *density_estimates(values, sorted_values, grid, h))
 
 
 @numba.njit(cache=True, nogil=True)  # apart from density_estimates: ken_cpu.warm_up compiles them side by side
-def _order_by_density(values, grid, h, f, bound):
+def _order_by_density(values, grid, h, f, bound, ex):
     """The grid points in the greedy's visit order: by the spec's rounded (half to even) float64
     density, highest first, ties in ascending index; f, bound: density_estimates'.
 
     Only that order matters, not the roundings themselves. Where the estimate's bound decides a
     rounding, it is used. Elsewhere the rounding lies in a small interval of integers, and it
     matters only if another point's possible roundings meet that interval (their order, or their
-    tie, is then open): only those points pay the literal O(n) sum. So rows whose densities are
-    huge integers (tiny bandwidths: bounds wider than a unit) pay it only at near-equal densities.
-    Returns (order, how many literal sums were paid: benchmarks/kernel_stages.py reports it)."""
+    tie, is then open): only those points take a second look, the box expansions summed at the
+    point alone (ex: density_estimates'), and the literal O(n) sum where that leaves it open. So
+    rows whose densities are huge integers (tiny bandwidths: bounds wider than a unit) pay it
+    only at near-equal densities. Returns (order, how many literal sums were paid, how many
+    second looks: benchmarks/kernel_stages.py reports both)."""
     k = grid.size
     lo = np.empty(k, dtype=np.float64)  # every rounding still possible at each point
     hi = np.empty(k, dtype=np.float64)
@@ -432,21 +473,23 @@ def _order_by_density(values, grid, h, f, bound):
             lo[j] = max(np.rint(f[j] - reach), 0.0)  # densities are >= 0 (and counting sort needs it)
             hi[j] = np.rint(f[j] + reach)
             open_points += lo[j] < hi[j]
-    literal = 0
+    looks = literal = 0
     for settled in range(2):  # one call site each: both are inlined
         order = _visit_order(lo)
         if settled or not open_points:
             break
-        literal = _settle_open(values, grid, h, lo, hi, order, open_points)
-        if not literal:
+        looks, literal = _settle_open(values, grid, h, lo, hi, order, open_points, ex)
+        if not looks:
             break
-    return order, literal
+    return order, literal, looks
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _settle_open(values, grid, h, lo, hi, order, open_points):
-    """Sets lo = hi = the literal rounding at each open point (lo < hi) whose interval meets
-    another point's; returns how many. Any other open point orders against every other point
+def _settle_open(values, grid, h, lo, hi, order, open_points, ex):
+    """Narrows the interval of each open point (lo < hi) that meets another point's: first to the
+    roundings the box expansions summed at the point allow (_direct_estimate: a bound 20-500x
+    tighter than the interpolated one), then, if it still meets one, to the literal rounding
+    (lo = hi). Returns (how many second looks, how many literal sums). Any other open point orders against every other point
     by its lo as by its true rounding: no other possible value lies in its interval. Grid points
     equal in float32 (a step below the values' spacing) have the same density: they tie, in
     index order, whatever it is, so only the first of each such run takes part ("twins" follow
@@ -478,7 +521,7 @@ def _settle_open(values, grid, h, lo, hi, order, open_points):
                 meets[j] = meets[j] or (lo[i] < lo[j] <= hi[i])
             candidates += meets[j]
         if not candidates:
-            return 0
+            return 0, 0
     if open_points > FEW_OPEN:  # up `order` (its twins skipped), each point against those below it
         reach = -1.0  # the largest hi among the intervals of lower (or equal, earlier) lo
         below = -1  # the point just below, whose interval this one's lo may fall in
@@ -493,20 +536,26 @@ def _settle_open(values, grid, h, lo, hi, order, open_points):
             reach = max(reach, hi[j])
             below = j
         if not met:
-            return 0
+            return 0, 0
     twin = np.zeros(k, dtype=np.bool_)
     for j in range(1, k):
         twin[j] = grid[j] == grid[j - 1]
-    literal = 0
+    settled = literal = 0
     for j in range(k):
-        if meets[j] and lo[j] < hi[j] and _meets_another(lo, hi, twin, j):  # again: a settled
-            lo[j] = hi[j] = np.rint(exact_density(values, np.float64(grid[j]), h))  # one may part them
-            literal += 1
-    for j in range(1, k if literal else 0):
+        if meets[j] and lo[j] < hi[j] and _meets_another(lo, hi, twin, j):  # again: a narrowed
+            f, bound = _direct_estimate(ex, np.float64(grid[j]))  # one may part them
+            reach = bound + 4.0 * EPS * (abs(f) + bound)  # both intervals hold the rounding
+            lo[j] = max(lo[j], np.rint(f - reach))
+            hi[j] = min(hi[j], np.rint(f + reach))
+            settled += 1
+            if lo[j] < hi[j] and _meets_another(lo, hi, twin, j):
+                lo[j] = hi[j] = np.rint(exact_density(values, np.float64(grid[j]), h))
+                literal += 1
+    for j in range(1, k if settled else 0):
         if twin[j]:
             lo[j] = lo[j - 1]
             hi[j] = hi[j - 1]
-    return literal
+    return settled, literal
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -866,8 +915,8 @@ def select_block(rows, sort_order, grids, h, k):
         for p in range(n):  # a loop, not values[order]: numba's fancy indexing costs compile time
             sorted_values[p] = values[order[p]]
             sorted64[p] = sorted_values[p]
-        estimate, bound = density_estimates(values, sorted64, grids[i], h[i])
-        picked = greedy_match(sorted_values, order, grids[i], _order_by_density(values, grids[i], h[i], estimate, bound)[0])
+        estimate, bound, ex = density_estimates(values, sorted64, grids[i], h[i])
+        picked = greedy_match(sorted_values, order, grids[i], _order_by_density(values, grids[i], h[i], estimate, bound, ex)[0])
         for t in range(k):
             mask[i, picked[t]] = True
     return mask
