@@ -16,7 +16,7 @@ processes on a shared machine then cost cache, not the time slices they take), a
 divides it by the fastest family's.
 
 --baseline REV also times the numba code (ken_numba.py) of git revision REV on the same blocks,
-interleaved with today's, its masks checked equal: "x baseline" is today's ms/row over REV's.
+interleaved with today's, its masks checked equal: "x baseline" is REV's ms/row over today's (above 1: today is faster).
 
 "published": a straightforward implementation written the way the paper's published code computes
 (scikit-learn KernelDensity with Silverman's bandwidth scored on the np.linspace grid, rounded

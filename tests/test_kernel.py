@@ -347,6 +347,22 @@ def test_visit_order_is_numpy_stable_argsort(k, top, seed, shape):
     assert np.array_equal(ken_numba._visit_order(density), np.argsort(-density, kind="stable"))
 
 
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 600), changes=st.integers(0, 600), levels=st.sampled_from([3, 50, 10**9]),
+       seed=st.integers(0, 2**31))
+def test_reorder_after_second_looks_equals_sorting_again(k, changes, levels, seed):
+    """After second looks raise some points' lo, _reorder (the rest kept in order, the changed
+    merged in) gives what sorting every point again gives: by lo, highest first, ties in index
+    order, also with many ties and with every point changed."""
+    rng = np.random.default_rng(seed)
+    lo = rng.integers(0, levels, k).astype(np.float64)
+    order = ken_numba._visit_order(lo)
+    changed = np.zeros(k, dtype=bool)
+    changed[rng.choice(k, min(changes, k), replace=False)] = True
+    lo[changed] += rng.integers(0, 3, int(changed.sum()))
+    assert np.array_equal(ken_numba._reorder(order, lo, changed), np.argsort(-lo, kind="stable"))
+
+
 def _merged_grid_positions(sorted_values, grid):
     """The first sorted position whose value is >= each grid point, by one merge (the spec's
     nearest-value search starts there)."""

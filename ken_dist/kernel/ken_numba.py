@@ -483,23 +483,63 @@ def _order_by_density(values, grid, h, f, bound, ex):
             lo[j] = max(np.rint(f[j] - reach), 0.0)  # densities are >= 0 (and counting sort needs it)
             hi[j] = np.rint(f[j] + reach)
             open_points += lo[j] < hi[j]
+    order = _visit_order(lo)
     looks = literal = 0
-    for settled in range(2):  # one call site each: both are inlined
-        order = _visit_order(lo)
-        if settled or not open_points:
-            break
-        looks, literal = _settle_open(values, grid, h, lo, hi, order, open_points, ex)
-        if not looks:
-            break
+    if open_points:
+        changed = np.zeros(k, dtype=np.bool_)
+        looks, literal = _settle_open(values, grid, h, lo, hi, order, open_points, ex, changed)
+        if looks:
+            order = _reorder(order, lo, changed)
     return order, literal, looks
 
 
+@numba.njit(cache=True, nogil=True)
+def _reorder(order, lo, changed):
+    """`order` again after the points marked `changed` took a new lo: the others keep their
+    order; the changed ones, sorted among themselves, are merged in (by lo, highest first, then
+    index). One pass over the grid, where sorting it again took one to five radix passes."""
+    k = order.size
+    c = 0
+    for j in range(k):
+        c += changed[j]
+    points = np.empty(c, dtype=np.int64)
+    keys = np.empty(c, dtype=np.float64)
+    c = 0
+    for j in range(k):
+        if changed[j]:
+            points[c] = j
+            keys[c] = lo[j]
+            c += 1
+    rank = _merge_sort_descending(keys)  # stable: equal lo stays in index order
+    moved = np.empty(c, dtype=np.int64)  # (loops, not fancy indexing: numba compiles less)
+    for a in range(c):
+        moved[a] = points[rank[a]]
+    out = np.empty(k, dtype=np.int64)
+    t = a = 0
+    for i in range(k):
+        j = order[i]
+        if changed[j]:
+            continue
+        while a < moved.size and (lo[moved[a]] > lo[j] or (lo[moved[a]] == lo[j] and moved[a] < j)):
+            out[t] = moved[a]
+            t += 1
+            a += 1
+        out[t] = j
+        t += 1
+    while a < moved.size:
+        out[t] = moved[a]
+        t += 1
+        a += 1
+    return out
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
-def _settle_open(values, grid, h, lo, hi, order, open_points, ex):
+def _settle_open(values, grid, h, lo, hi, order, open_points, ex, changed):
     """Narrows the interval of each open point (lo < hi) that meets another point's: first to the
     roundings the box expansions summed at the point allow (_direct_estimate: a bound 20-500x
     tighter than the interpolated one), then, if it still meets one, to the literal rounding
-    (lo = hi). Returns (how many second looks, how many literal sums). Any other open point orders against every other point
+    (lo = hi); marks each point it narrows (and its twins) in `changed`. Returns (how many
+    second looks, how many literal sums). Any other open point orders against every other point
     by its lo as by its true rounding: no other possible value lies in its interval. Grid points
     equal in float32 (a step below the values' spacing) have the same density: they tie, in
     index order, whatever it is, so only the first of each such run takes part ("twins" follow
@@ -557,6 +597,7 @@ def _settle_open(values, grid, h, lo, hi, order, open_points, ex):
             reach = bound + 4.0 * EPS * (abs(f) + bound)  # both intervals hold the rounding
             lo[j] = max(lo[j], np.rint(f - reach))
             hi[j] = min(hi[j], np.rint(f + reach))
+            changed[j] = True
             settled += 1
             if lo[j] < hi[j] and _meets_another(lo, hi, twin, j):
                 lo[j] = hi[j] = np.rint(exact_density(values, np.float64(grid[j]), h))
@@ -565,6 +606,7 @@ def _settle_open(values, grid, h, lo, hi, order, open_points, ex):
         if twin[j]:
             lo[j] = lo[j - 1]
             hi[j] = hi[j - 1]
+            changed[j] = changed[j - 1]
     return settled, literal
 
 
