@@ -572,24 +572,30 @@ def _settle_open(values, grid, h, lo, hi, order, open_points, ex, changed):
             candidates += meets[j]
         if not candidates:
             return 0, 0
-    if open_points > FEW_OPEN:  # up `order` (its twins skipped), each point against those below it
-        reach = -1.0  # the largest hi among the intervals of lower (or equal, earlier) lo
-        below = -1  # the point just below, whose interval this one's lo may fall in
-        met = False
-        for t in range(k - 1, -1, -1):
-            j = order[t]
-            if j > 0 and grid[j] == grid[j - 1]:
-                continue
-            meets[j] = lo[j] <= reach
-            if below >= 0 and lo[j] <= hi[below]:  # (an interval that reaches a point further up
-                meets[below] = met = True  # reaches its own neighbour first: met covers both)
-            reach = max(reach, hi[j])
-            below = j
-        if not met:
-            return 0, 0
     twin = np.zeros(k, dtype=np.bool_)
     for j in range(1, k):
         twin[j] = grid[j] == grid[j - 1]
+    if open_points > FEW_OPEN:  # up `order` (its twins skipped), each point against those below it
+        reach = -1.0  # the largest hi among the intervals of lower (or equal, earlier) lo
+        below = 0  # the point just below, whose interval this one's lo may fall in (none: below_hi -1)
+        below_hi = -1.0
+        below_meets = False  # whether it meets one below it (stored once its neighbour above is seen)
+        met = False
+        for t in range(k - 1, -1, -1):
+            j = order[t]
+            if twin[j]:
+                continue
+            low = lo[j]
+            joins = low <= below_hi  # (an interval that reaches a point further up reaches its
+            meets[below] = below_meets or joins  # own neighbour first: met covers both)
+            met |= joins
+            below_meets = low <= reach
+            reach = max(reach, hi[j])
+            below = j
+            below_hi = hi[j]
+        meets[below] = below_meets
+        if not met:
+            return 0, 0
     settled = literal = 0
     for j in range(k):
         if meets[j] and lo[j] < hi[j] and _meets_another(lo, hi, twin, j):  # again: a narrowed
