@@ -12,8 +12,10 @@ Cost per row (n values, k grid points), all exact:
   evaluated on a lattice of a few nodes per bandwidth and interpolated to the grid points
   (O(n*P + nodes*T*P + k*M) instead of O(n*k)). Each estimate carries a rigorous error bound,
   mostly in units of the bandwidth and the largest density; only the order of the rounded
-  densities matters, so the literal O(n) sum is paid only where the bound leaves that order
-  open (a rounding undecided and another point's possible roundings within reach);
+  densities matters, so where the bound leaves that order open (a rounding undecided and
+  another point's possible roundings within reach) the point takes a second look (the box
+  expansions summed there, without interpolation), and only where that too leaves it open the
+  literal O(n) sum;
 - greedy match: the row sorted once, "next alive"/"previous alive" links with path halving,
   O((n + k) * alpha(n)) after the sort.
 """
