@@ -299,14 +299,19 @@ def test_baseline_strategies():
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 600), rows=st.integers(1, 4), seed=st.integers(0, 2**31),
-       pool=st.sampled_from(["normal", "few", "specials", "one bit"]))
+       pool=st.sampled_from(["normal", "few", "specials", "one bit", "bf16", "coarse"]))
 def test_sort_order_is_value_then_index(n, rows, seed, pool):
     """The radix sort against np.lexsort: ties in index order, -0.0 with 0.0, infinities and
-    subnormals in place, constant and one-entry rows, and values that differ in single bits at
-    the digits' edges (a digit every key shares is skipped: one that varies in one bit is not)."""
+    subnormals in place, constant and one-entry rows, values that differ in single bits at
+    the digits' edges (a digit every key shares is skipped: one that varies in one bit is not),
+    and values whose low bits are zero in every entry (bf16, multiples of 1/8: shifted out)."""
     rng = np.random.default_rng(seed)
     if pool == "normal":
         v = rng.standard_normal((rows, n)).astype(np.float32) * np.float32(0.02)
+    elif pool == "bf16":
+        v = (rng.standard_normal((rows, n)).astype(np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    elif pool == "coarse":
+        v = (rng.integers(-40, 40, (rows, n)) / 8).astype(np.float32) * np.float32(rng.choice([1.0, -0.0]))
     elif pool == "one bit":
         edges = rng.choice(np.array([0, 10, 11, 21, 22], np.uint32), 2, replace=False)  # digit edges
         flip = rng.choice(edges, (rows, n))

@@ -923,9 +923,11 @@ def _merge_sort_descending(keys):
 def radix_sort_order(bits):
     """Each row's indices sorted by (value, index), -0.0 equal to 0.0, given the rows' float32
     bits as uint32 (numpy's view: numba's own view costs compile time): a stable LSD radix sort
-    of the order-preserving uint32 keys of the float32 bits (negatives: all bits flipped;
-    positives: sign bit set), 3 passes of 11 bits, a pass skipped when every key shares its
-    digit. Each key travels packed with its index in one uint64 (key above, index below: rows
+    of order-preserving keys of the float32 bits (negatives: all bits flipped; positives: sign
+    bit set), in passes of up to 11 bits over the bits that vary, a pass skipped when every key
+    shares its digit. The low bits zero in every entry (16 in bf16 values widened to float32)
+    are shifted out before the keys are made: flipped, they would vary between signs and cost a
+    pass. Each key travels packed with its index in one uint64 (key above, index below: rows
     narrower than 2^32), one word moved per entry instead of a key and an index. Stability
     keeps equal values in index order; cheaper than numpy sorting (value << 32 | index) uint64
     keys (docs/performance.md)."""
@@ -937,21 +939,39 @@ def radix_sort_order(bits):
     high = np.uint64(32)
     index = np.uint64(0xFFFFFFFF)
     for i in range(r):
-        counts[:] = 0
-        every = np.uint32(0xFFFFFFFF)  # the key bits set in every entry, and in any
+        bits_set = np.uint32(0)  # the magnitude bits set in any entry
+        for j in range(n):
+            bits_set |= bits[i, j]
+        bits_set &= np.uint32(0x7FFFFFFF)
+        zeros = 0  # low bits zero in every entry
+        while zeros < 31 and not (bits_set >> np.uint32(zeros)) & np.uint32(1):
+            zeros += 1
+        cut = np.uint32(zeros)
+        sign = np.uint32(0x80000000) >> cut  # the sign bit, once the zero bits are shifted out
+        field = sign | (sign - np.uint32(1))
+        every = field  # the key bits set in every entry, and in any
         some = np.uint32(0)
         for j in range(n):
-            b = bits[i, j]
-            if b == np.uint32(0x80000000):
+            b = bits[i, j] >> cut
+            if b == sign:  # -0.0
                 b = np.uint32(0)
-            if b & np.uint32(0x80000000):
-                b = ~b
+            if b & sign:
+                b = ~b & field
             else:
-                b = b | np.uint32(0x80000000)
+                b = b | sign
             every &= b
             some |= b
             packed[j] = (np.uint64(b) << high) | np.uint64(j)
-        src = _lsd_passes(packed, spare, counts, 32, 11, 3, np.uint64(every ^ some))
+        varying = every ^ some
+        width = 0
+        while width < 32 and (varying >> np.uint32(width)) != np.uint32(0):
+            width += 1
+        passes = (width + 10) // 11
+        digit = (width + passes - 1) // passes if passes else 1
+        for p in range(passes):
+            for d in range(1 << digit):
+                counts[p, d] = 0
+        src = _lsd_passes(packed, spare, counts, 32, digit, passes, np.uint64(varying))
         for j in range(n):  # element by element: a slice copy compiles numba's shape-mismatch message
             out[i, j] = np.int64(src[j] & index)
     return out
