@@ -81,9 +81,8 @@ def compile_all_but_density() -> None:
     order = sort_order(rows)
     ken_numba.greedy_match(rows[0][order[0]], order[0], grid[0], np.arange(k))
     ken_numba._merge_sort_descending(np.zeros(4))
-    none = np.zeros((1, 1))  # density_estimates' third value, its types (without compiling it)
-    expansion = ken_numba.Expansion(none, none, 0.0, 1.0, h[0], 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, rows.shape[1])
-    ken_numba._order_by_density(rows[0], grid[0], h[0], np.zeros(k), np.zeros(k), expansion)
+    ken_numba._order_by_density(rows[0], grid[0], h[0], np.zeros(k), np.zeros(k),
+                                ken_numba.no_expansion(h[0], rows.shape[1]))
 
 
 def warm_up(on_compile=None, first=None) -> bool:

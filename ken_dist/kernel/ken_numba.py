@@ -64,6 +64,14 @@ Expansion = namedtuple("Expansion", "moments envelope start width h reach shift 
 
 
 @numba.njit(cache=True, nogil=True)
+def no_expansion(h, n):
+    """An Expansion of the right types and no boxes: where every bound is 0 (literal sums), and
+    for compiling _order_by_density without density_estimates (ken_cpu.compile_all_but_density)."""
+    none = np.zeros((1, 1), dtype=np.float64)
+    return Expansion(none, none, 0.0, 1.0, h, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, n)
+
+
+@numba.njit(cache=True, nogil=True)
 def exact_density(values: np.ndarray, x: float, h: float) -> float:
     """The literal spec formula at one point: float64, sources in row order. A term adding
     nothing to the running sum is skipped without calling exp: exp(-q) below a quarter of the
@@ -259,8 +267,7 @@ def density_estimates(values, sorted_values, grid, h):
     if k < 2 or n * k <= BRUTE_FORCE_WORK or not h < math.inf:
         for j in range(k):
             out[j] = exact_density(values, np.float64(grid[j]), h)
-        none = np.zeros((1, 1), dtype=np.float64)  # bounds of 0: no second look is asked for
-        return out, bound, Expansion(none, none, 0.0, 1.0, h, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, n)
+        return out, bound, no_expansion(h, n)  # bounds of 0: no second look is asked for
 
     d0 = 1.0 / (h * SQRT_2PI)  # the largest possible density
     terms, window, m_interp = P_TERMS, T_WINDOW, M_INTERP  # the nodes'
@@ -825,13 +832,7 @@ def _visit_order(density):
     if not top < 2.0 ** (64 - ib):
         return _merge_sort_descending(density)
     t = np.uint64(top)
-    width = 0
-    while width < 64 and (t >> np.uint64(width)) != np.uint64(0):
-        width += 1
-    digit = min(11, max(4, ib), max(width, 1))
-    passes = (width + digit - 1) // digit
-    if passes > 1:  # the same passes with smaller digits: shorter histograms to sum
-        digit = (width + passes - 1) // passes
+    digit, passes = _digits(t, min(11, max(4, ib)))
     packed = np.empty(k, np.uint64)
     spare = np.empty(k, np.uint64)
     counts = np.zeros((passes, 1 << digit), np.int64)
@@ -849,6 +850,18 @@ def _visit_order(density):
     for j in range(k):
         order[j] = np.int64(packed[j] & index)
     return order
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _digits(keys, most):
+    """(digit, passes) for LSD passes over keys up to the bit length of `keys` (uint64): the
+    fewest passes of at most `most` bits, their digits balanced (shorter histograms to sum); no
+    pass (digit 1) for a length of 0."""
+    width = 0
+    while width < 64 and (keys >> np.uint64(width)) != np.uint64(0):
+        width += 1
+    passes = (width + most - 1) // most
+    return ((width + passes - 1) // passes if passes else 1), passes
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -963,11 +976,7 @@ def radix_sort_order(bits):
             some |= b
             packed[j] = (np.uint64(b) << high) | np.uint64(j)
         varying = every ^ some
-        width = 0
-        while width < 32 and (varying >> np.uint32(width)) != np.uint32(0):
-            width += 1
-        passes = (width + 10) // 11
-        digit = (width + passes - 1) // passes if passes else 1
+        digit, passes = _digits(np.uint64(varying), 11)
         for p in range(passes):
             for d in range(1 << digit):
                 counts[p, d] = 0
