@@ -680,12 +680,15 @@ def _grid_positions(sorted_values, grid):
     """For each grid point, the first sorted position whose value is >= it (how many values lie
     below it). Why not just merge the two sorted sequences: where values and grid points
     interleave irregularly (most rows), the merge's branch is a coin toss at every step.
-    Instead each value guesses its grid cell from the linspace grid's own arithmetic and checks
-    it against the grid (a binary search where it misses: grid points equal in float32, a value
-    at a cell's edge); lower[j] is then how many values lie in the cells before j's. Where the
-    guesses would miss often (a step of a few float32 spacings: near-constant rows, whose values
-    sit on the grid's own lattice; or more than n/128 misses), and for a grid out of order
-    (linspace rounds monotonically, so only as a guard), the merge runs."""
+    Instead each value guesses its grid cell from the linspace grid's own arithmetic; lower[j]
+    is then how many values lie in the cells before j's. A guess can miss only for a value within
+    a grid rounding of a cell's edge (or grid points equal in float32), so the shorter side
+    checks: with more values than grid points, each grid point steps its position to where
+    the values around it say; otherwise each value checks its cell against the grid (a binary
+    search where it misses). Where the guesses would miss often (a step of a few float32
+    spacings: near-constant rows, whose values sit on the grid's own lattice; or more than n/128
+    misses), and for a grid out of order (linspace rounds monotonically, so only as a guard), the
+    merge runs."""
     n = sorted_values.size
     k = grid.size
     lower = np.empty(k, dtype=np.int64)
@@ -699,14 +702,24 @@ def _grid_positions(sorted_values, grid):
     fine = span > 0.0 and span >= (k - 1) * max(abs(g0), abs(np.float64(grid[k - 1]))) * 2.0 ** -17
     if ascending and fine:
         scale = (k - 1) / span
-        cell = np.empty(n, dtype=np.int64)  # the guess: how many grid points are <= the value
-        for p in range(n):
-            cell[p] = min(max(int((np.float64(sorted_values[p]) - g0) * scale) + 1, 0), k)
-        last = np.zeros(k + 1, dtype=np.int64)  # per cell: 1 + the last sorted position in it
-        misses = 0
+        last = np.zeros(k + 1, dtype=np.int64)  # per guessed cell: 1 + its last sorted position
+        if n > k:  # more values than grid points: each grid point checks its position
+            for p in range(n):  # (guesses are monotone in the value: so are these positions)
+                last[min(max(int((np.float64(sorted_values[p]) - g0) * scale) + 1, 0), k)] = p + 1
+            below = 0
+            for j in range(k):
+                below = max(below, last[j])
+                g = grid[j]  # a guess misses only for values within a grid rounding of g
+                while below > 0 and sorted_values[below - 1] >= g:
+                    below -= 1
+                while below < n and sorted_values[below] < g:
+                    below += 1
+                lower[j] = below
+            return lower
+        misses = 0  # fewer values (ties, levels): each value checks its cell
         for p in range(n):
             v = sorted_values[p]
-            c = cell[p]
+            c = min(max(int((np.float64(v) - g0) * scale) + 1, 0), k)
             if not ((c == k or v < grid[c]) and (c == 0 or grid[c - 1] <= v)):
                 misses += 1
                 if misses > n // 128:
@@ -750,15 +763,16 @@ def greedy_match(sorted_values, order, grid, visit):
     k = visit.size
     # distinct values u[d], their runs [start[d], start[d + 1]) of sorted positions (written with
     # selects, not branches: run lengths are data, and mispredictions cost more than the work);
-    # a row without equal values (most float32 rows) is its own list of them
+    # a row without equal values (most float32 rows) is its own list of them, and needs no runs
     ties = False
     for p in range(1, n):
         ties |= sorted_values[p] == sorted_values[p - 1]
     u = sorted_values
-    start = np.arange(n + 1)
     m = n
+    start = np.empty(0, dtype=np.int64)
     if ties:
         u = np.empty(n, dtype=np.float32)
+        start = np.empty(n + 1, dtype=np.int64)
         m = 0
         for p in range(n):
             start[m] = p
@@ -766,45 +780,62 @@ def greedy_match(sorted_values, order, grid, visit):
             m += p == 0 or sorted_values[p] != sorted_values[p - 1]
         start[m] = n
         u = u[:m]
-    taken = start.copy()  # the next sorted position each value hands out
+    taken = start.copy()  # the next sorted position each value hands out (with ties)
     lower = _grid_positions(u, grid)
     nxt = np.arange(m + 1)
     prv = np.arange(m + 1)
     picked = np.empty(k, dtype=np.int64)
     inf = np.float32(np.inf)
+    far = np.empty(m + 4, dtype=np.float32)  # u between two infinities either side: reads past
+    far[0] = far[1] = far[m + 2] = far[m + 3] = inf  # an end need no branch
+    far[2:m + 2] = u
     for t in range(k):
         j = visit[t]
         g = grid[j]
         pos = lower[j]
         right = _find_next(nxt, pos)
         left = _find_prev(prv, pos - 1)
-        d_right = abs(u[right] - g) if right < m else inf
-        d_left = abs(u[left] - g) if left >= 0 else inf
+        d_right = abs(far[right + 2] - g)
+        d_left = abs(far[left + 2] - g)
         d_min = min(d_left, d_right)
-        best = -1
-        best_idx = n
-        # Distinct values on one side can tie in float32 distance, so each side is walked while
-        # the distance stays d_min; float32 distances are monotone on each side, so the next
-        # value (alive or not) tells whether any later one can still tie, without a find.
-        q = right
-        while q < m and abs(u[q] - g) == d_min:
-            if order[taken[q]] < best_idx:
-                best_idx = order[taken[q]]
-                best = q
-            if q + 1 >= m or abs(u[q + 1] - g) != d_min:
-                break
-            q = _find_next(nxt, q + 1)
-        q = left
-        while q >= 0 and abs(u[q] - g) == d_min:
-            if order[taken[q]] < best_idx:
-                best_idx = order[taken[q]]
-                best = q
-            if q == 0 or abs(u[q - 1] - g) != d_min:
-                break
-            q = _find_prev(prv, q - 1)
+        # Distinct values on one side can tie in float32 distance. Float32 distances are
+        # monotone on each side, so the value next to each candidate (alive or not) tells
+        # whether any further one can still tie; if one can, each side is walked while the
+        # distance stays d_min. Otherwise the nearer candidate, or at equal distance the one of
+        # smaller index, is chosen by selects: which side wins is a coin toss for a branch.
+        if abs(far[right + 3] - g) == d_min or abs(far[left + 1] - g) == d_min:
+            best = -1
+            best_idx = n
+            q = right
+            while q < m and abs(u[q] - g) == d_min:
+                i = order[taken[q]] if ties else order[q]
+                if i < best_idx:
+                    best_idx = i
+                    best = q
+                if q + 1 >= m or abs(u[q + 1] - g) != d_min:
+                    break
+                q = _find_next(nxt, q + 1)
+            q = left
+            while q >= 0 and abs(u[q] - g) == d_min:
+                i = order[taken[q]] if ties else order[q]
+                if i < best_idx:
+                    best_idx = i
+                    best = q
+                if q == 0 or abs(u[q - 1] - g) != d_min:
+                    break
+                q = _find_prev(prv, q - 1)
+        else:
+            i_right = order[taken[min(right, m - 1)]] if ties else order[min(right, m - 1)]
+            i_left = order[taken[max(left, 0)]] if ties else order[max(left, 0)]
+            go_right = d_right < d_left or (d_right == d_left and i_right < i_left)
+            best = right if go_right else left
+            best_idx = i_right if go_right else i_left
         picked[t] = best_idx
-        taken[best] += 1
-        if taken[best] == start[best + 1]:
+        dies = True  # a distinct value dies at its first pick
+        if ties:
+            taken[best] += 1
+            dies = taken[best] == start[best + 1]
+        if dies:
             nxt[best] = best + 1
             prv[best + 1] = best
     return picked
