@@ -54,10 +54,15 @@ def row(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
         return np.linspace(-1, 1, n) + rng.standard_normal(n) * 1e-3
     if kind == "int8":  # int8-quantized-like: 41 levels
         return np.round(rng.standard_normal(n) * 20) / 20 * 0.05
+    if kind == "repeats":  # float32 weights with a few exact repeats (1 in 20 entries copies another)
+        v = (rng.standard_normal(n) * 0.02).astype(np.float32)
+        copies = rng.random(n) < 0.05
+        v[copies] = rng.choice(v, int(copies.sum()))
+        return v
     if kind == "offset":  # 0.01 + 1e-7 noise: ~200 float32 levels, a grid finer than their spacing
         return 0.01 + rng.standard_normal(n) * 1e-7
     return rng.uniform(-1, 1, n)
 
 
 KINDS = ["gauss", "cauchy", "student2", "outliers", "bf16", "zeros", "bimodal", "few_levels", "clustered", "uniform",
-         "sparse_outliers", "uniform_weights", "laplace", "student3", "delta", "near_constant", "tiny"]
+         "sparse_outliers", "uniform_weights", "laplace", "student3", "delta", "near_constant", "tiny", "repeats"]

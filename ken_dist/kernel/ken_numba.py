@@ -54,6 +54,9 @@ NEGLIGIBLE_Q = 39.0
 # Up to this many open roundings, each asks the sorted order (two binary searches and a look at
 # the other open ones) whether another rounding meets it; beyond, one sweep over the order.
 FEW_OPEN = 48
+# The greedy match walks runs of equal values when more than 1 / RUNS_ABOVE of a row's entries
+# repeat one (bf16 values, zeros); below, entry by entry.
+RUNS_ABOVE = 8
 
 # What density_estimates leaves for a second look at one grid point (_direct_estimate): the box
 # expansions and their error terms. moments[b, p], the boxes' expansions; envelope, _envelope's
@@ -757,30 +760,36 @@ def greedy_match(sorted_values, order, grid, visit):
     The match runs over the row's distinct values: entries of one value are alike but for their
     index, and the smallest alive index is always the one taken, so each value hands out its
     sorted run in order and dies when the run is spent. Rows with many equal values (bf16,
-    zeros) then walk and link their distinct values only.
+    zeros) then walk and link their distinct values only (more than 1 / RUNS_ABOVE of the
+    entries repeat a value).
     """
     n = sorted_values.size
     k = visit.size
     # distinct values u[d], their runs [start[d], start[d + 1]) of sorted positions (written with
-    # selects, not branches: run lengths are data, and mispredictions cost more than the work);
-    # a row without equal values (most float32 rows) is its own list of them, and needs no runs
-    ties = False
+    # selects, not branches: run lengths are data, and mispredictions cost more than the work).
+    # A row with few equal values (most float32 rows: a handful of repeats) is matched entry by
+    # entry instead, each its own "value": equal entries tie in distance, and the tie walk takes
+    # the smallest index among them, as a run would; the runs' pass over the row costs more.
+    equal = 0
     for p in range(1, n):
-        ties |= sorted_values[p] == sorted_values[p - 1]
+        equal += sorted_values[p] == sorted_values[p - 1]
+    ties = equal * RUNS_ABOVE > n
     u = sorted_values
     m = n
     start = np.empty(0, dtype=np.int64)
     if ties:
         u = np.empty(n, dtype=np.float32)
         start = np.empty(n + 1, dtype=np.int64)
-        m = 0
-        for p in range(n):
+        start[0] = 0
+        u[0] = sorted_values[0]
+        m = 1
+        for p in range(1, n):
             start[m] = p
             u[m] = sorted_values[p]
-            m += p == 0 or sorted_values[p] != sorted_values[p - 1]
+            m += sorted_values[p] != sorted_values[p - 1]
         start[m] = n
         u = u[:m]
-    taken = start.copy()  # the next sorted position each value hands out (with ties)
+    taken = start.copy()  # the next sorted position each value hands out (with runs)
     lower = _grid_positions(u, grid)
     nxt = np.arange(m + 1)
     prv = np.arange(m + 1)
@@ -831,7 +840,7 @@ def greedy_match(sorted_values, order, grid, visit):
             best = right if go_right else left
             best_idx = i_right if go_right else i_left
         picked[t] = best_idx
-        dies = True  # a distinct value dies at its first pick
+        dies = True  # an entry dies at its first pick
         if ties:
             taken[best] += 1
             dies = taken[best] == start[best + 1]
