@@ -702,8 +702,9 @@ def _grid_positions(sorted_values, grid):
     span = np.float64(grid[k - 1]) - g0
     # a step of fewer than 64 float32 spacings of the values (2^-23 of the largest magnitude, or
     # less): values sit on the grid's lattice, and the guesses miss as often as the merge's branch
+    # (where each grid point steps to its position, a miss costs a step, not a search)
     fine = span > 0.0 and span >= (k - 1) * max(abs(g0), abs(np.float64(grid[k - 1]))) * 2.0 ** -17
-    if ascending and fine:
+    if ascending and span > 0.0 and (fine or n > k):
         scale = (k - 1) / span
         last = np.zeros(k + 1, dtype=np.int64)  # per guessed cell: 1 + its last sorted position
         if n > k:  # more values than grid points: each grid point checks its position
