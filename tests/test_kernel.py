@@ -384,11 +384,11 @@ def _merged_grid_positions(sorted_values, grid):
        scale=st.sampled_from([1.0, 1e-30, 1e30]), offset=st.sampled_from([0.0, 1.0, -3e4]),
        grid=st.sampled_from(["linspace", "moved", "values", "swapped"]))
 def test_grid_positions_equal_a_merge(kind, n, kfrac, seed, scale, offset, grid):
-    """The arithmetic cell guess and its checks against a plain merge: linspace grids of any row
+    """The arithmetic cell guess and its steps against a plain merge: linspace grids of any row
     (points equal in float32 where the step is below the values' spacing, near-constant rows far
-    from 0), one grid point moved onto a value (a few guesses miss: the binary search, and its
-    <= edge), grid points all on values (guesses miss often: the merge takes over), and two
-    points out of order (the merge's guard)."""
+    from 0), one grid point moved onto a value (a guess misses: steps, and the >= edge), grid
+    points all on values (guesses miss by far: the step budget runs out and the merge takes
+    over), and two points out of order (the merge's guard)."""
     rng = np.random.default_rng(seed)
     v = (_row(kind, n, rng) * scale + offset).astype(np.float32)
     k = max(4, round(kfrac * n))

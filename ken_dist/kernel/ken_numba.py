@@ -683,15 +683,14 @@ def _grid_positions(sorted_values, grid):
     """For each grid point, the first sorted position whose value is >= it (how many values lie
     below it). Why not just merge the two sorted sequences: where values and grid points
     interleave irregularly (most rows), the merge's branch is a coin toss at every step.
-    Instead each value guesses its grid cell from the linspace grid's own arithmetic; lower[j]
-    is then how many values lie in the cells before j's. A guess can miss only for a value within
-    a grid rounding of a cell's edge (or grid points equal in float32), so the shorter side
-    checks: with more values than grid points, each grid point steps its position to where
-    the values around it say; otherwise each value checks its cell against the grid (a binary
-    search where it misses). Where the guesses would miss often (a step of a few float32
-    spacings: near-constant rows, whose values sit on the grid's own lattice; or more than n/128
-    misses), and for a grid out of order (linspace rounds monotonically, so only as a guard), the
-    merge runs."""
+    Instead each value guesses its grid cell from the linspace grid's own arithmetic (guesses
+    are monotone in the value), the last value guessing each cell gives each grid point a
+    position, and each grid point steps it to where the values on either side of it say: a
+    guess misses only for a value within a grid rounding of a cell's edge, or where grid points
+    are equal in float32 (a step below the values' spacing), so a grid point takes at most a few
+    steps, predictably none. For a grid out of order (linspace rounds monotonically, so only as
+    a guard), of one point, or whose guesses miss by more steps than a merge takes (a grid not
+    from linspace), the merge runs."""
     n = sorted_values.size
     k = grid.size
     lower = np.empty(k, dtype=np.int64)
@@ -700,48 +699,24 @@ def _grid_positions(sorted_values, grid):
         ascending &= grid[j - 1] <= grid[j]
     g0 = np.float64(grid[0])
     span = np.float64(grid[k - 1]) - g0
-    # a step of fewer than 64 float32 spacings of the values (2^-23 of the largest magnitude, or
-    # less): values sit on the grid's lattice, and the guesses miss as often as the merge's branch
-    # (where each grid point steps to its position, a miss costs a step, not a search)
-    fine = span > 0.0 and span >= (k - 1) * max(abs(g0), abs(np.float64(grid[k - 1]))) * 2.0 ** -17
-    if ascending and span > 0.0 and (fine or n > k):
+    if ascending and span > 0.0:
         scale = (k - 1) / span
         last = np.zeros(k + 1, dtype=np.int64)  # per guessed cell: 1 + its last sorted position
-        if n > k:  # more values than grid points: each grid point checks its position
-            for p in range(n):  # (guesses are monotone in the value: so are these positions)
-                last[min(max(int((np.float64(sorted_values[p]) - g0) * scale) + 1, 0), k)] = p + 1
-            below = 0
-            for j in range(k):
-                below = max(below, last[j])
-                g = grid[j]  # a guess misses only for values within a grid rounding of g
-                while below > 0 and sorted_values[below - 1] >= g:
-                    below -= 1
-                while below < n and sorted_values[below] < g:
-                    below += 1
-                lower[j] = below
-            return lower
-        misses = 0  # fewer values (ties, levels): each value checks its cell
         for p in range(n):
-            v = sorted_values[p]
-            c = min(max(int((np.float64(v) - g0) * scale) + 1, 0), k)
-            if not ((c == k or v < grid[c]) and (c == 0 or grid[c - 1] <= v)):
-                misses += 1
-                if misses > n // 128:
-                    break
-                a, b = 0, k
-                while a < b:
-                    mid = (a + b) // 2
-                    if grid[mid] <= v:
-                        a = mid + 1
-                    else:
-                        b = mid
-                c = a
-            last[c] = p + 1
-        if misses <= n // 128:
-            below = 0
-            for j in range(k):
-                below = max(below, last[j])
-                lower[j] = below
+            last[min(max(int((np.float64(sorted_values[p]) - g0) * scale) + 1, 0), k)] = p + 1
+        below = 0
+        budget = n + k  # a merge's steps (guesses that far off: a grid not from linspace)
+        for j in range(k):
+            below = max(below, last[j])
+            g = grid[j]
+            while budget > 0 and below > 0 and sorted_values[below - 1] >= g:
+                below -= 1
+                budget -= 1
+            while budget > 0 and below < n and sorted_values[below] < g:
+                below += 1
+                budget -= 1
+            lower[j] = below
+        if budget > 0:
             return lower
     p = 0
     for j in range(k):
@@ -798,7 +773,8 @@ def greedy_match(sorted_values, order, grid, visit):
     inf = np.float32(np.inf)
     far = np.empty(m + 4, dtype=np.float32)  # u between two infinities either side: reads past
     far[0] = far[1] = far[m + 2] = far[m + 3] = inf  # an end need no branch
-    far[2:m + 2] = u
+    for d in range(m):  # (a loop: a slice assignment compiles numba's shape checks)
+        far[d + 2] = u[d]
     for t in range(k):
         j = visit[t]
         g = grid[j]
@@ -818,7 +794,7 @@ def greedy_match(sorted_values, order, grid, visit):
             best_idx = n
             q = right
             while q < m and abs(u[q] - g) == d_min:
-                i = order[taken[q]] if ties else order[q]
+                i = order[taken[q] if ties else q]
                 if i < best_idx:
                     best_idx = i
                     best = q
@@ -827,7 +803,7 @@ def greedy_match(sorted_values, order, grid, visit):
                 q = _find_next(nxt, q + 1)
             q = left
             while q >= 0 and abs(u[q] - g) == d_min:
-                i = order[taken[q]] if ties else order[q]
+                i = order[taken[q] if ties else q]
                 if i < best_idx:
                     best_idx = i
                     best = q
@@ -835,8 +811,10 @@ def greedy_match(sorted_values, order, grid, visit):
                     break
                 q = _find_prev(prv, q - 1)
         else:
-            i_right = order[taken[min(right, m - 1)]] if ties else order[min(right, m - 1)]
-            i_left = order[taken[max(left, 0)]] if ties else order[max(left, 0)]
+            r = min(right, m - 1)  # (past an end: any entry, never chosen)
+            el = max(left, 0)
+            i_right = order[taken[r] if ties else r]
+            i_left = order[taken[el] if ties else el]
             go_right = d_right < d_left or (d_right == d_left and i_right < i_left)
             best = right if go_right else left
             best_idx = i_right if go_right else i_left
