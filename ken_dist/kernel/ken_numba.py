@@ -16,8 +16,8 @@ Cost per row (n values, k grid points), all exact:
   another point's possible roundings within reach) the point takes a second look (the box
   expansions summed there, without interpolation), and only where that too leaves it open the
   literal O(n) sum;
-- greedy match: the row sorted once, "next alive"/"previous alive" links with path halving,
-  O((n + k) * alpha(n)) after the sort.
+- greedy match: the row sorted once, the values still alive a bitmap searched a word at a time
+  (with hints past long dead stretches), O(n + k) words read in practice after the sort.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from collections import namedtuple
 
 import numba
 import numpy as np
+from numba.cpython.unsafe.numbers import leading_zeros, trailing_zeros
 
 SQRT_2PI = math.sqrt(2.0 * math.pi)
 EPS = 2.0 ** -52
@@ -54,6 +55,7 @@ NEGLIGIBLE_Q = 39.0
 # Up to this many open roundings, each asks the sorted order (two binary searches and a look at
 # the other open ones) whether another rounding meets it; beyond, one sweep over the order.
 FEW_OPEN = 48
+ALL_BITS = np.uint64(0xFFFFFFFFFFFFFFFF)  # (a word of the greedy's bitmap, all set)
 # The greedy match walks runs of equal values when more than 1 / RUNS_ABOVE of a row's entries
 # repeat one (bf16 values, zeros); below, entry by entry.
 RUNS_ABOVE = 8
@@ -660,22 +662,65 @@ def _meets_another(lo, hi, twin, j):
     return False
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _find_next(nxt, p):
-    while nxt[p] != p:
-        nxt[p] = nxt[nxt[p]]
-        p = nxt[p]
-    return p
+# The greedy's values still alive, a bitmap: bit q + 1 of `alive` (64 to a word) for sorted value
+# q, bits 0 and m + 1 always set (the ends: -1 and m come back for "none"; no search passes them,
+# so the bits beyond stay set too). A search reads the
+# word it starts in and, past empty words, follows hints: ahead[w] (behind[w]) is a word beyond
+# which (before which) every word up to it was empty when a search from w crossed them; words
+# only empty, so a hint stays true, and a search from w leaves its farthest one there. Why not
+# "next alive" links with path halving: a row's dense middle then walks chains of a few links
+# per search, each a dependent load, where one word answers; the hints keep a long dead stretch
+# (a skewed row's tail, swept grid point by grid point) from being scanned word by word again.
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _find_prev(prv, p):
-    # prv is shifted by one: slot q stands for sorted position q - 1; slot 0 is "none".
-    q = p + 1
-    while prv[q] != q:
-        prv[q] = prv[prv[q]]
-        q = prv[q]
-    return q - 1
+def _find_next(alive, ahead, p):
+    """The first value alive at sorted position >= p (m: none)."""
+    b = p + 1
+    w = b >> 6
+    x = alive[w] & (ALL_BITS << np.uint64(b & 63))
+    v = w
+    while x == 0:
+        v = ahead[v]
+        x = alive[v]
+    ahead[w] = max(ahead[w], v)
+    return (v << 6) + trailing_zeros(x) - 1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _find_prev(alive, behind, p):
+    """The last value alive at sorted position <= p (-1: none)."""
+    b = p + 1
+    w = b >> 6
+    x = alive[w] & (ALL_BITS >> np.uint64(63 - (b & 63)))
+    v = w
+    while x == 0:
+        v = behind[v]
+        x = alive[v]
+    behind[w] = min(behind[w], v)
+    return (v << 6) + 62 - leading_zeros(x)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _neighbours(alive, ahead, behind, p):
+    """(_find_prev(p - 1), _find_next(p)) from one read of p's word: both usually lie in it."""
+    b = p + 1
+    w = b >> 6
+    x = alive[w]
+    upper = ALL_BITS << np.uint64(b & 63)
+    above = x & upper
+    below = x & ~upper
+    wr = w
+    while above == 0:
+        wr = ahead[wr]
+        above = alive[wr]
+    wl = w
+    while below == 0:
+        wl = behind[wl]
+        below = alive[wl]
+    ahead[w] = max(ahead[w], wr)
+    behind[w] = min(behind[w], wl)
+    return (wl << 6) + 62 - leading_zeros(below), (wr << 6) + trailing_zeros(above) - 1
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -736,7 +781,7 @@ def greedy_match(sorted_values, order, grid, visit):
     The match runs over the row's distinct values: entries of one value are alike but for their
     index, and the smallest alive index is always the one taken, so each value hands out its
     sorted run in order and dies when the run is spent. Rows with many equal values (bf16,
-    zeros) then walk and link their distinct values only (more than 1 / RUNS_ABOVE of the
+    zeros) then search and mark their distinct values only (more than 1 / RUNS_ABOVE of the
     entries repeat a value).
     """
     n = sorted_values.size
@@ -767,8 +812,14 @@ def greedy_match(sorted_values, order, grid, visit):
         u = u[:m]
     taken = start.copy()  # the next sorted position each value hands out (with runs)
     lower = _grid_positions(u, grid)
-    nxt = np.arange(m + 1)
-    prv = np.arange(m + 1)
+    words = (m + 2 + 63) // 64  # the alive bitmap and its hints (_find_next)
+    alive = np.empty(words, dtype=np.uint64)
+    ahead = np.empty(words, dtype=np.int64)
+    behind = np.empty(words, dtype=np.int64)
+    for w in range(words):  # (loops, not np.full / np.arange: numba compiles less)
+        alive[w] = ALL_BITS
+        ahead[w] = w + 1
+        behind[w] = w - 1
     picked = np.empty(k, dtype=np.int64)
     inf = np.float32(np.inf)
     far = np.empty(m + 4, dtype=np.float32)  # u between two infinities either side: reads past
@@ -779,8 +830,7 @@ def greedy_match(sorted_values, order, grid, visit):
         j = visit[t]
         g = grid[j]
         pos = lower[j]
-        right = _find_next(nxt, pos)
-        left = _find_prev(prv, pos - 1)
+        left, right = _neighbours(alive, ahead, behind, pos)
         d_right = abs(far[right + 2] - g)
         d_left = abs(far[left + 2] - g)
         d_min = min(d_left, d_right)
@@ -800,7 +850,7 @@ def greedy_match(sorted_values, order, grid, visit):
                     best = q
                 if q + 1 >= m or abs(u[q + 1] - g) != d_min:
                     break
-                q = _find_next(nxt, q + 1)
+                q = _find_next(alive, ahead, q + 1)
             q = left
             while q >= 0 and abs(u[q] - g) == d_min:
                 i = order[taken[q] if ties else q]
@@ -809,7 +859,7 @@ def greedy_match(sorted_values, order, grid, visit):
                     best = q
                 if q == 0 or abs(u[q - 1] - g) != d_min:
                     break
-                q = _find_prev(prv, q - 1)
+                q = _find_prev(alive, behind, q - 1)
         else:
             r = min(right, m - 1)  # (past an end: any entry, never chosen)
             el = max(left, 0)
@@ -824,8 +874,8 @@ def greedy_match(sorted_values, order, grid, visit):
             taken[best] += 1
             dies = taken[best] == start[best + 1]
         if dies:
-            nxt[best] = best + 1
-            prv[best + 1] = best
+            b = best + 1
+            alive[b >> 6] &= ~(np.uint64(1) << np.uint64(b & 63))
     return picked
 
 
