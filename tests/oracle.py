@@ -44,15 +44,21 @@ def greedy_indices(v: np.ndarray, k: int) -> list[int]:
     g = grid(v, k)
     dens = rounded_density(v, g, h)
     order = sorted(range(k), key=lambda j: -dens[j])  # Python's sort is stable
-    remaining = list(range(n))
+    return greedy_picks(v, g, order)
+
+
+def greedy_picks(v: np.ndarray, g: np.ndarray, order) -> list[int]:
+    """The greedy itself: each grid point in `order` takes the remaining entry nearest to it in
+    float32, the smallest index among equals (a scan of every remaining entry per pick, then its
+    deletion)."""
+    v = np.asarray(v, dtype=np.float32)
+    remaining = np.arange(v.size)
     picked = []
     for j in order:
-        best_pos, best_d = -1, None
-        for pos, i in enumerate(remaining):
-            d = np.abs(v[i] - g[j])  # float32 arithmetic
-            if best_d is None or d < best_d:  # strict: the smallest index wins ties
-                best_pos, best_d = pos, d
-        picked.append(remaining.pop(best_pos))
+        d = np.abs(v[remaining] - g[j])  # float32 arithmetic
+        pos = int(np.argmin(d))  # the first minimum: the smallest remaining index wins ties
+        picked.append(int(remaining[pos]))
+        remaining = np.delete(remaining, pos)
     return picked
 
 

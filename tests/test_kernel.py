@@ -405,25 +405,12 @@ def test_grid_positions_equal_a_merge(kind, n, kfrac, seed, scale, offset, grid)
     assert np.array_equal(ken_numba._grid_positions(sorted_values, g), _merged_grid_positions(sorted_values, g))
 
 
-def _nearest_alive_greedy(v, grid, visit):
-    """The greedy rule itself, vectorized: each grid point in `visit` order takes the alive entry
-    at the smallest float32 distance, the smallest index among equals."""
-    alive = np.ones(v.size, dtype=bool)
-    picked = []
-    for j in visit:
-        d = np.where(alive, np.abs(v - grid[j]), np.float32(np.inf))
-        i = int(np.flatnonzero(d == d.min())[0])
-        alive[i] = False
-        picked.append(i)
-    return picked
-
-
 @settings(max_examples=30, deadline=None)
 @given(kind=st.sampled_from(KINDS + ["lognormal", "exponential"]), n=st.integers(200, 3000),
        kfrac=st.floats(0.05, 0.95), seed=st.integers(0, 2**31), visit=st.sampled_from(["density", "random", "index"]))
 def test_greedy_match_equals_the_rule_on_long_rows(kind, n, kfrac, seed, visit):
-    """The bitmap of alive values and its hints past dead stretches, on rows long enough for many
-    dead words: skewed and heavy-tailed rows (a tail swept grid point by grid point), repeats
+    """The bitmap of alive values and its hints past dead stretches against the oracle's greedy,
+    on rows long enough for many dead words: skewed and heavy-tailed rows (a tail swept grid point by grid point), repeats
     (entry by entry) and ties (runs), in the density's visit order, a random one and the grid's
     own (every search crossing what the ones before it took)."""
     rng = np.random.default_rng(seed)
@@ -439,4 +426,4 @@ def test_greedy_match_equals_the_rule_on_long_rows(kind, n, kfrac, seed, visit):
     else:
         order_of_grid = np.arange(k)
     picked = ken_numba.greedy_match(v[order], order, g, order_of_grid)
-    assert list(picked) == _nearest_alive_greedy(v, g, order_of_grid)
+    assert list(picked) == oracle.greedy_picks(v, g, order_of_grid)
