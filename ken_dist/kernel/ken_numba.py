@@ -664,46 +664,19 @@ def _meets_another(lo, hi, twin, j):
 
 # The greedy's values still alive, a bitmap: bit q + 1 of `alive` (64 to a word) for sorted value
 # q, bits 0 and m + 1 always set (the ends: -1 and m come back for "none"; no search passes them,
-# so the bits beyond stay set too). A search reads the
-# word it starts in and, past empty words, follows hints: ahead[w] (behind[w]) is a word beyond
-# which (before which) every word up to it was empty when a search from w crossed them; words
-# only empty, so a hint stays true, and a search from w leaves its farthest one there. Why not
-# "next alive" links with path halving: a row's dense middle then walks chains of a few links
-# per search, each a dependent load, where one word answers; the hints keep a long dead stretch
-# (a skewed row's tail, swept grid point by grid point) from being scanned word by word again.
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _find_next(alive, ahead, p):
-    """The first value alive at sorted position >= p (m: none)."""
-    b = p + 1
-    w = b >> 6
-    x = alive[w] & (ALL_BITS << np.uint64(b & 63))
-    v = w
-    while x == 0:
-        v = ahead[v]
-        x = alive[v]
-    ahead[w] = max(ahead[w], v)
-    return (v << 6) + trailing_zeros(x) - 1
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _find_prev(alive, behind, p):
-    """The last value alive at sorted position <= p (-1: none)."""
-    b = p + 1
-    w = b >> 6
-    x = alive[w] & (ALL_BITS >> np.uint64(63 - (b & 63)))
-    v = w
-    while x == 0:
-        v = behind[v]
-        x = alive[v]
-    behind[w] = min(behind[w], v)
-    return (v << 6) + 62 - leading_zeros(x)
+# so the bits beyond stay set too). A search reads the word it starts in and, past empty words,
+# follows hints: ahead[w] (behind[w]) is a word beyond which (before which) every word up to it
+# was empty when a search from w crossed them; words only empty, so a hint stays true, and a
+# search from w leaves its farthest one there. Why not "next alive" links with path halving: a
+# row's dense middle then walks chains of a few links per search, each a dependent load, where
+# one word answers; the hints keep a long dead stretch (a skewed row's tail, swept grid point by
+# grid point) from being scanned word by word again.
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _neighbours(alive, ahead, behind, p):
-    """(_find_prev(p - 1), _find_next(p)) from one read of p's word: both usually lie in it."""
+    """(the last value alive at a sorted position < p, -1 if none; the first alive at >= p, m if
+    none), from one read of p's word: both usually lie in it."""
     b = p + 1
     w = b >> 6
     x = alive[w]
@@ -812,7 +785,7 @@ def greedy_match(sorted_values, order, grid, visit):
         u = u[:m]
     taken = start.copy()  # the next sorted position each value hands out (with runs)
     lower = _grid_positions(u, grid)
-    words = (m + 2 + 63) // 64  # the alive bitmap and its hints (_find_next)
+    words = (m + 2 + 63) // 64  # the alive bitmap and its hints (_neighbours)
     alive = np.empty(words, dtype=np.uint64)
     ahead = np.empty(words, dtype=np.int64)
     behind = np.empty(words, dtype=np.int64)
@@ -850,7 +823,7 @@ def greedy_match(sorted_values, order, grid, visit):
                     best = q
                 if q + 1 >= m or abs(u[q + 1] - g) != d_min:
                     break
-                q = _find_next(alive, ahead, q + 1)
+                q = _neighbours(alive, ahead, behind, q + 1)[1]
             q = left
             while q >= 0 and abs(u[q] - g) == d_min:
                 i = order[taken[q] if ties else q]
@@ -859,7 +832,7 @@ def greedy_match(sorted_values, order, grid, visit):
                     best = q
                 if q == 0 or abs(u[q - 1] - g) != d_min:
                     break
-                q = _find_prev(alive, behind, q - 1)
+                q = _neighbours(alive, ahead, behind, q)[0]
         else:
             r = min(right, m - 1)  # (past an end: any entry, never chosen)
             el = max(left, 0)
